@@ -1,0 +1,192 @@
+"""Frozen configuration dataclasses and model presets.
+
+Every field documents its default. A config is saved as JSON inside every
+checkpoint (``dataclasses.asdict``) and rebuilt with ``from_dict``, so a
+checkpoint alone is enough to rebuild its model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Objective = Literal["janus", "ar", "cmlm"]
+Masking = Literal["span", "uniform"]
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose help text travels in its metadata (used by the CLI)."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids of the special symbols of the joint vocabulary (fixed by ``janus.vocab``)."""
+
+    pad: int = 0
+    bos: int = 1
+    eos: int = 2
+    unk: int = 3
+    mask: int = 4
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the encoder, the shared two-stream decoder and the length head."""
+
+    vocab_size: int = _doc("size of the joint vocabulary (set from the prepared data)", default=8000)
+    d_model: int = _doc("model width", default=512)
+    n_heads: int = _doc("attention heads", default=4)
+    ffn_dim: int = _doc("hidden size of the feed-forward blocks", default=1024)
+    encoder_layers: int = _doc("encoder layers", default=6)
+    decoder_layers: int = _doc("decoder layers", default=6)
+    dropout: float = _doc("dropout on embeddings, sublayer outputs", default=0.3)
+    attention_dropout: float = _doc("dropout on attention probabilities", default=0.0)
+    activation_dropout: float = _doc("dropout after the FFN activation", default=0.0)
+    max_source_positions: int = _doc("learned source positions", default=1024)
+    max_target_positions: int = _doc("learned target positions", default=1024)
+    length_classes: int = _doc("C, classes of the length head (max target length)", default=256)
+    length_offset: bool = _doc("predict n - src_len + C/2 instead of n", default=False)
+    init_std: float = _doc("std of the BERT-style normal init", default=0.02)
+    specials: SpecialIds = field(default_factory=SpecialIds, metadata={"help": "special ids"})
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.length_classes < 4:
+            raise ValueError(f"length_classes={self.length_classes} must be >= 4")
+        if self.vocab_size <= max(dataclasses.astuple(self.specials)):
+            raise ValueError(f"vocab_size={self.vocab_size} does not hold the special ids {self.specials}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        if isinstance(d.get("specials"), dict):
+            d["specials"] = SpecialIds(**d["specials"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests and quick CPU experiments.
+    "tiny": dict(d_model=64, n_heads=4, ffn_dim=128, encoder_layers=2, decoder_layers=2, dropout=0.1),
+    # The published IWSLT14 setup (JANUS.md section 3).
+    "iwslt": dict(d_model=512, n_heads=4, ffn_dim=1024, encoder_layers=6, decoder_layers=6, dropout=0.3),
+    # Transformer base / big (Vaswani et al.).
+    "base": dict(d_model=512, n_heads=8, ffn_dim=2048, encoder_layers=6, decoder_layers=6, dropout=0.1),
+    "big": dict(d_model=1024, n_heads=16, ffn_dim=4096, encoder_layers=6, decoder_layers=6, dropout=0.3),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """Return the ModelConfig of preset ``name`` ("tiny", "iwslt", "base", "big") with overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the JANUS objective (JANUS.md section 3); defaults are the published ones."""
+
+    ar: float = _doc("label-smoothed CE of P_AR over all AR targets", default=1.0)
+    nar: float = _doc("label-smoothed CE of P_NAR over the masked tokens", default=0.5)
+    aux: float = _doc("label-smoothed CE of P_AUX over the masked tokens", default=0.5)
+    length: float = _doc("cross entropy of the length head", default=0.1)
+    skl_ar_nar: float = _doc("symmetric KL between P_AR and P_NAR", default=1.0)
+    skl_ar_aux: float = _doc("symmetric KL between P_AR and P_AUX", default=3.0)
+    skl_nar_aux: float = _doc("symmetric KL between P_NAR and P_AUX", default=1.0)
+
+    @classmethod
+    def for_objective(cls, objective: Objective) -> "LossWeights":
+        """The weights of ``objective``: all terms for janus, the AR term for ar, NAR + length for cmlm."""
+        if objective == "janus":
+            return cls()
+        if objective == "ar":
+            return cls(nar=0, aux=0, length=0, skl_ar_nar=0, skl_ar_aux=0, skl_nar_aux=0)
+        if objective == "cmlm":
+            # Fairseq's CMLM weighs the length loss 0.1 as well.
+            return cls(ar=0, nar=1.0, aux=0, length=0.1, skl_ar_nar=0, skl_ar_aux=0, skl_nar_aux=0)
+        raise ValueError(f"unknown objective {objective!r}; choose janus, ar or cmlm")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """``janus prepare``: raw parallel text -> joint sentencepiece model + binary shards."""
+
+    src: str = _doc("source language suffix, e.g. de (files are PREFIX.SRC)", default="de")
+    tgt: str = _doc("target language suffix, e.g. en", default="en")
+    trainpref: str = _doc("training text prefix (PREFIX.SRC / PREFIX.TGT)", default="")
+    validpref: str = _doc("validation text prefix (optional)", default="")
+    testpref: str = _doc("test text prefix (optional)", default="")
+    destdir: str = _doc("output folder for the vocabulary, shards and manifest.json", default="data-bin")
+    vocab_size: int = _doc("size of the joint sentencepiece vocabulary", default=8000)
+    spm_model_type: str = _doc("sentencepiece model type: unigram or bpe", default="unigram")
+    character_coverage: float = _doc("sentencepiece character coverage", default=1.0)
+    spm_input_sentence_size: int = _doc("at most this many sentences train the vocabulary (0 = all)", default=2_000_000)
+    max_len: int = _doc("pairs with more tokens than this on either side are filtered (counted)", default=254)
+    threads: int = _doc("threads for sentencepiece training and encoding (0 = all cores)", default=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``janus train``: optimisation, batching, objective, checkpoints. Defaults follow JANUS.md."""
+
+    data: str = _doc("folder written by `janus prepare`", default="data-bin")
+    save_dir: str = _doc("checkpoint folder (resumes from its latest checkpoint)", default="checkpoints")
+    preset: str = _doc("model preset: tiny, iwslt, base, big", default="iwslt")
+    objective: str = _doc("janus, ar or cmlm", default="janus")
+    masking: str = _doc("span or uniform; empty = span for janus, uniform for cmlm", default="")
+    mask_ratio: float = _doc("span-masking budget ratio", default=0.7)
+    span_lambda: float = _doc("Poisson mean of span lengths", default=2.0)
+    max_tokens: int = _doc("token budget of one batch (per process)", default=4096)
+    update_freq: int = _doc("batches accumulated per update (per process)", default=1)
+    max_steps: int = _doc("stop after this many updates (0 = no limit)", default=200_000)
+    max_epochs: int = _doc("stop after this many epochs (0 = no limit)", default=0)
+    lr: float = _doc("peak learning rate", default=5e-4)
+    warmup_steps: int = _doc("linear warmup updates of the inverse-sqrt schedule", default=10_000)
+    warmup_init_lr: float = _doc("learning rate at step 0", default=1e-7)
+    adam_beta1: float = _doc("Adam beta1", default=0.9)
+    adam_beta2: float = _doc("Adam beta2", default=0.98)
+    adam_eps: float = _doc("Adam epsilon", default=1e-8)
+    weight_decay: float = _doc("decoupled weight decay", default=1e-4)
+    clip_norm: float = _doc("gradient clipping max norm (0 = off)", default=0.0)
+    label_smoothing: float = _doc("epsilon of the label-smoothed CE", default=0.1)
+    dropout: float = _doc("override the preset's dropout (-1 = keep)", default=-1.0)
+    seed: int = _doc("seed of data order, masking, init and dropout", default=1)
+    amp: str = _doc("auto (bf16 on GPUs that have it, else fp16; none on CPU), bf16, fp16, none", default="auto")
+    device: str = _doc("auto, cpu, cuda or cuda:N", default="auto")
+    threads: int = _doc("torch CPU threads (0 = default)", default=0)
+    log_interval: int = _doc("updates between log lines", default=100)
+    validate_interval: int = _doc("updates between validations (0 = once per epoch)", default=1000)
+    save_interval: int = _doc("updates between checkpoints (0 = once per epoch)", default=1000)
+    keep_last: int = _doc("checkpoints kept besides the best", default=5)
+    max_valid_batches: int = _doc("cap on validation batches (0 = whole split)", default=0)
+    progress: bool = _doc("show a tqdm progress bar", default=True)
+    w_ar: float = _doc("weight of the P_AR label-smoothed CE (-1 = objective default)", default=-1.0)
+    w_nar: float = _doc("weight of the P_NAR label-smoothed CE (-1 = objective default)", default=-1.0)
+    w_aux: float = _doc("weight of the P_AUX label-smoothed CE (-1 = objective default)", default=-1.0)
+    w_length: float = _doc("weight of the length loss (-1 = objective default)", default=-1.0)
+    w_skl_ar_nar: float = _doc("weight of SKL(P_AR, P_NAR) (-1 = objective default)", default=-1.0)
+    w_skl_ar_aux: float = _doc("weight of SKL(P_AR, P_AUX) (-1 = objective default)", default=-1.0)
+    w_skl_nar_aux: float = _doc("weight of SKL(P_NAR, P_AUX) (-1 = objective default)", default=-1.0)
+
+    def loss_weights(self) -> LossWeights:
+        """The objective's default weights with the w_* overrides applied."""
+        base = LossWeights.for_objective(self.objective)  # type: ignore[arg-type]
+        over = {f.name: getattr(self, "w_" + f.name) for f in dataclasses.fields(LossWeights)}
+        return dataclasses.replace(base, **{k: v for k, v in over.items() if v >= 0})
+
+    def masking_kind(self) -> str:
+        """The masking scheme in effect ("span" or "uniform")."""
+        if self.masking:
+            return self.masking
+        return "uniform" if self.objective == "cmlm" else "span"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,206 @@
+"""The JANUS objective and the `ar` / `cmlm` baselines (JANUS.md section 3).
+
+    L = w_ar  * ls(P_AR over all n-1 AR targets)
+      + w_nar * ls(P_NAR over M) + w_aux * ls(P_AUX over M)
+      + w_len * CE(length)
+      + w_an * SKL(P_AR, P_NAR) + w_ac * SKL(P_AR, P_AUX) + w_nc * SKL(P_NAR, P_AUX)
+
+Each term is a mean over its own tokens. "Its own tokens" means all of the
+update's tokens: with gradient accumulation and data parallelism the caller
+passes the update-wide ``Counts`` so that every micro-batch contributes
+sum / global count, and the update equals the one of a single big batch.
+
+Objectives: ``janus`` (all terms), ``ar`` (only the AR term: a plain AR
+Transformer trained through the same query stream the AR decoder uses) and
+``cmlm`` (P_NAR on uniformly masked targets + length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from janus.config import LossWeights
+from janus.model import JanusModel
+from janus.ops.janus_loss import TERMS, LossScales, janus_loss
+from janus.streams import DecoderRows, build_training_rows
+
+# Logged sums: the masked-token terms, then the length loss.
+LOG_TERMS = TERMS + ("length",)
+OBJECTIVES = ("janus", "ar", "cmlm")
+
+
+@dataclass(frozen=True)
+class Streams:
+    """Which decoder streams an objective needs."""
+
+    ar: bool
+    nar: bool
+    aux: bool
+
+    @classmethod
+    def of(cls, objective: str) -> "Streams":
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if objective == "ar":
+            return cls(True, False, False)
+        if objective == "cmlm":
+            return cls(False, True, False)
+        return cls(True, True, True)
+
+
+@dataclass
+class Counts:
+    """Token counts that normalise the terms: sentences, AR targets (sum of n-1), masked tokens."""
+
+    sentences: int = 0
+    ar_tokens: int = 0
+    masked_tokens: int = 0
+
+    @classmethod
+    def of_batch(cls, tgt_lengths: Tensor, masked: Tensor) -> "Counts":
+        """tgt_lengths (B,) int64 n per sentence; masked (B, T) bool."""
+        return cls(int(tgt_lengths.numel()), int((tgt_lengths - 1).sum()), int(masked.sum()))
+
+    def __add__(self, other: "Counts") -> "Counts":
+        return Counts(
+            self.sentences + other.sentences,
+            self.ar_tokens + other.ar_tokens,
+            self.masked_tokens + other.masked_tokens,
+        )
+
+    def as_tensor(self) -> Tensor:
+        return torch.tensor([self.sentences, self.ar_tokens, self.masked_tokens], dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> "Counts":
+        s, a, m = (int(round(float(x))) for x in t.tolist())
+        return cls(s, a, m)
+
+
+@dataclass
+class LossOutput:
+    """The scalar to backpropagate and the raw sums for logging."""
+
+    loss: Tensor  # () fp32: this micro-batch's share of the update's objective
+    sums: Tensor  # (len(LOG_TERMS),) fp32, detached, in LOG_TERMS order
+    counts: Counts  # this micro-batch's counts
+
+
+def scales_for(weights: LossWeights, counts: Counts, multiplier: float = 1.0) -> tuple[LossScales, float]:
+    """Per-term scales (weight * multiplier / count) and the length scale for update-wide counts."""
+
+    def s(w: float, n: int) -> float:
+        return w * multiplier / n if n > 0 else 0.0
+
+    return (
+        LossScales(
+            ar=s(weights.ar, counts.ar_tokens),
+            nar=s(weights.nar, counts.masked_tokens),
+            aux=s(weights.aux, counts.masked_tokens),
+            skl_ar_nar=s(weights.skl_ar_nar, counts.masked_tokens),
+            skl_ar_aux=s(weights.skl_ar_aux, counts.masked_tokens),
+            skl_nar_aux=s(weights.skl_nar_aux, counts.masked_tokens),
+        ),
+        s(weights.length, counts.sentences),
+    )
+
+
+def projected_logits(model: JanusModel, hidden: Tensor, rows: DecoderRows) -> tuple[Optional[Tensor], ...]:
+    """Project only the AR query, P and Q rows, in one GEMM: (N, V), (M, V), (M, V) or None each."""
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (B*R, D)
+    parts = [r for r in (rows.ar_rows, rows.p_rows, rows.q_rows) if r is not None]
+    logits = model.project(flat.index_select(0, torch.cat(parts)))  # (N + 2M, V)
+    out, start = [], 0
+    for r in (rows.ar_rows, rows.p_rows, rows.q_rows):
+        if r is None:
+            out.append(None)
+        else:
+            out.append(logits[start : start + r.numel()])
+            start += r.numel()
+    return tuple(out)
+
+
+def compute_loss(
+    model: JanusModel,
+    src: Tensor,
+    tgt: Tensor,
+    masked: Optional[Tensor],
+    *,
+    objective: str,
+    weights: LossWeights,
+    label_smoothing: float,
+    norm: Optional[Counts] = None,
+    multiplier: float = 1.0,
+) -> LossOutput:
+    """Run the teacher-forced passes of ``objective`` and return its loss.
+
+    Args:
+        src: (B, S) int64 source ids (tokens + eos, padded).
+        tgt: (B, T) int64 target ids ([bos] + tokens + [eos], padded).
+        masked: (B, T) bool masked set (ignored by ``ar``).
+        norm: counts the terms are normalised by (default: this batch's own counts).
+        multiplier: extra factor on every term (e.g. world size under DDP's gradient averaging).
+    Returns:
+        LossOutput with ``loss = sum_t scale_t * sum_t``.
+    """
+    specials = model.cfg.specials
+    st = Streams.of(objective)
+    tgt_lengths = (tgt != specials.pad).sum(1)
+    if masked is None:
+        masked = torch.zeros_like(tgt, dtype=torch.bool)
+    counts = Counts.of_batch(tgt_lengths, masked)
+    scales, length_scale = scales_for(weights, norm or counts, multiplier)
+
+    rows = build_training_rows(tgt, masked, pad=specials.pad, mask=specials.mask, ar=st.ar, nar=st.nar, aux=st.aux)
+    enc = model.encode(src)
+    hidden = model.decode(rows, enc)  # (B, R, D)
+    ar_logits, nar_logits, aux_logits = projected_logits(model, hidden, rows)
+    out = janus_loss(
+        ar_logits, rows.ar_targets, nar_logits, aux_logits, rows.masked_targets, rows.pair_index,
+        label_smoothing, scales,
+    )
+    loss, length_sum = out.loss, torch.zeros((), device=tgt.device)
+    if weights.length > 0 or st.nar:
+        length_logits = model.length_logits(enc)  # (B, C)
+        target = model.length_target(tgt_lengths, enc.lengths)
+        length_sum = F.cross_entropy(length_logits.float(), target, reduction="sum")
+        if weights.length > 0:
+            loss = loss + length_scale * length_sum
+    return LossOutput(loss, torch.cat([out.sums, length_sum.detach().reshape(1)]), counts)
+
+
+class Criterion(nn.Module):
+    """The model plus its objective as one module, so that data parallelism wraps a single forward.
+
+    ``forward`` returns ``(loss, sums)`` tensors (see ``compute_loss``); ``self.counts`` holds the
+    last batch's counts.
+    """
+
+    def __init__(self, model: JanusModel, objective: str, weights: LossWeights, label_smoothing: float) -> None:
+        super().__init__()
+        Streams.of(objective)  # validates the name
+        self.model, self.objective, self.weights, self.eps = model, objective, weights, label_smoothing
+
+    def forward(
+        self, src: Tensor, tgt: Tensor, masked: Optional[Tensor], norm: Optional[Counts] = None, multiplier: float = 1.0
+    ) -> tuple[Tensor, Tensor]:
+        out = compute_loss(
+            self.model, src, tgt, masked, objective=self.objective, weights=self.weights,
+            label_smoothing=self.eps, norm=norm, multiplier=multiplier,
+        )
+        self.counts = out.counts
+        return out.loss, out.sums
+
+
+def summarize(sums: Tensor, counts: Counts, weights: LossWeights) -> dict[str, float]:
+    """Means per term for logging: each sum over its own count; ``loss`` is the weighted objective."""
+    per = dict(zip(LOG_TERMS, sums.tolist()))
+    den = {"ar": counts.ar_tokens, "ar_nll": counts.ar_tokens, "length": counts.sentences}
+    out = {k: v / max(den.get(k, counts.masked_tokens), 1) for k, v in per.items()}
+    out["loss"] = sum(getattr(weights, k) * out[k] for k in LOG_TERMS if not k.endswith("_nll"))
+    return out

@@ -1,0 +1,16 @@
+"""Ops with several implementations: one file per op, dispatched by janus.ops._dispatch.
+
+Each op module holds ``<op>_ref`` (the specification, the fallback and the test
+oracle), the fake implementation of its compiled version if any, its dispatch
+entry and the public function. Importing this package imports every op module so
+that ``registry()`` is complete; no op module imports triton or the compiled
+extension at import time.
+"""
+
+from janus.ops._dispatch import BackendUnavailable, registry
+
+# Every op module that registers with the dispatch is imported here, so that
+# registry() (and python -m janus.info) lists it. Add new ones to this list.
+from janus.ops.pad_batch import pad_batch, pad_batch_ref
+
+__all__ = ["BackendUnavailable", "pad_batch", "pad_batch_ref", "registry"]

@@ -1,0 +1,141 @@
+"""The masked-token loss across the three distributions (JANUS.md section 3).
+
+For AR rows a_n (n = 1..N, all AR targets) and masked rows j = 1..M with P_NAR
+logits b_j, P_AUX logits c_j and the paired AR row a_{pair(j)}:
+
+    ls(z, y)   = (1 - eps) * (-log p_z(y)) - eps * mean_v log p_z(v)
+    SKL(z, w)  = (KL(p_z || p_w) + KL(p_w || p_z)) / 2 = 1/2 * sum_v (p_z,v - p_w,v)(log p_z,v - log p_w,v)
+
+    loss = s_ar  * sum_n ls(a_n, y_n)
+         + s_nar * sum_j ls(b_j, y_j) + s_aux * sum_j ls(c_j, y_j)
+         + s_an  * sum_j SKL(a_pair(j), b_j) + s_ac * sum_j SKL(a_pair(j), c_j)
+         + s_nc  * sum_j SKL(b_j, c_j)
+
+The six scales s_* carry both the weights of the objective and the
+normalisation (weight / number of tokens of that term), so the same function
+serves a mean over one batch or over a whole distributed update. Everything is
+computed in fp32 whatever the logits' dtype, with gradients into both sides of
+every SKL (no stop-gradient). Rows whose target is ``ignore_index`` contribute
+nothing.
+
+``janus_loss_ref`` is the specification, the CPU fallback and the oracle of the
+fused kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Order of the per-term sums returned for logging.
+TERMS = ("ar", "nar", "aux", "skl_ar_nar", "skl_ar_aux", "skl_nar_aux", "ar_nll", "nar_nll", "aux_nll")
+
+
+@dataclass(frozen=True)
+class LossScales:
+    """Multipliers of the summed terms (weight / token count of the term)."""
+
+    ar: float = 0.0
+    nar: float = 0.0
+    aux: float = 0.0
+    skl_ar_nar: float = 0.0
+    skl_ar_aux: float = 0.0
+    skl_nar_aux: float = 0.0
+
+
+@dataclass
+class MaskedTokenLoss:
+    """Result: the scalar to backpropagate and the unscaled per-term sums (detached, fp32)."""
+
+    loss: Tensor  # () fp32
+    sums: Tensor  # (len(TERMS),) fp32, in TERMS order
+
+
+def label_smoothed_nll(logp: Tensor, target: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-row label-smoothed CE and plain NLL from log-probabilities (rows, V) fp32."""
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return (1.0 - eps) * nll - eps * logp.mean(-1), nll
+
+
+def symmetric_kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """Per-row SKL(p, q) = (KL(p||q) + KL(q||p)) / 2 from log-probabilities (rows, V) fp32."""
+    return 0.5 * ((logp.exp() - logq.exp()) * (logp - logq)).sum(-1)
+
+
+def janus_loss_ref(
+    ar_logits: Optional[Tensor],
+    ar_targets: Optional[Tensor],
+    nar_logits: Optional[Tensor],
+    aux_logits: Optional[Tensor],
+    masked_targets: Optional[Tensor],
+    pair_index: Optional[Tensor],
+    eps: float,
+    scales: LossScales,
+    ignore_index: int = -100,
+) -> MaskedTokenLoss:
+    """Reference implementation of the three-distribution masked-token loss.
+
+    Args:
+        ar_logits: (N, V) any float dtype, P_AR logits of every AR target row, or None.
+        ar_targets: (N,) int64.
+        nar_logits: (M, V) P_NAR logits of the masked rows, or None.
+        aux_logits: (M, V) P_AUX logits of the masked rows, or None.
+        masked_targets: (M,) int64 gold tokens of the masked rows.
+        pair_index: (M,) int64, row of ar_logits whose target is the same token (needed for
+            the SKL terms that involve P_AR).
+        eps: label smoothing epsilon.
+        scales: multipliers of the summed terms.
+        ignore_index: target value of rows to skip.
+    Returns:
+        MaskedTokenLoss(loss () fp32, sums (9,) fp32 in TERMS order).
+    """
+    dev = next(t.device for t in (ar_logits, nar_logits, aux_logits) if t is not None)
+    zero = torch.zeros((), device=dev)
+    sums = dict.fromkeys(TERMS, zero)
+    loss = zero
+
+    def logp_of(logits: Tensor) -> Tensor:  # at least fp32 (fp64 stays fp64 for gradcheck)
+        return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+    la = lb = lc = None
+    if ar_logits is not None:
+        keep = ar_targets != ignore_index
+        la = logp_of(ar_logits)
+        ls, nll = label_smoothed_nll(la, ar_targets.clamp_min(0), eps)
+        sums["ar"], sums["ar_nll"] = (ls * keep).sum(), (nll * keep).sum()
+        loss = loss + scales.ar * sums["ar"]
+    if nar_logits is not None or aux_logits is not None:
+        mkeep = masked_targets != ignore_index
+        y = masked_targets.clamp_min(0)
+        if nar_logits is not None:
+            lb = logp_of(nar_logits)
+            ls, nll = label_smoothed_nll(lb, y, eps)
+            sums["nar"], sums["nar_nll"] = (ls * mkeep).sum(), (nll * mkeep).sum()
+            loss = loss + scales.nar * sums["nar"]
+        if aux_logits is not None:
+            lc = logp_of(aux_logits)
+            ls, nll = label_smoothed_nll(lc, y, eps)
+            sums["aux"], sums["aux_nll"] = (ls * mkeep).sum(), (nll * mkeep).sum()
+            loss = loss + scales.aux * sums["aux"]
+        la_paired = None
+        if la is not None and (lb is not None or lc is not None):
+            if pair_index is None:
+                raise ValueError("pair_index is required for the SKL terms between P_AR and the masked rows")
+            la_paired = la.index_select(0, pair_index)
+        for name, p, q in (("skl_ar_nar", la_paired, lb), ("skl_ar_aux", la_paired, lc), ("skl_nar_aux", lb, lc)):
+            if p is not None and q is not None:
+                sums[name] = (symmetric_kl(p, q) * mkeep).sum()
+                loss = loss + getattr(scales, name) * sums[name]
+    return MaskedTokenLoss(loss, torch.stack([sums[k].detach() for k in TERMS]))
+
+
+def janus_loss(*args, **kwargs) -> MaskedTokenLoss:
+    """Public entry point (same arguments as ``janus_loss_ref``); dispatches to the fastest backend.
+
+    Only the reference backend exists today; the fused Triton kernel registers here.
+    """
+    return janus_loss_ref(*args, **kwargs)

@@ -1,0 +1,235 @@
+"""Decoder rows and their visibility: the two streams of JANUS.md section 2.
+
+The decoder runs over a set of rows; a row is (token, position, kind). The
+first ``num_content`` rows of a batch are CONTENT rows: they are the keys and
+values of self-attention. The remaining rows are QUERY rows: they only ask.
+One boolean matrix ``visibility[b, row, content_col]`` says who sees whom, and
+every decoder layer makes one attention call with it.
+
+Row kinds (``RowKind``) and what they see (everything else is blocked):
+
+=========  ====================================================  ==========
+kind       sees                                                  output
+=========  ====================================================  ==========
+AR_C  t    AR_C at positions <= t                                 (keys only)
+AR_Q  t+1  AR_C at positions <  t+1  (i.e. content 0..t)          P_AR(y_{t+1})
+U, P       every U and every P                                    P: P_NAR
+G_j        every U, P_k with k > j, G_k with k <= j               (keys only)
+Q_i        every U, P_k with k >= i, G_k with k < i               P_AUX
+PAD        content column 0 (a real row; keeps softmax finite)    unused
+=========  ====================================================  ==========
+
+U and P rows are laid out together as the *canvas*: position p holds y_p when
+p is unmasked (U) and ``<mask>`` when it is masked (P). This is the same set of
+rows as JANUS.md's "U then P" order; attention is order-free because every row
+carries its position. j, k, i are the ranks of masked positions in increasing
+position order (0-based here).
+
+Position convention (the only place it is decided): an AR query row that
+predicts y_{t+1} sits at position t+1 and sees content rows at positions < t+1.
+
+Training layout of one batch (sections padded to the batch maximum):
+
+    content: [AR_C (T-1) | canvas (T) | G (Mmax)]   queries: [AR_Q (T-1) | Q (Mmax)]
+
+Only the rows whose logits are used (AR_Q, P, Q) are handed to the output
+projection, through the flat row indices of ``DecoderRows``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+class RowKind(enum.IntEnum):
+    AR_C = 0
+    AR_Q = 1
+    U = 2
+    P = 3
+    G = 4
+    Q = 5
+    PAD = 6
+
+
+@dataclass
+class DecoderRows:
+    """A batch of decoder rows with their visibility and the indices of the rows to project.
+
+    Shapes: B sentences, R rows per sentence, C = num_content content rows (the first C rows),
+    N AR targets, M masked tokens, all over the whole batch.
+    """
+
+    tokens: Tensor  # (B, R) int64
+    positions: Tensor  # (B, R) int64
+    kinds: Tensor  # (B, R) int64, RowKind
+    ranks: Tensor  # (B, R) int64, rank of the masked position for P/G/Q rows, else -1
+    num_content: int  # C
+    visibility: Tensor  # (B, R, C) bool, True = row sees column
+    ar_rows: Optional[Tensor] = None  # (N,) flat indices into B*R of the AR query rows
+    ar_targets: Optional[Tensor] = None  # (N,) int64, y_{t+1} for each AR query row
+    p_rows: Optional[Tensor] = None  # (M,) flat indices of P rows (P_NAR)
+    q_rows: Optional[Tensor] = None  # (M,) flat indices of Q rows (P_AUX), aligned with p_rows
+    masked_targets: Optional[Tensor] = None  # (M,) int64 gold tokens at the masked positions
+    pair_index: Optional[Tensor] = None  # (M,) index into ar_rows of the AR row with the same target
+    masked_sentence: Optional[Tensor] = None  # (M,) int64 sentence of each masked token
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[1]
+
+
+def visibility(kinds: Tensor, positions: Tensor, ranks: Tensor, num_content: int) -> Tensor:
+    """Build the boolean visibility matrix from the row attributes (the table above).
+
+    Args:
+        kinds, positions, ranks: (B, R) int64 row attributes.
+        num_content: C, the first C rows are the content rows (columns).
+    Returns:
+        (B, R, C) bool, True where the row sees the column.
+    """
+    rk, rp, rr = kinds[:, :, None], positions[:, :, None], ranks[:, :, None]
+    ck, cp, cr = kinds[:, None, :num_content], positions[:, None, :num_content], ranks[:, None, :num_content]
+    K = RowKind
+    col_canvas = (ck == K.U) | (ck == K.P)
+    vis = (rk == K.AR_C) & (ck == K.AR_C) & (cp <= rp)
+    vis |= (rk == K.AR_Q) & (ck == K.AR_C) & (cp < rp)
+    vis |= ((rk == K.U) | (rk == K.P)) & col_canvas
+    vis |= (rk == K.G) & ((ck == K.U) | ((ck == K.P) & (cr > rr)) | ((ck == K.G) & (cr <= rr)))
+    vis |= (rk == K.Q) & ((ck == K.U) | ((ck == K.P) & (cr >= rr)) | ((ck == K.G) & (cr < rr)))
+    # A row that sees nothing would give NaN through softmax, and a NaN value leaks even
+    # through zero attention weights; pad rows look at column 0, which is always real.
+    pad_row = rk[:, :, 0] == K.PAD
+    vis[:, :, 0] |= pad_row
+    return vis
+
+
+def _flat(mask: Tensor) -> Tensor:
+    """Flat (row-major) indices of the True entries of a (B, R) mask, as int64."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def build_training_rows(
+    tgt: Tensor, masked: Optional[Tensor], *, pad: int, mask: int, ar: bool, nar: bool, aux: bool
+) -> DecoderRows:
+    """Rows of the teacher-forced training passes.
+
+    Args:
+        tgt: (B, T) int64, [bos, w_1 .. w_k, eos, pad ...] per sentence.
+        masked: (B, T) bool, the masked set M (never bos/eos/pad); required when nar or aux.
+        pad, mask: special ids.
+        ar: include the AR pass (AR_C + AR_Q rows, P_AR).
+        nar: include the canvas (U + P rows, P_NAR).
+        aux: include the G + Q rows (P_AUX); requires nar, since G and Q attend to U and P.
+    Returns:
+        DecoderRows with visibility and the gather indices of the rows to project.
+    """
+    if aux and not nar:
+        raise ValueError("the auxiliary stream (G, Q rows) needs the canvas: set nar=True with aux=True")
+    if not (ar or nar):
+        raise ValueError("build_training_rows needs at least one of ar, nar")
+    B, T = tgt.shape
+    dev = tgt.device
+    K = RowKind
+    real = tgt != pad  # (B, T)
+    lengths = real.sum(1)  # (B,) n
+    pos = torch.arange(T, device=dev).expand(B, T)
+    minus1 = lambda shape: torch.full(shape, -1, dtype=torch.long, device=dev)  # noqa: E731
+
+    content, queries = [], []  # lists of (tokens, positions, kinds, ranks)
+    if ar:
+        ar_pos = pos[:, : T - 1]
+        ar_real = ar_pos < (lengths[:, None] - 1)
+        content.append((tgt[:, : T - 1], ar_pos, torch.where(ar_real, K.AR_C, K.PAD), minus1((B, T - 1))))
+        queries.append(
+            (torch.full((B, T - 1), mask, device=dev), ar_pos + 1, torch.where(ar_real, K.AR_Q, K.PAD),
+             minus1((B, T - 1)))
+        )
+    m_count = None
+    if nar:
+        if masked is None:
+            raise ValueError("the NAR stream needs the masked set: pass masked=(B, T) bool")
+        masked = masked & real
+        rank = torch.where(masked, masked.long().cumsum(1) - 1, -1)
+        canvas_tok = torch.where(masked, torch.full_like(tgt, mask), tgt)
+        canvas_kind = torch.where(masked, K.P, torch.where(real, K.U, K.PAD))
+        content.append((canvas_tok, pos, canvas_kind, rank))
+        m_count = masked.sum(1)  # (B,)
+    if aux:
+        mmax = int(m_count.max()) if B else 0
+        slot = torch.arange(mmax, device=dev).expand(B, mmax)
+        has = slot < m_count[:, None]  # (B, Mmax)
+        # The masked positions of each sentence in increasing order: a stable sort of
+        # "not masked" puts the masked positions first, in position order.
+        order = torch.sort((~masked).to(torch.int8), dim=1, stable=True).indices[:, :mmax]
+        g_pos = torch.where(has, order, 0)
+        g_tok = torch.where(has, tgt.gather(1, g_pos), pad)
+        g_rank = torch.where(has, slot, -1)
+        content.append((g_tok, g_pos, torch.where(has, K.G, K.PAD), g_rank))
+        queries.append((torch.where(has, mask, pad), g_pos, torch.where(has, K.Q, K.PAD), g_rank))
+
+    sections = content + queries
+    tokens = torch.cat([s[0] for s in sections], 1)
+    positions = torch.cat([s[1] for s in sections], 1)
+    kinds = torch.cat([s[2] for s in sections], 1).long()
+    ranks = torch.cat([s[3] for s in sections], 1)
+    num_content = sum(s[0].shape[1] for s in content)
+    rows = DecoderRows(tokens, positions, kinds, ranks, num_content, visibility(kinds, positions, ranks, num_content))
+
+    if ar:
+        rows.ar_rows = _flat(kinds == K.AR_Q)
+        rows.ar_targets = tgt[:, 1:][(pos[:, : T - 1] < (lengths[:, None] - 1))]
+    if nar:
+        rows.p_rows = _flat(kinds == K.P)
+        rows.masked_targets = tgt[masked]
+        rows.masked_sentence = masked.nonzero()[:, 0]
+    if aux:
+        rows.q_rows = _flat(kinds == K.Q)
+    if ar and nar:
+        # The AR query row that predicts y_p of sentence b is number (p - 1) of that sentence.
+        ar_start = torch.cumsum(lengths - 1, 0) - (lengths - 1)
+        b_idx, p_idx = masked.nonzero(as_tuple=True)
+        rows.pair_index = ar_start[b_idx] + p_idx - 1
+    return rows
+
+
+def build_canvas_rows(canvas: Tensor, *, pad: int) -> DecoderRows:
+    """Rows of NAR inference: the canvas only (U and P rows), full visibility among non-pad rows.
+
+    Args:
+        canvas: (B, L) int64, [bos, tokens or <mask>, eos, pad ...].
+    Returns:
+        DecoderRows whose visibility is the canvas key-padding pattern; no gather indices.
+    """
+    B, L = canvas.shape
+    real = canvas != pad
+    kinds = torch.where(real, RowKind.U, RowKind.PAD).long()
+    positions = torch.arange(L, device=canvas.device).expand(B, L)
+    ranks = torch.full_like(canvas, -1)
+    return DecoderRows(canvas, positions, kinds, ranks, L, visibility(kinds, positions, ranks, L))
+
+
+def build_ar_step_rows(last: Tensor, step: int, num_cached: int, *, mask: int) -> DecoderRows:
+    """Rows of one incremental AR step: content row y_step at ``step`` + query row at ``step + 1``.
+
+    The content row sees the ``num_cached`` cached content rows (positions 0..step-1) and
+    itself; the query row sees the same, so it predicts y_{step+1} from y_0..y_step.
+
+    Args:
+        last: (B,) int64, the token at position ``step`` of each hypothesis.
+        step: position of ``last`` (== num_cached when every earlier step was cached).
+    Returns:
+        DecoderRows with R = 2, C = 1 new content row; visibility (B, 2, num_cached + 1).
+    """
+    B = last.shape[0]
+    dev = last.device
+    tokens = torch.stack([last, torch.full_like(last, mask)], 1)  # (B, 2)
+    positions = torch.tensor([step, step + 1], device=dev).expand(B, 2)
+    kinds = torch.tensor([RowKind.AR_C, RowKind.AR_Q], device=dev).expand(B, 2)
+    ranks = torch.full((B, 2), -1, dtype=torch.long, device=dev)
+    vis = torch.ones(B, 2, num_cached + 1, dtype=torch.bool, device=dev)
+    return DecoderRows(tokens, positions, kinds, ranks, 1, vis)

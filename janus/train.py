@@ -1,0 +1,347 @@
+"""Training: ``janus train``.
+
+    janus prepare --trainpref corpus/train --validpref corpus/valid --src de --tgt en --destdir data-bin
+    janus train --data data-bin --save-dir ckpt --preset iwslt --objective janus
+    torchrun --nproc-per-node 8 -m janus train --data data-bin --save-dir ckpt   # data parallel
+
+Adam with the inverse-sqrt schedule, label smoothing, gradient clipping and
+accumulation, bf16/fp16 autocast on GPU, validation loss, a tqdm bar with
+tokens/s and a JSONL log (``save_dir/train.jsonl``). A run whose ``save_dir``
+holds a checkpoint resumes from it and continues the same trajectory: data
+order, masks, dropout and optimizer state all come back.
+
+Each update is normalised over all of its tokens (every micro-batch of every
+process), so ``update_freq=A`` on one process and ``A`` processes give the same
+update as one batch holding the same sentences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from janus import __version__
+from janus.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_optimizer, restore_rng, save_checkpoint
+from janus.config import ModelConfig, TrainConfig, preset
+from janus.data import Dataset, Masking, iterate_batches, iterate_updates, num_updates
+from janus.losses import LOG_TERMS, Counts, Criterion, summarize
+from janus.model import JanusModel
+from janus.vocab import Vocab
+
+
+# -- schedule -------------------------------------------------------------------------------------
+def inverse_sqrt_lr(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of update ``step`` (1-based): linear warmup from warmup_init_lr, then lr * sqrt(warmup/step)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.warmup_init_lr + (cfg.lr - cfg.warmup_init_lr) * step / cfg.warmup_steps
+    return cfg.lr * math.sqrt(max(cfg.warmup_steps, 1) / max(step, 1))
+
+
+# -- process setup --------------------------------------------------------------------------------
+@dataclass
+class Env:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_env(cfg: TrainConfig) -> Env:
+    """Pick the device and join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Env(device, rank, world)
+
+
+def all_reduce(t: torch.Tensor, env: Env) -> torch.Tensor:
+    """Sum over processes (a no-op on one process)."""
+    if env.world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def amp_context(cfg: TrainConfig, device: torch.device) -> tuple[Any, Optional[torch.dtype]]:
+    """(autocast context factory, dtype) from cfg.amp; CPU trains in fp32."""
+    mode = cfg.amp
+    if mode not in ("auto", "bf16", "fp16", "none"):
+        raise ValueError(f"amp={mode!r}: choose auto, bf16, fp16 or none")
+    if device.type != "cuda" or mode == "none":
+        if mode in ("bf16", "fp16") and device.type != "cuda":
+            raise ValueError(f"amp={mode} needs a CUDA device; this run is on {device}")
+        return contextlib.nullcontext, None
+    if mode == "auto":
+        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    return (lambda: torch.autocast("cuda", dtype=dtype)), dtype
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+class Trainer:
+    """Owns the model, optimizer, data position and checkpoints of one training run."""
+
+    def __init__(self, cfg: TrainConfig, model_overrides: Optional[dict[str, Any]] = None) -> None:
+        self.cfg = cfg
+        self.env = setup_env(cfg)
+        self.save_dir = Path(cfg.save_dir)
+        data = Path(cfg.data)
+        manifest_path = data / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path} not found: run `janus prepare` first (--data {cfg.data})")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.vocab_path = data / self.manifest["vocab"]
+        self.vocab = Vocab(self.vocab_path)
+        self.train_set = Dataset(data, "train")
+        self.valid_set = Dataset(data, "valid") if "valid" in self.manifest["splits"] else None
+        self.masking = Masking.from_config(cfg)
+        self.weights = cfg.loss_weights()
+
+        ckpt_path = latest_checkpoint(self.save_dir)
+        self.ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+        if self.ckpt is not None:
+            model_cfg = ModelConfig.from_dict(self.ckpt.config["model"])
+        else:
+            over = dict(model_overrides or {})
+            if cfg.dropout >= 0:
+                over["dropout"] = cfg.dropout
+            model_cfg = preset(cfg.preset, vocab_size=len(self.vocab), specials=self.vocab.specials, **over)
+        self.model_cfg = model_cfg
+
+        torch.manual_seed(cfg.seed)
+        self.model = JanusModel(model_cfg).to(self.env.device)
+        self.criterion: nn.Module = Criterion(self.model, cfg.objective, self.weights, cfg.label_smoothing)
+        if self.env.world > 1:
+            self.criterion = nn.parallel.DistributedDataParallel(
+                self.criterion,
+                device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
+                find_unused_parameters=self.weights.length == 0,  # the length head sits idle for `ar`
+            )
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.warmup_init_lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+        )
+        self.autocast, self.amp_dtype = amp_context(cfg, self.env.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.step, self.epoch, self.update_in_epoch = 0, 1, 0
+        self.best_valid: Optional[float] = None
+        if self.ckpt is not None:
+            self._restore(self.ckpt)
+        self.log_file = self.save_dir / "train.jsonl"
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _restore(self, ckpt: Any) -> None:
+        self.model.load_state_dict(ckpt.model_state)
+        restore_optimizer(self.optimizer, ckpt)
+        st = ckpt.state
+        self.step, self.epoch, self.update_in_epoch = st["step"], st["epoch"], st["update_in_epoch"]
+        self.best_valid = st.get("best_valid")
+        if st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        restore_rng(st["rng"])
+        self.log(dict(event="resume", checkpoint=str(ckpt.path), step=self.step, epoch=self.epoch))
+
+    def save(self, is_best: bool = False) -> None:
+        if not self.env.main:
+            return
+        state = dict(
+            step=self.step, epoch=self.epoch, update_in_epoch=self.update_in_epoch, best_valid=self.best_valid,
+            rng=capture_rng(), scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        )
+        config = dict(
+            model=self.model_cfg.to_dict(), train=dataclasses.asdict(self.cfg), vocab="spm.model",
+            janus_version=__version__, src=self.manifest.get("src"), tgt=self.manifest.get("tgt"),
+        )
+        save_checkpoint(
+            self.save_dir, self.step, model_state=self.model.state_dict(), optimizer=self.optimizer, state=state,
+            config=config, files={"spm.model": self.vocab_path.read_bytes()}, keep_last=self.cfg.keep_last,
+            is_best=is_best,
+        )
+
+    # -- logging --------------------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.env.main:
+            return
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.save_dir / "train.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- one update -----------------------------------------------------------------------------
+    def train_update(self, batches: list) -> tuple[torch.Tensor, Counts, float]:
+        """Forward/backward over this process's micro-batches, then one optimizer step.
+
+        Returns (summed term sums (len(LOG_TERMS),), update-wide counts, gradient norm).
+        """
+        env = self.env
+        self.criterion.train()
+        local = sum((Counts.of_batch(b.tgt_lengths, b.masked) for b in batches), Counts())
+        norm = Counts.from_tensor(all_reduce(local.as_tensor().to(env.device), env).cpu())
+        sums = torch.zeros(len(LOG_TERMS), device=env.device)
+        lr = inverse_sqrt_lr(self.step + 1, self.cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, b in enumerate(batches):
+            b = b.to(env.device)
+            sync = i == len(batches) - 1 or env.world == 1
+            ctx = self.criterion.no_sync() if not sync and env.world > 1 else contextlib.nullcontext()
+            with ctx:
+                with self.autocast():
+                    loss, s = self.criterion(b.src, b.tgt, b.masked, norm, float(env.world))
+                self.scaler.scale(loss).backward()
+            sums += s
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.clip_norm > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm))
+        else:
+            gnorm = float(torch.norm(torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return sums, norm, gnorm
+
+    @torch.no_grad()
+    def validate(self) -> Optional[dict[str, float]]:
+        """Validation terms (means over the split), summed over processes; None without a valid split."""
+        if self.valid_set is None:
+            return None
+        env = self.env
+        self.criterion.eval()
+        sums = torch.zeros(len(LOG_TERMS), device=env.device)
+        counts = Counts()
+        batches = iterate_batches(self.valid_set, self.cfg.max_tokens, self.masking, seed=self.cfg.seed)
+        for i, b in enumerate(batches):
+            if self.cfg.max_valid_batches and i >= self.cfg.max_valid_batches:
+                break
+            if i % env.world != env.rank:
+                continue
+            b = b.to(env.device)
+            with self.autocast():
+                _, s = self.criterion(b.src, b.tgt, b.masked)
+            sums += s
+            counts = counts + Counts.of_batch(b.tgt_lengths, b.masked)
+        sums = all_reduce(sums, env)
+        counts = Counts.from_tensor(all_reduce(counts.as_tensor().to(env.device), env).cpu())
+        return summarize(sums.cpu(), counts, self.weights)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _updates(self) -> Iterator[list]:
+        return iterate_updates(
+            self.train_set, self.cfg.max_tokens, seed=self.cfg.seed, epoch=self.epoch, masking=self.masking,
+            update_freq=self.cfg.update_freq, world_size=self.env.world, rank=self.env.rank,
+            start_update=self.update_in_epoch,
+        )
+
+    def _done(self) -> bool:
+        c = self.cfg
+        return (c.max_steps > 0 and self.step >= c.max_steps) or (c.max_epochs > 0 and self.epoch > c.max_epochs)
+
+    def run(self) -> dict[str, Any]:
+        """Train until max_steps / max_epochs; returns the last validation summary (or {})."""
+        from tqdm.auto import tqdm
+
+        cfg, env = self.cfg, self.env
+        if env.main:
+            self.log(dict(
+                event="start", step=self.step, params=self.model.num_parameters(), device=str(env.device),
+                world_size=env.world, objective=cfg.objective, model=self.model_cfg.to_dict(),
+                train=dataclasses.asdict(cfg),
+            ))
+        last_valid: dict[str, Any] = {}
+        saved_at = self.step
+        win_sums = torch.zeros(len(LOG_TERMS), device=env.device)
+        win_counts, win_tokens, win_start = Counts(), 0, time.perf_counter()
+        while not self._done():
+            per_epoch = num_updates(self.train_set, cfg.max_tokens, seed=cfg.seed, epoch=self.epoch,
+                                    update_freq=cfg.update_freq, world_size=env.world)
+            if per_epoch == 0:
+                raise ValueError(
+                    f"the training split makes no full update with max_tokens={cfg.max_tokens}, "
+                    f"update_freq={cfg.update_freq} on {env.world} process(es): lower them"
+                )
+            bar = tqdm(total=per_epoch, initial=self.update_in_epoch, desc=f"epoch {self.epoch}",
+                       disable=not (env.main and cfg.progress), mininterval=1.0, dynamic_ncols=True)
+            for batches in self._updates():
+                sums, norm, gnorm = self.train_update(batches)
+                self.update_in_epoch += 1
+                win_sums += sums
+                win_counts = win_counts + norm
+                win_tokens += norm.ar_tokens + norm.sentences  # target tokens n per sentence
+                bar.update(1)
+                if self.step % cfg.log_interval == 0 or self._done():
+                    elapsed = time.perf_counter() - win_start
+                    stats = summarize(all_reduce(win_sums, env).cpu(), win_counts, self.weights)
+                    tps = win_tokens / max(elapsed, 1e-9)
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                    self.log(dict(event="train", step=self.step, epoch=self.epoch, lr=self.optimizer.param_groups[0]["lr"],
+                                  gnorm=round(gnorm, 4), tokens_per_s=round(tps, 1), **_rounded(stats)))
+                    win_sums.zero_()
+                    win_counts, win_tokens, win_start = Counts(), 0, time.perf_counter()
+                epoch_end = self.update_in_epoch >= per_epoch
+                if epoch_end:
+                    self.epoch, self.update_in_epoch = self.epoch + 1, 0
+                is_best = False
+                if (cfg.validate_interval and self.step % cfg.validate_interval == 0) or (
+                    not cfg.validate_interval and epoch_end
+                ) or self._done():
+                    v = self.validate()
+                    if v is not None:
+                        is_best = self.best_valid is None or v["loss"] < self.best_valid
+                        if is_best:
+                            self.best_valid = v["loss"]
+                        last_valid = v
+                        self.log(dict(event="valid", step=self.step, epoch=self.epoch, best=is_best, **_rounded(v)))
+                        bar.write(f"step {self.step} valid " + " ".join(
+                            f"{k}={v[k]:.3f}" for k in ("loss", "ar_nll", "nar_nll", "aux_nll", "length") if v[k]))
+                if (cfg.save_interval and self.step % cfg.save_interval == 0) or (
+                    not cfg.save_interval and epoch_end
+                ) or self._done() or is_best:
+                    self.save(is_best=is_best)
+                    saved_at = self.step
+                if self._done() or epoch_end:
+                    break
+            bar.close()
+        if saved_at != self.step:
+            self.save()
+        self.log(dict(event="end", step=self.step, epoch=self.epoch))
+        return last_valid
+
+
+def _rounded(d: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 5) for k, v in d.items()}
+
+
+def train(cfg: TrainConfig, model_overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Run (or resume) training with ``cfg``; returns the last validation summary."""
+    trainer = Trainer(cfg, model_overrides)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.env.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

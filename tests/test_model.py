@@ -1,0 +1,92 @@
+"""Model shapes, presets, length head, projection and the incremental (cached) AR pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from janus.config import PRESETS, ModelConfig, preset
+from janus.model import JanusModel, KVCache
+from janus.streams import build_ar_step_rows, build_training_rows
+
+PAD, BOS, EOS, MASK = 0, 1, 2, 4
+
+
+def test_presets_build_with_expected_shapes():
+    sizes = {}
+    for name in PRESETS:
+        cfg = preset(name, vocab_size=8000)
+        with torch.device("meta"):
+            m = JanusModel(cfg)
+        sizes[name] = m.num_parameters()
+        assert len(m.encoder) == cfg.encoder_layers and len(m.decoder) == cfg.decoder_layers
+    c = preset("iwslt")
+    assert (c.d_model, c.ffn_dim, c.n_heads, c.encoder_layers, c.decoder_layers) == (512, 1024, 4, 6, 6)
+    assert sizes["tiny"] < sizes["iwslt"] < sizes["base"] < sizes["big"]
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(d_model=100, n_heads=3)
+
+
+def test_config_round_trip_and_init():
+    cfg = preset("tiny", vocab_size=60)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    m = JanusModel(cfg)
+    assert m.embed.weight[PAD].abs().sum() == 0
+    assert abs(float(m.decoder[0].ff1.weight.detach().std()) - cfg.init_std) < 0.005
+    assert float(m.decoder[0].ff1.bias.detach().abs().sum()) == 0
+
+
+def test_length_head_targets_and_inverse():
+    for offset in (False, True):
+        m = JanusModel(preset("tiny", vocab_size=60, length_classes=16, length_offset=offset))
+        n = torch.tensor([3, 9, 40])
+        s = torch.tensor([5, 5, 5])
+        t = m.length_target(n, s)
+        assert t.max() <= 15 and t.min() >= 0
+        back = m.lengths_from_classes(t[:, None], s)[:, 0]
+        assert back[:2].tolist() == [3, 9]  # the third is clamped
+        src = torch.tensor([[7, 8, EOS, PAD], [7, 8, 9, EOS]])
+        assert m.length_logits(m.encode(src)).shape == (2, 16)
+
+
+def test_source_padding_does_not_change_encoder_outputs():
+    torch.manual_seed(0)
+    m = JanusModel(preset("tiny", vocab_size=60)).eval()
+    a = m.encode(torch.tensor([[7, 8, 9, EOS]]))
+    b = m.encode(torch.tensor([[7, 8, 9, EOS, PAD, PAD]]))
+    torch.testing.assert_close(a.states, b.states[:, :4], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.length_logits(a), m.length_logits(b), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_incremental_ar_equals_full_pass():
+    torch.manual_seed(0)
+    m = JanusModel(preset("tiny", vocab_size=60)).eval()
+    B, n = 3, 7
+    tgt = torch.randint(5, 60, (B, n))
+    tgt[:, 0], tgt[:, -1] = BOS, EOS
+    src = torch.randint(5, 60, (B, 5))
+    enc = m.encode(src)
+    with torch.no_grad():
+        rows = build_training_rows(tgt, None, pad=PAD, mask=MASK, ar=True, nar=False, aux=False)
+        full = m.decode(rows, enc).flatten(0, 1)[rows.ar_rows].view(B, n - 1, -1)  # (B, n-1, D)
+        cache = KVCache()
+        steps = []
+        for t in range(n - 1):
+            step = build_ar_step_rows(tgt[:, t], t, cache.length, mask=MASK)
+            steps.append(m.decode(step, enc, cache)[:, 1])
+        assert cache.length == n - 1
+        torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-5, atol=1e-5)
+        # reorder follows beam search
+        cache.reorder(torch.tensor([2, 0]))
+        assert cache.layers[0].self_k.shape[0] == 2 and cache.layers[0].cross_k.shape[0] == 2
+
+
+def test_position_limit_is_a_clear_error():
+    m = JanusModel(preset("tiny", vocab_size=60, max_target_positions=8))
+    tgt = torch.full((1, 10), 7)
+    tgt[0, 0], tgt[0, -1] = BOS, EOS
+    rows = build_training_rows(tgt, None, pad=PAD, mask=MASK, ar=True, nar=False, aux=False)
+    with pytest.raises(ValueError, match="max_target_positions"):
+        m.decode(rows, m.encode(torch.tensor([[7, EOS]])))

@@ -1,0 +1,76 @@
+"""Package layout: janus.kernels maps to kernels/, csrc/ ships with janus, imports stay cheap."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_janus_kernels_is_the_top_level_kernels_folder():
+    import janus.kernels
+
+    assert Path(janus.kernels.__file__).resolve() == REPO / "kernels" / "__init__.py"
+
+
+def test_csrc_sources_are_found():
+    from janus import _ext
+
+    root = _ext.source_dir()
+    assert root is not None
+    assert (root / "ops.cpp").is_file() and (root / "cpu" / "pad_batch.cpp").is_file()
+
+
+@pytest.mark.parametrize("module", ["janus", "janus.ops", "janus.kernels", "janus.info"])
+def test_import_is_cheap(module):
+    """Importing janus (or its ops) loads neither triton nor the compiled extension."""
+    code = (
+        f"import sys, {module}\n"
+        "heavy = sorted(m for m in sys.modules if m == 'triton' or m.startswith('triton.') or m == 'janus._C')\n"
+        "print(heavy)\n"
+        "sys.exit(1 if heavy else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"import {module} imported {proc.stdout.strip()} {proc.stderr}"
+
+
+def test_pyproject_declares_markers_and_script():
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    markers = {m.split(":")[0] for m in config["tool"]["pytest"]["ini_options"]["markers"]}
+    assert {"triton", "cpp", "gpu", "slow"} <= markers
+    assert config["project"]["scripts"]["janus"] == "janus.cli:main"
+    assert "torch" not in " ".join(config["build-system"]["requires"])
+
+
+@pytest.mark.slow
+def test_wheel_ships_kernels_and_sources(tmp_path):
+    """A regular (non-editable) wheel holds janus/kernels and the C++ sources for builds on first use."""
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.pyd", "build", "*.egg-info")
+    for name in ("janus", "kernels", "csrc"):
+        shutil.copytree(REPO / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        if (REPO / name).is_file():
+            shutil.copy(REPO / name, src / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(tmp_path), "."]
+    env = dict(os.environ, JANUS_BUILD_EXT="0")
+    proc = subprocess.run(cmd, cwd=src, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = tmp_path.glob("janus-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for expected in (
+        "janus/__init__.py",
+        "janus/kernels/__init__.py",
+        "janus/csrc/ops.cpp",
+        "janus/csrc/cpu/pad_batch.cpp",
+    ):
+        assert expected in names, sorted(names)
+    assert not any(n.startswith("kernels/") or n.startswith("csrc/") for n in names), sorted(names)

@@ -1,0 +1,158 @@
+"""Training end to end on a slice of the real corpus: loss goes down, resume after a kill
+continues the same trajectory, data parallelism gives the same update, averaging."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from janus.config import PrepareConfig, TrainConfig
+from janus.data import prepare
+from janus.train import inverse_sqrt_lr
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_bin(shared_data, tmp_path_factory) -> Path:
+    """A 2,500-pair slice of the corpus (train) + 150 pairs (valid), prepared with a 1k vocabulary."""
+    root = tmp_path_factory.mktemp("corpus")
+    corpus = shared_data / "libreoffice-de-en"
+    for split, n in (("train", 2500), ("valid", 150)):
+        for lang in ("de", "en"):
+            lines = (corpus / f"{split}.{lang}").read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+            (root / f"{split}.{lang}").write_text("".join(lines), encoding="utf-8")
+    dest = root / "bin"
+    prepare(PrepareConfig(trainpref=str(root / "train"), validpref=str(root / "valid"), destdir=str(dest),
+                          vocab_size=1000, max_len=64), verbose=False)
+    return dest
+
+
+def env(threads: int = 1) -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = str(threads)
+    return e
+
+
+def train_args(data: Path, save: Path, **kw) -> list[str]:
+    base = dict(data=data, save_dir=save, preset="tiny", max_tokens=600, warmup_steps=10, lr=1e-3, seed=3,
+                threads=1, log_interval=5, validate_interval=10, max_valid_batches=3, keep_last=3)
+    base.update(kw)
+    args = ["train", "--no-progress"]
+    for k, v in base.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    return args
+
+
+def janus(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "janus", *args], env=env(), capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def final_weights(save: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(save / f"checkpoint_{step:08d}" / "model.safetensors"))
+
+
+def latest_step(save: Path) -> int:
+    """Step of the checkpoint latest.json points to (-1 while there is none)."""
+    try:
+        return int(json.loads((save / "latest.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def log_events(save: Path, event: str) -> list[dict]:
+    return [r for r in map(json.loads, (save / "train.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+def test_inverse_sqrt_schedule():
+    cfg = TrainConfig(lr=5e-4, warmup_steps=100, warmup_init_lr=1e-7)
+    assert inverse_sqrt_lr(0, cfg) == pytest.approx(1e-7)
+    assert inverse_sqrt_lr(50, cfg) == pytest.approx(1e-7 + (5e-4 - 1e-7) / 2)
+    assert inverse_sqrt_lr(100, cfg) == pytest.approx(5e-4)
+    assert inverse_sqrt_lr(400, cfg) == pytest.approx(2.5e-4)
+
+
+def test_training_lowers_validation_loss_of_all_three_distributions(data_bin, tmp_path):
+    save = tmp_path / "run"
+    janus(*train_args(data_bin, save, max_steps=60, validate_interval=20, max_valid_batches=0, dropout=0.0))
+    valid = log_events(save, "valid")
+    assert [v["step"] for v in valid] == [20, 40, 60]
+    for key in ("ar_nll", "nar_nll", "aux_nll", "length", "loss"):
+        assert valid[-1][key] < valid[0][key] - 0.05, (key, [v[key] for v in valid])
+    train = log_events(save, "train")
+    assert train and all(r["tokens_per_s"] > 0 for r in train)
+    assert (save / "best.json").is_file() and (save / "latest.json").is_file()
+
+
+def test_resume_after_kill_continues_the_same_trajectory(data_bin, tmp_path):
+    steps = 30
+    ref = tmp_path / "ref"
+    janus(*train_args(data_bin, ref, max_steps=steps, save_interval=1, dropout=0.2))
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "janus", *train_args(data_bin, killed, max_steps=steps, save_interval=1, dropout=0.2)]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and latest_step(killed) < 3:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert 3 <= latest_step(killed) < steps
+    janus(*train_args(data_bin, killed, max_steps=steps, save_interval=1, dropout=0.2))
+    resumes = log_events(killed, "resume")
+    assert len(resumes) == 1 and 3 <= resumes[0]["step"] < steps
+    a, b = final_weights(ref, steps), final_weights(killed, steps)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_update_equals_one_process(data_bin, tmp_path):
+    one = tmp_path / "one"
+    janus(*train_args(data_bin, one, max_steps=2, update_freq=2, dropout=0.0, lr=1e-4, warmup_steps=0))
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "janus",
+           *train_args(data_bin, two, max_steps=2, update_freq=1, dropout=0.0, lr=1e-4, warmup_steps=0)]
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    start = log_events(two, "start")[0]
+    assert start["world_size"] == 2
+    a, b = final_weights(one, 2), final_weights(two, 2)
+    for k in a:
+        # lr 1e-4: a sign flip in Adam's first steps would show as an error of ~1e-4.
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=2e-6, msg=k)
+    la = [r["loss"] for r in log_events(one, "train")]
+    lb = [r["loss"] for r in log_events(two, "train")]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_average_cli(data_bin, tmp_path):
+    save = tmp_path / "avg"
+    janus(*train_args(data_bin, save, max_steps=6, save_interval=2, validate_interval=0))
+    out = tmp_path / "averaged"
+    janus("average", "--save-dir", str(save), "--last", "3", "--output", str(out))
+    ws = [final_weights(save, s) for s in (2, 4, 6)]
+    avg = load_file(str(out / "model.safetensors"))
+    for k in ("embed.weight", "decoder.0.ff1.weight"):
+        torch.testing.assert_close(avg[k], (ws[0][k] + ws[1][k] + ws[2][k]) / 3)
