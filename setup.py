@@ -60,7 +60,7 @@ def _extensions() -> tuple[list, dict]:
     kwargs = dict(
         name="janus._C",
         include_dirs=[str(CSRC)],
-        extra_compile_args={"cxx": ["/O2"] if os.name == "nt" else ["-O3"]},
+        extra_compile_args={"cxx": ["/O2"] if os.name == "nt" else ["-O3", "-g0"]},  # -g0: Python's CFLAGS add -g
         py_limited_api=True,
     )
     make = cpp_extension.CppExtension

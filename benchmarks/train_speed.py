@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from harness import environment, measure, print_table, write_json
+
 from janus.config import LossWeights, preset
 from janus.data import span_mask, uniform_mask
-from janus.losses import Criterion, Streams, projected_logits
+from janus.losses import Criterion, Streams
 from janus.model import JanusModel
 from janus.streams import RowKind, build_training_rows
 
@@ -82,10 +82,17 @@ def run(exp: Experiment, vocab: int, device: torch.device, repeats: int) -> dict
     t_used = measure(lambda: project(used), device, warmup=1, repeats=repeats)
     t_all = measure(lambda: project(real_rows), device, warmup=1, repeats=repeats)
     return dict(
-        **dataclasses.asdict(exp), sentences=src.shape[0], tgt_tokens=tokens,
-        update_ms_p50=t.p50_ms, update_ms_p90=t.p90_ms, tokens_per_s=tokens / (t.p50_ms / 1e3),
-        decoder_rows=real_rows, projected_rows=used, projection_ms_used=t_used.p50_ms,
-        projection_ms_all=t_all.p50_ms, params=model.num_parameters(),
+        **dataclasses.asdict(exp),
+        sentences=src.shape[0],
+        tgt_tokens=tokens,
+        update_ms_p50=t.p50_ms,
+        update_ms_p90=t.p90_ms,
+        tokens_per_s=tokens / (t.p50_ms / 1e3),
+        decoder_rows=real_rows,
+        projected_rows=used,
+        projection_ms_used=t_used.p50_ms,
+        projection_ms_all=t_all.p50_ms,
+        params=model.num_parameters(),
     )
 
 
@@ -105,11 +112,26 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    exps = [Experiment(pr, ob, mt, a.src_len, a.tgt_len)
-            for pr, ob, mt in itertools.product(a.preset, a.objective, a.max_tokens)]
+    exps = [
+        Experiment(pr, ob, mt, a.src_len, a.tgt_len)
+        for pr, ob, mt in itertools.product(a.preset, a.objective, a.max_tokens)
+    ]
     rows = [run(e, a.vocab, device, a.repeats) for e in exps]
-    print_table(rows, ["preset", "objective", "max_tokens", "sentences", "update_ms_p50", "tokens_per_s",
-                       "decoder_rows", "projected_rows", "projection_ms_used", "projection_ms_all"])
+    print_table(
+        rows,
+        [
+            "preset",
+            "objective",
+            "max_tokens",
+            "sentences",
+            "update_ms_p50",
+            "tokens_per_s",
+            "decoder_rows",
+            "projected_rows",
+            "projection_ms_used",
+            "projection_ms_all",
+        ],
+    )
     write_json(Path(a.out), {"benchmark": "train_speed", "environment": environment(device), "results": rows})
 
 

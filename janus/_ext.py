@@ -80,10 +80,11 @@ def when_loaded(fn: Callable[[], None]) -> Callable[[], None]:
     error in ``fn`` is logged, not raised.
     """
     with _lock:
-        if _state is not None and _state[0] is not None:
-            _run_hook(fn)
-        else:
-            _when_loaded.append(fn)
+        _when_loaded.append(fn)
+        if _state is None and "janus._C" in sys.modules:
+            load()  # imported directly (import janus._C): record it, which runs the hooks; cheap
+        elif _state is not None and _state[0] is not None:
+            _run_hook(_when_loaded.pop())
     return fn
 
 
@@ -117,15 +118,17 @@ def _load() -> tuple[types.ModuleType | None, str]:
     except ImportError as e:  # janus needs torch; this keeps status() honest anyway
         return None, f"torch is not importable: {e}"
 
-    prebuilt_error = ""
+    prebuilt, prebuilt_error = None, ""
     try:
-        module = importlib.import_module("janus._C")
-        return torch.ops.janus, f"prebuilt janus._C ({getattr(module, '__file__', '?')})"
+        prebuilt = importlib.import_module("janus._C")
     except ModuleNotFoundError as e:
         if e.name != "janus._C":
             prebuilt_error = f"prebuilt janus._C failed to import: {e}"
     except Exception as e:  # e.g. undefined symbols after a torch upgrade
         prebuilt_error = f"prebuilt janus._C failed to load ({_one_line(e)})"
+    if prebuilt is not None:
+        # Never load a second copy next to it: the janus namespace can be registered once per process.
+        return torch.ops.janus, f"prebuilt janus._C ({getattr(prebuilt, '__file__', '?')}){_stale_note(prebuilt)}"
 
     if os.environ.get("JANUS_BUILD_EXT", "1") == "0":
         return None, "; ".join(filter(None, ["JANUS_BUILD_EXT=0 (no build on first use)", prebuilt_error]))
@@ -135,6 +138,24 @@ def _load() -> tuple[types.ModuleType | None, str]:
     except Exception as e:
         return None, "; ".join(filter(None, [f"build on first use failed: {_one_line(e)}", prebuilt_error]))
     return torch.ops.janus, "; ".join(filter(None, [f"{how} ({path})", prebuilt_error]))
+
+
+def _stale_note(module: types.ModuleType) -> str:
+    """A note when a source is newer than the prebuilt library: a checkout edited after its editable install."""
+    root, library = source_dir(), getattr(module, "__file__", None)
+    # Only a checkout's csrc/: an installed copy's timestamps say nothing about the build order.
+    if root is None or library is None or root != Path(__file__).resolve().parent.parent / "csrc":
+        return ""
+    try:
+        built = Path(library).stat().st_mtime
+        newer = [p for g in _CPP_GLOBS + _CUDA_GLOBS + _HEADER_GLOBS for p in root.glob(g) if p.stat().st_mtime > built]
+    except OSError:
+        return ""
+    if not newer:
+        return ""
+    fix = "rebuild with `pip install --no-build-isolation -e .`"
+    log.warning("janus: the prebuilt janus._C is older than %s; %s", newer[0], fix)
+    return f"; stale: {newer[0].relative_to(root)} is newer, {fix}"
 
 
 def _sources(root: Path) -> list[Path]:

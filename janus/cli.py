@@ -39,11 +39,20 @@ def add_dataclass_args(parser: argparse._ActionsContainer, cls: type, *, optiona
         shown = "from the preset" if optional else repr(f.default)
         helptext = f.metadata.get("help", "")
         if typ is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{helptext} (default: {shown})")
+            parser.add_argument(
+                _flag(f.name),
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f"{helptext} (default: {shown})",
+            )
         elif typ in (int, float, str):
-            parser.add_argument(_flag(f.name), type=typ, default=default, metavar=typ.__name__.upper(),
-                                help=f"{helptext} (default: {shown})")
+            parser.add_argument(
+                _flag(f.name),
+                type=typ,
+                default=default,
+                metavar=typ.__name__.upper(),
+                help=f"{helptext} (default: {shown})",
+            )
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -55,8 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="janus", description="Train one Transformer to decode AR and NAR (JANUS).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    pp = sub.add_parser("prepare", help="train a joint sentencepiece model and write binary shards",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pp = sub.add_parser(
+        "prepare",
+        help="train a joint sentencepiece model and write binary shards",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_dataclass_args(pp, PrepareConfig)
 
     tp = sub.add_parser("train", help="train (or resume) a model")

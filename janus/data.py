@@ -31,8 +31,8 @@ import os
 import secrets
 import shutil
 import sys
-import time
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,9 +45,8 @@ from tqdm import tqdm
 
 from janus import __version__
 from janus.config import PrepareConfig, SpecialIds, TrainConfig
-from janus.vocab import Vocab
-
 from janus.ops.pad_batch import pad_batch
+from janus.vocab import Vocab
 
 FORMAT = "janus-data"
 FORMAT_VERSION = 1

@@ -161,8 +161,14 @@ def compute_loss(
     hidden = model.decode(rows, enc)  # (B, R, D)
     ar_logits, nar_logits, aux_logits = projected_logits(model, hidden, rows)
     out = janus_loss(
-        ar_logits, rows.ar_targets, nar_logits, aux_logits, rows.masked_targets, rows.pair_index,
-        label_smoothing, scales,
+        ar_logits,
+        rows.ar_targets,
+        nar_logits,
+        aux_logits,
+        rows.masked_targets,
+        rows.pair_index,
+        label_smoothing,
+        scales,
     )
     loss, length_sum = out.loss, torch.zeros((), device=tgt.device)
     if weights.length > 0 or st.nar:
@@ -190,8 +196,15 @@ class Criterion(nn.Module):
         self, src: Tensor, tgt: Tensor, masked: Optional[Tensor], norm: Optional[Counts] = None, multiplier: float = 1.0
     ) -> tuple[Tensor, Tensor]:
         out = compute_loss(
-            self.model, src, tgt, masked, objective=self.objective, weights=self.weights,
-            label_smoothing=self.eps, norm=norm, multiplier=multiplier,
+            self.model,
+            src,
+            tgt,
+            masked,
+            objective=self.objective,
+            weights=self.weights,
+            label_smoothing=self.eps,
+            norm=norm,
+            multiplier=multiplier,
         )
         self.counts = out.counts
         return out.loss, out.sums

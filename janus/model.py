@@ -87,21 +87,32 @@ class Attention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
+class FeedForward(nn.Module):
+    """Linear -> ReLU -> dropout -> Linear."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ff1 = nn.Linear(cfg.d_model, cfg.ffn_dim)
+        self.ff2 = nn.Linear(cfg.ffn_dim, cfg.d_model)
+        self.act_drop = nn.Dropout(cfg.activation_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ff2(self.act_drop(F.relu(self.ff1(x))))
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
         self.norm1 = nn.LayerNorm(cfg.d_model)
-        self.ff1 = nn.Linear(cfg.d_model, cfg.ffn_dim)
-        self.ff2 = nn.Linear(cfg.ffn_dim, cfg.d_model)
+        self.ffn = FeedForward(cfg)
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.act_drop = nn.Dropout(cfg.activation_dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         k, v = self.attn.project_kv(x)
         x = self.norm1(x + self.drop(self.attn.attend(x, k, v, mask)))
-        return self.norm2(x + self.drop(self.ff2(self.act_drop(F.relu(self.ff1(x))))))
+        return self.norm2(x + self.drop(self.ffn(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -113,11 +124,9 @@ class DecoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.cross_attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
         self.norm2 = nn.LayerNorm(cfg.d_model)
-        self.ff1 = nn.Linear(cfg.d_model, cfg.ffn_dim)
-        self.ff2 = nn.Linear(cfg.ffn_dim, cfg.d_model)
+        self.ffn = FeedForward(cfg)
         self.norm3 = nn.LayerNorm(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.act_drop = nn.Dropout(cfg.activation_dropout)
 
     def forward(
         self,
@@ -145,7 +154,7 @@ class DecoderLayer(nn.Module):
                 cache.cross_k, cache.cross_v = ck, cv
         x = self.norm2(x + self.drop(self.cross_attn.attend(x, ck, cv, cross_mask)))
         # 3. Feed-forward.
-        return self.norm3(x + self.drop(self.ff2(self.act_drop(F.relu(self.ff1(x))))))
+        return self.norm3(x + self.drop(self.ffn(x)))
 
 
 class JanusModel(nn.Module):

@@ -146,8 +146,12 @@ def build_training_rows(
         ar_real = ar_pos < (lengths[:, None] - 1)
         content.append((tgt[:, : T - 1], ar_pos, torch.where(ar_real, K.AR_C, K.PAD), minus1((B, T - 1))))
         queries.append(
-            (torch.full((B, T - 1), mask, device=dev), ar_pos + 1, torch.where(ar_real, K.AR_Q, K.PAD),
-             minus1((B, T - 1)))
+            (
+                torch.full((B, T - 1), mask, device=dev),
+                ar_pos + 1,
+                torch.where(ar_real, K.AR_Q, K.PAD),
+                minus1((B, T - 1)),
+            )
         )
     m_count = None
     if nar:

@@ -32,7 +32,14 @@ import torch.distributed as dist
 from torch import nn
 
 from janus import __version__
-from janus.checkpoint import capture_rng, latest_checkpoint, load_checkpoint, restore_optimizer, restore_rng, save_checkpoint
+from janus.checkpoint import (
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
 from janus.config import ModelConfig, TrainConfig, preset
 from janus.data import Dataset, Masking, iterate_batches, iterate_updates, num_updates
 from janus.losses import LOG_TERMS, Counts, Criterion, summarize
@@ -143,8 +150,11 @@ class Trainer:
                 find_unused_parameters=self.weights.length == 0,  # the length head sits idle for `ar`
             )
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.warmup_init_lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+            self.model.parameters(),
+            lr=cfg.warmup_init_lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
         )
         self.autocast, self.amp_dtype = amp_context(cfg, self.env.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -170,16 +180,30 @@ class Trainer:
         if not self.env.main:
             return
         state = dict(
-            step=self.step, epoch=self.epoch, update_in_epoch=self.update_in_epoch, best_valid=self.best_valid,
-            rng=capture_rng(), scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            step=self.step,
+            epoch=self.epoch,
+            update_in_epoch=self.update_in_epoch,
+            best_valid=self.best_valid,
+            rng=capture_rng(),
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
         )
         config = dict(
-            model=self.model_cfg.to_dict(), train=dataclasses.asdict(self.cfg), vocab="spm.model",
-            janus_version=__version__, src=self.manifest.get("src"), tgt=self.manifest.get("tgt"),
+            model=self.model_cfg.to_dict(),
+            train=dataclasses.asdict(self.cfg),
+            vocab="spm.model",
+            janus_version=__version__,
+            src=self.manifest.get("src"),
+            tgt=self.manifest.get("tgt"),
         )
         save_checkpoint(
-            self.save_dir, self.step, model_state=self.model.state_dict(), optimizer=self.optimizer, state=state,
-            config=config, files={"spm.model": self.vocab_path.read_bytes()}, keep_last=self.cfg.keep_last,
+            self.save_dir,
+            self.step,
+            model_state=self.model.state_dict(),
+            optimizer=self.optimizer,
+            state=state,
+            config=config,
+            files={"spm.model": self.vocab_path.read_bytes()},
+            keep_last=self.cfg.keep_last,
             is_best=is_best,
         )
 
@@ -220,7 +244,9 @@ class Trainer:
         if self.cfg.clip_norm > 0:
             gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm))
         else:
-            gnorm = float(torch.norm(torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])))
+            gnorm = float(
+                torch.norm(torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None]))
+            )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
@@ -253,8 +279,14 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def _updates(self) -> Iterator[list]:
         return iterate_updates(
-            self.train_set, self.cfg.max_tokens, seed=self.cfg.seed, epoch=self.epoch, masking=self.masking,
-            update_freq=self.cfg.update_freq, world_size=self.env.world, rank=self.env.rank,
+            self.train_set,
+            self.cfg.max_tokens,
+            seed=self.cfg.seed,
+            epoch=self.epoch,
+            masking=self.masking,
+            update_freq=self.cfg.update_freq,
+            world_size=self.env.world,
+            rank=self.env.rank,
             start_update=self.update_in_epoch,
         )
 
@@ -268,25 +300,44 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         if env.main:
-            self.log(dict(
-                event="start", step=self.step, params=self.model.num_parameters(), device=str(env.device),
-                world_size=env.world, objective=cfg.objective, model=self.model_cfg.to_dict(),
-                train=dataclasses.asdict(cfg),
-            ))
+            self.log(
+                dict(
+                    event="start",
+                    step=self.step,
+                    params=self.model.num_parameters(),
+                    device=str(env.device),
+                    world_size=env.world,
+                    objective=cfg.objective,
+                    model=self.model_cfg.to_dict(),
+                    train=dataclasses.asdict(cfg),
+                )
+            )
         last_valid: dict[str, Any] = {}
         saved_at = self.step
         win_sums = torch.zeros(len(LOG_TERMS), device=env.device)
         win_counts, win_tokens, win_start = Counts(), 0, time.perf_counter()
         while not self._done():
-            per_epoch = num_updates(self.train_set, cfg.max_tokens, seed=cfg.seed, epoch=self.epoch,
-                                    update_freq=cfg.update_freq, world_size=env.world)
+            per_epoch = num_updates(
+                self.train_set,
+                cfg.max_tokens,
+                seed=cfg.seed,
+                epoch=self.epoch,
+                update_freq=cfg.update_freq,
+                world_size=env.world,
+            )
             if per_epoch == 0:
                 raise ValueError(
                     f"the training split makes no full update with max_tokens={cfg.max_tokens}, "
                     f"update_freq={cfg.update_freq} on {env.world} process(es): lower them"
                 )
-            bar = tqdm(total=per_epoch, initial=self.update_in_epoch, desc=f"epoch {self.epoch}",
-                       disable=not (env.main and cfg.progress), mininterval=1.0, dynamic_ncols=True)
+            bar = tqdm(
+                total=per_epoch,
+                initial=self.update_in_epoch,
+                desc=f"epoch {self.epoch}",
+                disable=not (env.main and cfg.progress),
+                mininterval=1.0,
+                dynamic_ncols=True,
+            )
             for batches in self._updates():
                 sums, norm, gnorm = self.train_update(batches)
                 self.update_in_epoch += 1
@@ -299,17 +350,28 @@ class Trainer:
                     stats = summarize(all_reduce(win_sums, env).cpu(), win_counts, self.weights)
                     tps = win_tokens / max(elapsed, 1e-9)
                     bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tps:,.0f}")
-                    self.log(dict(event="train", step=self.step, epoch=self.epoch, lr=self.optimizer.param_groups[0]["lr"],
-                                  gnorm=round(gnorm, 4), tokens_per_s=round(tps, 1), **_rounded(stats)))
+                    self.log(
+                        dict(
+                            event="train",
+                            step=self.step,
+                            epoch=self.epoch,
+                            lr=self.optimizer.param_groups[0]["lr"],
+                            gnorm=round(gnorm, 4),
+                            tokens_per_s=round(tps, 1),
+                            **_rounded(stats),
+                        )
+                    )
                     win_sums.zero_()
                     win_counts, win_tokens, win_start = Counts(), 0, time.perf_counter()
                 epoch_end = self.update_in_epoch >= per_epoch
                 if epoch_end:
                     self.epoch, self.update_in_epoch = self.epoch + 1, 0
                 is_best = False
-                if (cfg.validate_interval and self.step % cfg.validate_interval == 0) or (
-                    not cfg.validate_interval and epoch_end
-                ) or self._done():
+                if (
+                    (cfg.validate_interval and self.step % cfg.validate_interval == 0)
+                    or (not cfg.validate_interval and epoch_end)
+                    or self._done()
+                ):
                     v = self.validate()
                     if v is not None:
                         is_best = self.best_valid is None or v["loss"] < self.best_valid
@@ -317,11 +379,18 @@ class Trainer:
                             self.best_valid = v["loss"]
                         last_valid = v
                         self.log(dict(event="valid", step=self.step, epoch=self.epoch, best=is_best, **_rounded(v)))
-                        bar.write(f"step {self.step} valid " + " ".join(
-                            f"{k}={v[k]:.3f}" for k in ("loss", "ar_nll", "nar_nll", "aux_nll", "length") if v[k]))
-                if (cfg.save_interval and self.step % cfg.save_interval == 0) or (
-                    not cfg.save_interval and epoch_end
-                ) or self._done() or is_best:
+                        bar.write(
+                            f"step {self.step} valid "
+                            + " ".join(
+                                f"{k}={v[k]:.3f}" for k in ("loss", "ar_nll", "nar_nll", "aux_nll", "length") if v[k]
+                            )
+                        )
+                if (
+                    (cfg.save_interval and self.step % cfg.save_interval == 0)
+                    or (not cfg.save_interval and epoch_end)
+                    or self._done()
+                    or is_best
+                ):
                     self.save(is_best=is_best)
                     saved_at = self.step
                 if self._done() or epoch_end:

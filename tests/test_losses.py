@@ -174,8 +174,15 @@ def test_objectives_use_their_terms_only():
     model = JanusModel(preset("tiny", vocab_size=40))
     src, tgt, masked = toy_batch()
     for objective, nonzero in (("ar", {"ar", "ar_nll"}), ("cmlm", {"nar", "nar_nll", "length"})):
-        out = compute_loss(model, src, tgt, masked, objective=objective,
-                           weights=LossWeights.for_objective(objective), label_smoothing=0.1)
+        out = compute_loss(
+            model,
+            src,
+            tgt,
+            masked,
+            objective=objective,
+            weights=LossWeights.for_objective(objective),
+            label_smoothing=0.1,
+        )
         got = {k for k, v in summarize(out.sums, out.counts, LossWeights()).items() if v != 0 and k != "loss"}
         assert got == nonzero, objective
     out = compute_loss(model, src, tgt, masked, objective="janus", weights=LossWeights(), label_smoothing=0.1)

@@ -34,8 +34,8 @@ def test_config_round_trip_and_init():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     m = JanusModel(cfg)
     assert m.embed.weight[PAD].abs().sum() == 0
-    assert abs(float(m.decoder[0].ff1.weight.detach().std()) - cfg.init_std) < 0.005
-    assert float(m.decoder[0].ff1.bias.detach().abs().sum()) == 0
+    assert abs(float(m.decoder[0].ffn.ff1.weight.detach().std()) - cfg.init_std) < 0.005
+    assert float(m.decoder[0].ffn.ff1.bias.detach().abs().sum()) == 0
 
 
 def test_length_head_targets_and_inverse():

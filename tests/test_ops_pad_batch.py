@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from janus import _ext
 from janus.ops import BackendUnavailable, pad_batch, pad_batch_ref
@@ -99,6 +101,25 @@ def test_cpp_edge_cases(cpp_op, bos, eos):
         out = cpp_op(flat, offsets, index, PAD, bos, eos)
         assert out.shape == expected.shape, index
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.cpp
+@settings(max_examples=100, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 6), min_size=1, max_size=12),
+    picks=st.lists(st.integers(0, 10**6), max_size=9),
+    bos=st.sampled_from([-1, BOS]),
+    eos=st.sampled_from([-1, EOS]),
+)
+def test_cpp_matches_reference_property(lengths, picks, bos, eos):
+    require_extension()
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    flat = torch.arange(10, 10 + int(offsets[-1]), dtype=torch.int32)
+    index = torch.tensor([p % len(lengths) for p in picks], dtype=torch.int64)
+    expected = pad_batch_ref(flat, offsets, index, PAD, bos, eos)
+    out = torch.ops.janus.pad_batch(flat, offsets, index, PAD, bos, eos)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 @pytest.mark.cpp

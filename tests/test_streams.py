@@ -30,8 +30,17 @@ def labels(rows, b=0):
     out = []
     for k, p, r in zip(rows.kinds[b].tolist(), rows.positions[b].tolist(), rows.ranks[b].tolist()):
         k = K(k)
-        out.append({K.AR_C: f"ARC{p}", K.AR_Q: f"ARQ{p}", K.U: f"U{p}", K.P: f"P{r}", K.G: f"G{r}",
-                    K.Q: f"Q{r}", K.PAD: "pad"}[k])
+        out.append(
+            {
+                K.AR_C: f"ARC{p}",
+                K.AR_Q: f"ARQ{p}",
+                K.U: f"U{p}",
+                K.P: f"P{r}",
+                K.G: f"G{r}",
+                K.Q: f"Q{r}",
+                K.PAD: "pad",
+            }[k]
+        )
     return out
 
 
@@ -45,13 +54,23 @@ def test_visibility_matches_table_cell_by_cell():
     canvas = U | {"P0", "P1"}
     # Written out by hand from the table (not from the code under test).
     expected = {
-        "ARC0": {"ARC0"}, "ARC1": {"ARC0", "ARC1"}, "ARC2": {"ARC0", "ARC1", "ARC2"},
+        "ARC0": {"ARC0"},
+        "ARC1": {"ARC0", "ARC1"},
+        "ARC2": {"ARC0", "ARC1", "ARC2"},
         "ARC3": {"ARC0", "ARC1", "ARC2", "ARC3"},
-        "ARQ1": {"ARC0"}, "ARQ2": {"ARC0", "ARC1"}, "ARQ3": {"ARC0", "ARC1", "ARC2"},
+        "ARQ1": {"ARC0"},
+        "ARQ2": {"ARC0", "ARC1"},
+        "ARQ3": {"ARC0", "ARC1", "ARC2"},
         "ARQ4": {"ARC0", "ARC1", "ARC2", "ARC3"},
-        "U0": canvas, "U2": canvas, "U4": canvas, "P0": canvas, "P1": canvas,
-        "G0": U | {"P1", "G0"}, "G1": U | {"G0", "G1"},
-        "Q0": U | {"P0", "P1"}, "Q1": U | {"P1", "G0"},
+        "U0": canvas,
+        "U2": canvas,
+        "U4": canvas,
+        "P0": canvas,
+        "P1": canvas,
+        "G0": U | {"P1", "G0"},
+        "G1": U | {"G0", "G1"},
+        "Q0": U | {"P0", "P1"},
+        "Q1": U | {"P1", "G0"},
     }
     assert sorted(x for x in lab if x != "pad") == sorted(expected), lab
     assert rows.num_content == 4 + 5 + 2
@@ -123,7 +142,9 @@ def test_output_unchanged_by_tokens_a_row_must_not_see(layers):
         for c in range(C):
             tokens = rows.tokens.clone()
             tokens[0, c] = 5 + (tokens[0, c] + 1) % 40
-            changed = (model.decode(type(rows)(**{**rows.__dict__, "tokens": tokens}), enc)[0] - base).abs().amax(-1) > 1e-6
+            changed = (model.decode(type(rows)(**{**rows.__dict__, "tokens": tokens}), enc)[0] - base).abs().amax(
+                -1
+            ) > 1e-6
             allowed = dep[:, c].clone()
             allowed[c] = True  # the row itself
             assert not (changed & ~allowed).any(), (lab[c], [lab[r] for r in changed.nonzero().flatten().tolist()])

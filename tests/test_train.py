@@ -33,8 +33,12 @@ def data_bin(shared_data, tmp_path_factory) -> Path:
             lines = (corpus / f"{split}.{lang}").read_text(encoding="utf-8").splitlines(keepends=True)[:n]
             (root / f"{split}.{lang}").write_text("".join(lines), encoding="utf-8")
     dest = root / "bin"
-    prepare(PrepareConfig(trainpref=str(root / "train"), validpref=str(root / "valid"), destdir=str(dest),
-                          vocab_size=1000, max_len=64), verbose=False)
+    prepare(
+        PrepareConfig(
+            trainpref=str(root / "train"), validpref=str(root / "valid"), destdir=str(dest), vocab_size=1000, max_len=64
+        ),
+        verbose=False,
+    )
     return dest
 
 
@@ -46,8 +50,20 @@ def env(threads: int = 1) -> dict[str, str]:
 
 
 def train_args(data: Path, save: Path, **kw) -> list[str]:
-    base = dict(data=data, save_dir=save, preset="tiny", max_tokens=600, warmup_steps=10, lr=1e-3, seed=3,
-                threads=1, log_interval=5, validate_interval=10, max_valid_batches=3, keep_last=3)
+    base = dict(
+        data=data,
+        save_dir=save,
+        preset="tiny",
+        max_tokens=600,
+        warmup_steps=10,
+        lr=1e-3,
+        seed=3,
+        threads=1,
+        log_interval=5,
+        validate_interval=10,
+        max_valid_batches=3,
+        keep_last=3,
+    )
     base.update(kw)
     args = ["train", "--no-progress"]
     for k, v in base.items():
@@ -56,8 +72,9 @@ def train_args(data: Path, save: Path, **kw) -> list[str]:
 
 
 def janus(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "janus", *args], env=env(), capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", "janus", *args], env=env(), capture_output=True, text=True, timeout=timeout
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -131,9 +148,20 @@ def test_two_process_gloo_update_equals_one_process(data_bin, tmp_path):
     one = tmp_path / "one"
     janus(*train_args(data_bin, one, max_steps=2, update_freq=2, dropout=0.0, lr=1e-4, warmup_steps=0))
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "janus",
-           *train_args(data_bin, two, max_steps=2, update_freq=1, dropout=0.0, lr=1e-4, warmup_steps=0)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "janus",
+        *train_args(data_bin, two, max_steps=2, update_freq=1, dropout=0.0, lr=1e-4, warmup_steps=0),
+    ]
     r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     start = log_events(two, "start")[0]
@@ -154,5 +182,5 @@ def test_average_cli(data_bin, tmp_path):
     janus("average", "--save-dir", str(save), "--last", "3", "--output", str(out))
     ws = [final_weights(save, s) for s in (2, 4, 6)]
     avg = load_file(str(out / "model.safetensors"))
-    for k in ("embed.weight", "decoder.0.ff1.weight"):
+    for k in ("embed.weight", "decoder.0.ffn.ff1.weight"):
         torch.testing.assert_close(avg[k], (ws[0][k] + ws[1][k] + ws[2][k]) / 3)

@@ -11,6 +11,7 @@ from janus.ops._dispatch import BackendUnavailable, registry
 
 # Every op module that registers with the dispatch is imported here, so that
 # registry() (and python -m janus.info) lists it. Add new ones to this list.
+from janus.ops.janus_loss import janus_loss, janus_loss_ref
 from janus.ops.pad_batch import pad_batch, pad_batch_ref
 
-__all__ = ["BackendUnavailable", "pad_batch", "pad_batch_ref", "registry"]
+__all__ = ["BackendUnavailable", "janus_loss", "janus_loss_ref", "pad_batch", "pad_batch_ref", "registry"]

@@ -19,7 +19,9 @@ every SKL (no stop-gradient). Rows whose target is ``ignore_index`` contribute
 nothing.
 
 ``janus_loss_ref`` is the specification, the CPU fallback and the oracle of the
-fused kernel.
+fused kernel; ``janus_loss`` dispatches (janus.ops._dispatch). Only the
+"reference" backend exists today: the fused Triton kernel (kernels/) registers
+in front of it. Force one with ``JANUS_BACKEND_JANUS_LOSS=<name>``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from janus.ops._dispatch import Backend, register_op
 
 # Order of the per-term sums returned for logging.
 TERMS = ("ar", "nar", "aux", "skl_ar_nar", "skl_ar_aux", "skl_nar_aux", "ar_nll", "nar_nll", "aux_nll")
@@ -133,9 +137,24 @@ def janus_loss_ref(
     return MaskedTokenLoss(loss, torch.stack([sums[k].detach() for k in TERMS]))
 
 
-def janus_loss(*args, **kwargs) -> MaskedTokenLoss:
-    """Public entry point (same arguments as ``janus_loss_ref``); dispatches to the fastest backend.
+JANUS_LOSS = register_op("janus_loss", [Backend("reference", janus_loss_ref)])
 
-    Only the reference backend exists today; the fused Triton kernel registers here.
+
+def janus_loss(
+    ar_logits: Optional[Tensor],
+    ar_targets: Optional[Tensor],
+    nar_logits: Optional[Tensor],
+    aux_logits: Optional[Tensor],
+    masked_targets: Optional[Tensor],
+    pair_index: Optional[Tensor],
+    eps: float,
+    scales: LossScales,
+    ignore_index: int = -100,
+) -> MaskedTokenLoss:
+    """The three-distribution masked-token loss on the best available backend.
+
+    Same arguments and result as ``janus_loss_ref``.
     """
-    return janus_loss_ref(*args, **kwargs)
+    return JANUS_LOSS(
+        ar_logits, ar_targets, nar_logits, aux_logits, masked_targets, pair_index, eps, scales, ignore_index
+    )

@@ -31,7 +31,7 @@ def pad_batch_ref(
         index: int64 [B], which sentences to gather, in output order.
         pad, bos, eos: ids; ``bos < 0`` / ``eos < 0`` means "do not add".
     Returns:
-        int64 [B, L] with L = max length + (bos >= 0) + (eos >= 0) (L >= 1 when B > 0).
+        int64 [B, L] with L = max gathered length + (bos >= 0) + (eos >= 0) (0 when B == 0).
     """
     starts = offsets[index]
     lengths = offsets[index + 1] - starts
