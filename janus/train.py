@@ -142,10 +142,13 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model = JanusModel(model_cfg).to(self.env.device)
-        self.criterion: nn.Module = Criterion(self.model, cfg.objective, self.weights, cfg.label_smoothing)
+        # Validation calls the plain module: ranks see different numbers of validation batches,
+        # and a DDP forward may run collectives.
+        self.loss_module = Criterion(self.model, cfg.objective, self.weights, cfg.label_smoothing)
+        self.criterion: nn.Module = self.loss_module
         if self.env.world > 1:
             self.criterion = nn.parallel.DistributedDataParallel(
-                self.criterion,
+                self.loss_module,
                 device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
                 find_unused_parameters=self.weights.length == 0,  # the length head sits idle for `ar`
             )
@@ -258,7 +261,7 @@ class Trainer:
         if self.valid_set is None:
             return None
         env = self.env
-        self.criterion.eval()
+        self.loss_module.eval()
         sums = torch.zeros(len(LOG_TERMS), device=env.device)
         counts = Counts()
         batches = iterate_batches(self.valid_set, self.cfg.max_tokens, self.masking, seed=self.cfg.seed)
@@ -269,7 +272,7 @@ class Trainer:
                 continue
             b = b.to(env.device)
             with self.autocast():
-                _, s = self.criterion(b.src, b.tgt, b.masked)
+                _, s = self.loss_module(b.src, b.tgt, b.masked)
             sums += s
             counts = counts + Counts.of_batch(b.tgt_lengths, b.masked)
         sums = all_reduce(sums, env)
@@ -356,7 +359,7 @@ class Trainer:
                             step=self.step,
                             epoch=self.epoch,
                             lr=self.optimizer.param_groups[0]["lr"],
-                            gnorm=round(gnorm, 4),
+                            gnorm=round(gnorm, 6),
                             tokens_per_s=round(tps, 1),
                             **_rounded(stats),
                         )

@@ -1,0 +1,1 @@
+"""Decoding strategies over the shared decoder: AR beam search, mask-predict, self-speculative."""
