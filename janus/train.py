@@ -132,6 +132,12 @@ class Trainer:
         ckpt_path = latest_checkpoint(self.save_dir)
         self.ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
         if self.ckpt is not None:
+            before = self.ckpt.config.get("train", {}).get("objective", cfg.objective)
+            if before != cfg.objective:
+                raise ValueError(
+                    f"{self.ckpt.path} was trained with --objective {before}, this run asks for {cfg.objective}: "
+                    f"use another --save-dir, or the same objective to resume"
+                )
             model_cfg = ModelConfig.from_dict(self.ckpt.config["model"])
         else:
             over = dict(model_overrides or {})

@@ -189,9 +189,17 @@ def test_baseline_objective_cmlm_learns_the_masked_tokens(data_bin, tmp_path):
     assert log_events(save, "start")[0]["train"]["objective"] == "cmlm"
 
 
-def test_average_cli(data_bin, tmp_path):
+def test_average_cli_and_resume_guard(data_bin, tmp_path):
     save = tmp_path / "avg"
     janus(*train_args(data_bin, save, max_steps=6, save_interval=2, validate_interval=0))
+    wrong = subprocess.run(
+        [sys.executable, "-m", "janus", *train_args(data_bin, save, max_steps=8, objective="cmlm")],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert wrong.returncode != 0 and "was trained with --objective janus" in wrong.stderr
     out = tmp_path / "averaged"
     janus("average", "--save-dir", str(save), "--last", "3", "--output", str(out))
     ws = [final_weights(save, s) for s in (2, 4, 6)]
