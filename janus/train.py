@@ -22,6 +22,8 @@ import dataclasses
 import json
 import math
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +109,60 @@ def amp_context(cfg: TrainConfig, device: torch.device) -> tuple[Any, Optional[t
         mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     dtype = torch.bfloat16 if mode == "bf16" else torch.float16
     return (lambda: torch.autocast("cuda", dtype=dtype)), dtype
+
+
+# -- input pipeline -------------------------------------------------------------------------------
+class Prefetch:
+    """Iterate ``source`` in a background thread, at most ``depth`` items ahead.
+
+    Collation and masking (numpy, the C++ pad op) then overlap the model's step. Order is
+    the source's order and no global RNG is touched, so results do not change.
+    """
+
+    _END = object()
+
+    def __init__(self, source: Iterator[Any], depth: int = 2, transform: Optional[Any] = None) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source, transform), daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, source: Iterator[Any], transform: Optional[Any]) -> None:
+        try:
+            for item in source:
+                if not self._put(transform(item) if transform else item):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(_Failure(e))
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        """Stop the producer (when the consumer leaves early) and wait for it."""
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
 
 
 # -- the trainer ----------------------------------------------------------------------------------
@@ -241,7 +297,7 @@ class Trainer:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         for i, b in enumerate(batches):
-            b = b.to(env.device)
+            b = b.to(env.device, non_blocking=True)
             sync = i == len(batches) - 1 or env.world == 1
             ctx = self.criterion.no_sync() if not sync and env.world > 1 else contextlib.nullcontext()
             with ctx:
@@ -303,112 +359,101 @@ class Trainer:
         c = self.cfg
         return (c.max_steps > 0 and self.step >= c.max_steps) or (c.max_epochs > 0 and self.epoch > c.max_epochs)
 
+    def _log_window(self, window: "_Window", gnorm: float, bar: Any) -> None:
+        stats = summarize(all_reduce(window.sums, self.env).cpu(), window.counts, self.weights)
+        tps = window.tokens / max(time.perf_counter() - window.start, 1e-9)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tps:,.0f}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log(dict(event="train", step=self.step, epoch=self.epoch, lr=lr, gnorm=round(gnorm, 6),
+                      tokens_per_s=round(tps, 1), **_rounded(stats)))  # fmt: skip
+        window.reset()
+
+    def _validate_and_log(self, bar: Any) -> tuple[Optional[dict[str, float]], bool]:
+        """Validate, track the best loss, log; returns (summary or None, is_best)."""
+        v = self.validate()
+        if v is None:
+            return None, False
+        is_best = self.best_valid is None or v["loss"] < self.best_valid
+        if is_best:
+            self.best_valid = v["loss"]
+        self.log(dict(event="valid", step=self.step, epoch=self.epoch, best=is_best, **_rounded(v)))
+        shown = " ".join(f"{k}={v[k]:.3f}" for k in ("loss", "ar_nll", "nar_nll", "aux_nll", "length") if v[k])
+        bar.write(f"step {self.step} valid {shown}")
+        return v, is_best
+
+    def _due(self, interval: int, epoch_end: bool) -> bool:
+        """An every-``interval``-updates event (interval 0: at the end of each epoch) or the last update."""
+        return (interval > 0 and self.step % interval == 0) or (interval == 0 and epoch_end) or self._done()
+
     def run(self) -> dict[str, Any]:
         """Train until max_steps / max_epochs; returns the last validation summary (or {})."""
         from tqdm.auto import tqdm
 
         cfg, env = self.cfg, self.env
-        if env.main:
-            self.log(
-                dict(
-                    event="start",
-                    step=self.step,
-                    params=self.model.num_parameters(),
-                    device=str(env.device),
-                    world_size=env.world,
-                    objective=cfg.objective,
-                    model=self.model_cfg.to_dict(),
-                    train=dataclasses.asdict(cfg),
-                )
-            )
+        self.log(dict(event="start", step=self.step, params=self.model.num_parameters(), device=str(env.device),
+                      world_size=env.world, objective=cfg.objective, model=self.model_cfg.to_dict(),
+                      train=dataclasses.asdict(cfg)))  # fmt: skip
         last_valid: dict[str, Any] = {}
         saved_at = self.step
-        win_sums = torch.zeros(len(LOG_TERMS), device=env.device)
-        win_counts, win_tokens, win_start = Counts(), 0, time.perf_counter()
+        window = _Window(torch.zeros(len(LOG_TERMS), device=env.device))
         while not self._done():
-            per_epoch = num_updates(
-                self.train_set,
-                cfg.max_tokens,
-                seed=cfg.seed,
-                epoch=self.epoch,
-                update_freq=cfg.update_freq,
-                world_size=env.world,
-            )
+            per_epoch = num_updates(self.train_set, cfg.max_tokens, seed=cfg.seed, epoch=self.epoch,
+                                    update_freq=cfg.update_freq, world_size=env.world)  # fmt: skip
             if per_epoch == 0:
                 raise ValueError(
                     f"the training split makes no full update with max_tokens={cfg.max_tokens}, "
                     f"update_freq={cfg.update_freq} on {env.world} process(es): lower them"
                 )
-            bar = tqdm(
-                total=per_epoch,
-                initial=self.update_in_epoch,
-                desc=f"epoch {self.epoch}",
-                disable=not (env.main and cfg.progress),
-                mininterval=1.0,
-                dynamic_ncols=True,
-            )
-            for batches in self._updates():
-                sums, norm, gnorm = self.train_update(batches)
-                self.update_in_epoch += 1
-                win_sums += sums
-                win_counts = win_counts + norm
-                win_tokens += norm.ar_tokens + norm.sentences  # target tokens n per sentence
-                bar.update(1)
-                if self.step % cfg.log_interval == 0 or self._done():
-                    elapsed = time.perf_counter() - win_start
-                    stats = summarize(all_reduce(win_sums, env).cpu(), win_counts, self.weights)
-                    tps = win_tokens / max(elapsed, 1e-9)
-                    bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tps:,.0f}")
-                    self.log(
-                        dict(
-                            event="train",
-                            step=self.step,
-                            epoch=self.epoch,
-                            lr=self.optimizer.param_groups[0]["lr"],
-                            gnorm=round(gnorm, 6),
-                            tokens_per_s=round(tps, 1),
-                            **_rounded(stats),
-                        )
-                    )
-                    win_sums.zero_()
-                    win_counts, win_tokens, win_start = Counts(), 0, time.perf_counter()
-                epoch_end = self.update_in_epoch >= per_epoch
-                if epoch_end:
-                    self.epoch, self.update_in_epoch = self.epoch + 1, 0
-                is_best = False
-                if (
-                    (cfg.validate_interval and self.step % cfg.validate_interval == 0)
-                    or (not cfg.validate_interval and epoch_end)
-                    or self._done()
-                ):
-                    v = self.validate()
-                    if v is not None:
-                        is_best = self.best_valid is None or v["loss"] < self.best_valid
-                        if is_best:
-                            self.best_valid = v["loss"]
-                        last_valid = v
-                        self.log(dict(event="valid", step=self.step, epoch=self.epoch, best=is_best, **_rounded(v)))
-                        bar.write(
-                            f"step {self.step} valid "
-                            + " ".join(
-                                f"{k}={v[k]:.3f}" for k in ("loss", "ar_nll", "nar_nll", "aux_nll", "length") if v[k]
-                            )
-                        )
-                if (
-                    (cfg.save_interval and self.step % cfg.save_interval == 0)
-                    or (not cfg.save_interval and epoch_end)
-                    or self._done()
-                    or is_best
-                ):
-                    self.save(is_best=is_best)
-                    saved_at = self.step
-                if self._done() or epoch_end:
-                    break
-            bar.close()
+            bar = tqdm(total=per_epoch, initial=self.update_in_epoch, desc=f"epoch {self.epoch}",
+                       disable=not (env.main and cfg.progress), mininterval=1.0, dynamic_ncols=True)  # fmt: skip
+            pin = (lambda bs: [b.pin_memory() for b in bs]) if env.device.type == "cuda" else None
+            updates = Prefetch(self._updates(), transform=pin)
+            try:
+                for batches in updates:
+                    sums, norm, gnorm = self.train_update(batches)
+                    self.update_in_epoch += 1
+                    bar.update(1)
+                    window.add(sums, norm)
+                    if self.step % cfg.log_interval == 0 or self._done():
+                        self._log_window(window, gnorm, bar)
+                    epoch_end = self.update_in_epoch >= per_epoch
+                    if epoch_end:
+                        self.epoch, self.update_in_epoch = self.epoch + 1, 0
+                    is_best = False
+                    if self._due(cfg.validate_interval, epoch_end):
+                        v, is_best = self._validate_and_log(bar)
+                        last_valid = v or last_valid
+                    if self._due(cfg.save_interval, epoch_end) or is_best:
+                        self.save(is_best=is_best)
+                        saved_at = self.step
+                    if self._done() or epoch_end:
+                        break
+            finally:
+                updates.close()
+                bar.close()
         if saved_at != self.step:
             self.save()
         self.log(dict(event="end", step=self.step, epoch=self.epoch))
         return last_valid
+
+
+@dataclass
+class _Window:
+    """Training terms accumulated between two log lines."""
+
+    sums: torch.Tensor  # (len(LOG_TERMS),) on the training device
+    counts: Counts = dataclasses.field(default_factory=Counts)
+    tokens: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, sums: torch.Tensor, counts: Counts) -> None:
+        self.sums += sums
+        self.counts = self.counts + counts
+        self.tokens += counts.ar_tokens + counts.sentences  # sum of n: target tokens with bos/eos
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.counts, self.tokens, self.start = Counts(), 0, time.perf_counter()
 
 
 def _rounded(d: dict[str, float]) -> dict[str, float]:
