@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -85,7 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``janus`` command; returns the exit status.
+
+    Bad input (files, values) ends with a one-line ``janus COMMAND: error: ...`` and
+    status 2; ``JANUS_DEBUG=1`` shows the traceback instead.
+    """
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"janus {args.command}: interrupted", file=sys.stderr)
+        if args.command == "train":
+            print("the last complete checkpoint is intact: run the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        if os.environ.get("JANUS_DEBUG") == "1":
+            raise
+        print(f"janus {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "prepare":
         from janus.data import prepare
 

@@ -206,3 +206,30 @@ def test_average_cli_and_resume_guard(data_bin, tmp_path):
     avg = load_file(str(out / "model.safetensors"))
     for k in ("embed.weight", "decoder.0.ffn.ff1.weight"):
         torch.testing.assert_close(avg[k], (ws[0][k] + ws[1][k] + ws[2][k]) / 3)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    (tmp_path / "t.de").write_text("a\nb\nc\n", encoding="utf-8")
+    (tmp_path / "t.en").write_text("a\nb\n", encoding="utf-8")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "janus",
+            "prepare",
+            "--trainpref",
+            str(tmp_path / "t"),
+            "--destdir",
+            str(tmp_path / "b"),
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert r.stderr.startswith("janus prepare: error: ") and "Traceback" not in r.stderr
+    assert "t.de" in r.stderr and "t.en" in r.stderr and "3" in r.stderr and "2" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "janus", "train", "--data", str(tmp_path / "none")],
+                       env=env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "janus prepare" in r.stderr and "manifest.json" in r.stderr
