@@ -384,13 +384,16 @@ def capture_rng() -> dict[str, Any]:
         {"python": {"version", "state" (625 uint32, base64), "gauss"},
          "numpy": {"kind", "keys" (624 uint32, base64), "pos", "has_gauss", "gauss"},
          "torch": base64 of torch.get_rng_state() (uint8),
-         "cuda": [base64 per device] (only devices' states if CUDA is initialised, else [])}
+         "cuda": [base64 of the current CUDA device's state] if CUDA is initialised, else []}
+
+    Only the current device is captured: a training process drives one device, and
+    touching the others would create a CUDA context (and use memory) on each of them.
     """
     version, state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     cuda: list[str] = []
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = [_b64(s.numpy().tobytes()) for s in torch.cuda.get_rng_state_all()]
+        cuda = [_b64(torch.cuda.get_rng_state().numpy().tobytes())]
     return {
         "python": {"version": version, "state": _b64(np.asarray(state, dtype="<u4").tobytes()), "gauss": gauss},
         "numpy": {
@@ -408,8 +411,8 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(d: Mapping[str, Any]) -> None:
     """Set every global RNG from a dict made by ``capture_rng``.
 
-    CUDA states are restored for the devices present (a warning is logged when the
-    number of devices differs, or when CUDA states were saved but CUDA is unavailable).
+    The CUDA state goes to the current CUDA device (see ``capture_rng``); a warning is
+    logged when a CUDA state was saved but CUDA is unavailable.
     """
     py = d["python"]
     state = tuple(int(x) for x in np.frombuffer(_unb64(py["state"]), dtype="<u4"))
@@ -422,18 +425,9 @@ def restore_rng(d: Mapping[str, Any]) -> None:
     if not cuda:
         return
     if not torch.cuda.is_available():
-        log.warning("checkpoint holds %d CUDA RNG states but CUDA is unavailable; not restored", len(cuda))
+        log.warning("checkpoint holds a CUDA RNG state but CUDA is unavailable; not restored")
         return
-    n = torch.cuda.device_count()
-    if n != len(cuda):
-        log.warning(
-            "checkpoint holds %d CUDA RNG states, %d devices present; restoring the first %d",
-            len(cuda),
-            n,
-            min(n, len(cuda)),
-        )
-    for i, s in enumerate(cuda[:n]):
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(_unb64(s)), dtype=torch.uint8), device=i)
+    torch.cuda.set_rng_state(torch.frombuffer(bytearray(_unb64(cuda[0])), dtype=torch.uint8))
 
 
 # --------------------------------------------------------------------------- save

@@ -173,6 +173,7 @@ class Trainer:
         self.cfg = cfg
         self.env = setup_env(cfg)
         self.save_dir = Path(cfg.save_dir)
+        self.log_file = self.save_dir / "train.jsonl"
         data = Path(cfg.data)
         manifest_path = data / "manifest.json"
         if not manifest_path.is_file():
@@ -227,7 +228,6 @@ class Trainer:
         self.best_valid: Optional[float] = None
         if self.ckpt is not None:
             self._restore(self.ckpt)
-        self.log_file = self.save_dir / "train.jsonl"
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _restore(self, ckpt: Any) -> None:
@@ -278,7 +278,7 @@ class Trainer:
             return
         self.save_dir.mkdir(parents=True, exist_ok=True)
         record = {"time": round(time.time(), 3), **record}
-        with open(self.save_dir / "train.jsonl", "a") as f:
+        with open(self.log_file, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     # -- one update -----------------------------------------------------------------------------
@@ -298,20 +298,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         for i, b in enumerate(batches):
             b = b.to(env.device, non_blocking=True)
-            sync = i == len(batches) - 1 or env.world == 1
-            ctx = self.criterion.no_sync() if not sync and env.world > 1 else contextlib.nullcontext()
+            # Gradients are all-reduced once per update, after the last micro-batch.
+            last = i == len(batches) - 1
+            ctx = self.criterion.no_sync() if env.world > 1 and not last else contextlib.nullcontext()
             with ctx:
                 with self.autocast():
                     loss, s = self.criterion(b.src, b.tgt, b.masked, norm, float(env.world))
                 self.scaler.scale(loss).backward()
             sums += s
         self.scaler.unscale_(self.optimizer)
-        if self.cfg.clip_norm > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm))
-        else:
-            gnorm = float(
-                torch.norm(torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None]))
-            )
+        # With max_norm = inf this only measures the norm (logged either way).
+        max_norm = self.cfg.clip_norm if self.cfg.clip_norm > 0 else math.inf
+        gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
