@@ -88,7 +88,7 @@ class LossOutput:
 
     loss: Tensor  # () fp32: this micro-batch's share of the update's objective
     sums: Tensor  # (len(LOG_TERMS),) fp32, detached, in LOG_TERMS order
-    counts: Counts  # this micro-batch's counts
+    counts: Counts  # the counts the terms were normalised by (this batch's own when none were given)
 
 
 def scales_for(weights: LossWeights, counts: Counts, multiplier: float = 1.0) -> tuple[LossScales, float]:
@@ -108,6 +108,16 @@ def scales_for(weights: LossWeights, counts: Counts, multiplier: float = 1.0) ->
         ),
         s(weights.length, counts.sentences),
     )
+
+
+def training_rows(tgt: Tensor, masked: Optional[Tensor], objective: str, *, pad: int, mask: int) -> DecoderRows:
+    """The decoder rows ``objective`` trains on (see ``janus.streams.build_training_rows``).
+
+    Args:
+        tgt: (B, T) int64 targets; masked: (B, T) bool masked set (None for ``ar``).
+    """
+    st = Streams.of(objective)
+    return build_training_rows(tgt, masked, pad=pad, mask=mask, ar=st.ar, nar=st.nar, aux=st.aux)
 
 
 def projected_logits(model: JanusModel, hidden: Tensor, rows: DecoderRows) -> tuple[Optional[Tensor], ...]:
@@ -136,6 +146,7 @@ def compute_loss(
     label_smoothing: float,
     norm: Optional[Counts] = None,
     multiplier: float = 1.0,
+    rows: Optional[DecoderRows] = None,
 ) -> LossOutput:
     """Run the teacher-forced passes of ``objective`` and return its loss.
 
@@ -145,6 +156,8 @@ def compute_loss(
         masked: (B, T) bool masked set (ignored by ``ar``).
         norm: counts the terms are normalised by (default: this batch's own counts).
         multiplier: extra factor on every term (e.g. world size under DDP's gradient averaging).
+        rows: ``training_rows(tgt, masked, objective, ...)`` built ahead (e.g. on the CPU while
+            the previous step runs); built here when None.
     Returns:
         LossOutput with ``loss = sum_t scale_t * sum_t``.
     """
@@ -153,10 +166,12 @@ def compute_loss(
     tgt_lengths = (tgt != specials.pad).sum(1)
     if masked is None:
         masked = torch.zeros_like(tgt, dtype=torch.bool)
-    counts = Counts.of_batch(tgt_lengths, masked)
-    scales, length_scale = scales_for(weights, norm or counts, multiplier)
+    # Counting this batch's tokens syncs with the device: only done when no counts are given.
+    counts = norm if norm is not None else Counts.of_batch(tgt_lengths, masked)
+    scales, length_scale = scales_for(weights, counts, multiplier)
 
-    rows = build_training_rows(tgt, masked, pad=specials.pad, mask=specials.mask, ar=st.ar, nar=st.nar, aux=st.aux)
+    if rows is None:
+        rows = training_rows(tgt, masked, objective, pad=specials.pad, mask=specials.mask)
     enc = model.encode(src)
     hidden = model.decode(rows, enc)  # (B, R, D)
     ar_logits, nar_logits, aux_logits = projected_logits(model, hidden, rows)
@@ -183,8 +198,7 @@ def compute_loss(
 class Criterion(nn.Module):
     """The model plus its objective as one module, so that data parallelism wraps a single forward.
 
-    ``forward`` returns ``(loss, sums)`` tensors (see ``compute_loss``); ``self.counts`` holds the
-    last batch's counts.
+    ``forward`` returns ``(loss, sums)`` tensors (see ``compute_loss``).
     """
 
     def __init__(self, model: JanusModel, objective: str, weights: LossWeights, label_smoothing: float) -> None:
@@ -193,20 +207,18 @@ class Criterion(nn.Module):
         self.model, self.objective, self.weights, self.eps = model, objective, weights, label_smoothing
 
     def forward(
-        self, src: Tensor, tgt: Tensor, masked: Optional[Tensor], norm: Optional[Counts] = None, multiplier: float = 1.0
+        self,
+        src: Tensor,
+        tgt: Tensor,
+        masked: Optional[Tensor],
+        norm: Optional[Counts] = None,
+        multiplier: float = 1.0,
+        rows: Optional[DecoderRows] = None,
     ) -> tuple[Tensor, Tensor]:
         out = compute_loss(
-            self.model,
-            src,
-            tgt,
-            masked,
-            objective=self.objective,
-            weights=self.weights,
-            label_smoothing=self.eps,
-            norm=norm,
-            multiplier=multiplier,
-        )
-        self.counts = out.counts
+            self.model, src, tgt, masked, objective=self.objective, weights=self.weights,
+            label_smoothing=self.eps, norm=norm, multiplier=multiplier, rows=rows,
+        )  # fmt: skip
         return out.loss, out.sums
 
 

@@ -230,10 +230,9 @@ class JanusModel(nn.Module):
         With ``cache``, the content rows of ``rows`` are appended to the cached ones and
         ``rows.visibility`` must cover all cached + new content columns (B, R, cache.length + C).
         """
-        if int(rows.positions.max()) >= self.cfg.max_target_positions:
+        if rows.max_position >= self.cfg.max_target_positions:
             raise ValueError(
-                f"target position {int(rows.positions.max())} exceeds max_target_positions="
-                f"{self.cfg.max_target_positions}"
+                f"target position {rows.max_position} exceeds max_target_positions={self.cfg.max_target_positions}"
             )
         x = self.drop(self.embed(rows.tokens) * self.scale + self.tgt_pos(rows.positions))  # (B, R, D)
         self_mask = rows.visibility[:, None]  # (B, 1, R, C)

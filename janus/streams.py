@@ -38,9 +38,10 @@ projection, through the flat row indices of ``DecoderRows``.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -70,6 +71,7 @@ class DecoderRows:
     ranks: Tensor  # (B, R) int64, rank of the masked position for P/G/Q rows, else -1
     num_content: int  # C
     visibility: Tensor  # (B, R, C) bool, True = row sees column
+    max_position: int  # largest position of any row (a host int: checking it needs no device sync)
     ar_rows: Optional[Tensor] = None  # (N,) flat indices into B*R of the AR query rows
     ar_targets: Optional[Tensor] = None  # (N,) int64, y_{t+1} for each AR query row
     p_rows: Optional[Tensor] = None  # (M,) flat indices of P rows (P_NAR)
@@ -81,6 +83,24 @@ class DecoderRows:
     @property
     def num_rows(self) -> int:
         return self.tokens.shape[1]
+
+    def _map(self, fn) -> "DecoderRows":
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: fn(getattr(self, f.name))
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), Tensor)
+            },  # fmt: skip
+        )
+
+    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "DecoderRows":
+        """Every tensor moved to ``device`` (rows are cheap to build on the CPU, ahead of the step)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "DecoderRows":
+        """Every tensor in pinned host memory, for asynchronous copies to a GPU."""
+        return self._map(lambda t: t.pin_memory())
 
 
 def visibility(kinds: Tensor, positions: Tensor, ranks: Tensor, num_content: int) -> Tensor:
@@ -182,7 +202,8 @@ def build_training_rows(
     kinds = torch.cat([s[2] for s in sections], 1).long()
     ranks = torch.cat([s[3] for s in sections], 1)
     num_content = sum(s[0].shape[1] for s in content)
-    rows = DecoderRows(tokens, positions, kinds, ranks, num_content, visibility(kinds, positions, ranks, num_content))
+    vis = visibility(kinds, positions, ranks, num_content)
+    rows = DecoderRows(tokens, positions, kinds, ranks, num_content, vis, max_position=T - 1)
 
     if ar:
         rows.ar_rows = _flat(kinds == K.AR_Q)
@@ -214,7 +235,7 @@ def build_canvas_rows(canvas: Tensor, *, pad: int) -> DecoderRows:
     kinds = torch.where(real, RowKind.U, RowKind.PAD).long()
     positions = torch.arange(L, device=canvas.device).expand(B, L)
     ranks = torch.full_like(canvas, -1)
-    return DecoderRows(canvas, positions, kinds, ranks, L, visibility(kinds, positions, ranks, L))
+    return DecoderRows(canvas, positions, kinds, ranks, L, visibility(kinds, positions, ranks, L), max_position=L - 1)
 
 
 def build_ar_step_rows(last: Tensor, step: int, num_cached: int, *, mask: int) -> DecoderRows:
@@ -236,4 +257,4 @@ def build_ar_step_rows(last: Tensor, step: int, num_cached: int, *, mask: int) -
     kinds = torch.tensor([RowKind.AR_C, RowKind.AR_Q], device=dev).expand(B, 2)
     ranks = torch.full((B, 2), -1, dtype=torch.long, device=dev)
     vis = torch.ones(B, 2, num_cached + 1, dtype=torch.bool, device=dev)
-    return DecoderRows(tokens, positions, kinds, ranks, 1, vis)
+    return DecoderRows(tokens, positions, kinds, ranks, 1, vis, max_position=step + 1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -44,8 +45,9 @@ from janus.checkpoint import (
 )
 from janus.config import ModelConfig, TrainConfig, preset
 from janus.data import Dataset, Masking, iterate_batches, iterate_updates, num_updates
-from janus.losses import LOG_TERMS, Counts, Criterion, summarize
+from janus.losses import LOG_TERMS, Counts, Criterion, summarize, training_rows
 from janus.model import JanusModel
+from janus.streams import DecoderRows
 from janus.vocab import Vocab
 
 
@@ -282,28 +284,38 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     # -- one update -----------------------------------------------------------------------------
-    def train_update(self, batches: list) -> tuple[torch.Tensor, Counts, float]:
-        """Forward/backward over this process's micro-batches, then one optimizer step.
+    def _with_rows(self, batches: list, pin: bool = False) -> list[tuple[Any, DecoderRows]]:
+        """Pair each batch with its decoder rows, built on the CPU (in the prefetch thread)."""
+        sp = self.model_cfg.specials
+        out = []
+        for b in batches:
+            rows = training_rows(b.tgt, b.masked, self.cfg.objective, pad=sp.pad, mask=sp.mask)
+            out.append((b.pin_memory(), rows.pin_memory()) if pin else (b, rows))
+        return out
+
+    def train_update(self, items: list[tuple[Any, DecoderRows]]) -> tuple[torch.Tensor, Counts, float]:
+        """Forward/backward over this process's micro-batches (with their rows), then one optimizer step.
 
         Returns (summed term sums (len(LOG_TERMS),), update-wide counts, gradient norm).
         """
         env = self.env
         self.criterion.train()
-        local = sum((Counts.of_batch(b.tgt_lengths, b.masked) for b in batches), Counts())
+        # Counted on the host tensors, then one small all-reduce: the update-wide normaliser.
+        local = sum((Counts.of_batch(b.tgt_lengths, b.masked) for b, _ in items), Counts())
         norm = Counts.from_tensor(all_reduce(local.as_tensor().to(env.device), env).cpu())
         sums = torch.zeros(len(LOG_TERMS), device=env.device)
         lr = inverse_sqrt_lr(self.step + 1, self.cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        for i, b in enumerate(batches):
-            b = b.to(env.device, non_blocking=True)
+        for i, (b, rows) in enumerate(items):
+            b, rows = b.to(env.device, non_blocking=True), rows.to(env.device, non_blocking=True)
             # Gradients are all-reduced once per update, after the last micro-batch.
-            last = i == len(batches) - 1
+            last = i == len(items) - 1
             ctx = self.criterion.no_sync() if env.world > 1 and not last else contextlib.nullcontext()
             with ctx:
                 with self.autocast():
-                    loss, s = self.criterion(b.src, b.tgt, b.masked, norm, float(env.world))
+                    loss, s = self.criterion(b.src, b.tgt, b.masked, norm, float(env.world), rows)
                 self.scaler.scale(loss).backward()
             sums += s
         self.scaler.unscale_(self.optimizer)
@@ -330,11 +342,12 @@ class Trainer:
                 break
             if i % env.world != env.rank:
                 continue
-            b = b.to(env.device)
-            with self.autocast():
-                _, s = self.loss_module(b.src, b.tgt, b.masked)
-            sums += s
             counts = counts + Counts.of_batch(b.tgt_lengths, b.masked)
+            ((b, rows),) = self._with_rows([b])
+            b, rows = b.to(env.device), rows.to(env.device)
+            with self.autocast():
+                _, s = self.loss_module(b.src, b.tgt, b.masked, rows=rows)
+            sums += s
         sums = all_reduce(sums, env)
         counts = Counts.from_tensor(all_reduce(counts.as_tensor().to(env.device), env).cpu())
         return summarize(sums.cpu(), counts, self.weights)
@@ -404,8 +417,8 @@ class Trainer:
                 )
             bar = tqdm(total=per_epoch, initial=self.update_in_epoch, desc=f"epoch {self.epoch}",
                        disable=not (env.main and cfg.progress), mininterval=1.0, dynamic_ncols=True)  # fmt: skip
-            pin = (lambda bs: [b.pin_memory() for b in bs]) if env.device.type == "cuda" else None
-            updates = Prefetch(self._updates(), transform=pin)
+            prepare_rows = functools.partial(self._with_rows, pin=env.device.type == "cuda")
+            updates = Prefetch(self._updates(), transform=prepare_rows)
             try:
                 for batches in updates:
                     sums, norm, gnorm = self.train_update(batches)
