@@ -188,3 +188,61 @@ def test_aux_requires_canvas():
     tgt, masked = example()
     with pytest.raises(ValueError, match="needs the canvas"):
         build_training_rows(tgt, masked, pad=PAD, mask=MASK, ar=True, nar=False, aux=True)
+
+
+def table_sees(row, col) -> bool:
+    """JANUS.md's visibility table, one cell at a time, on (kind, position, rank) labels."""
+    rk, rp, rr = row
+    ck, cp, cr = col
+    if rk == K.PAD:
+        return False  # pad rows are checked separately
+    if rk == K.AR_C:
+        return ck == K.AR_C and cp <= rp
+    if rk == K.AR_Q:
+        return ck == K.AR_C and cp < rp
+    if rk in (K.U, K.P):
+        return ck in (K.U, K.P)
+    if rk == K.G:
+        return ck == K.U or (ck == K.P and cr > rr) or (ck == K.G and cr <= rr)
+    if rk == K.Q:
+        return ck == K.U or (ck == K.P and cr >= rr) or (ck == K.G and cr < rr)
+    raise AssertionError(rk)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_batches_match_the_table_and_keep_their_invariants(seed):
+    g = torch.Generator().manual_seed(seed)
+    B = int(torch.randint(1, 5, (1,), generator=g))
+    lengths = torch.randint(3, 12, (B,), generator=g).tolist()
+    masked_pos = []
+    for n in lengths:
+        k = n - 2
+        m = int(torch.randint(1, k + 1, (1,), generator=g))
+        masked_pos.append(tuple(sorted((1 + torch.randperm(k, generator=g)[:m]).tolist())))
+    tgt, masked = example(lengths=tuple(lengths), masked_pos=tuple(masked_pos), seed=seed)
+    rows = build_training_rows(tgt, masked, pad=PAD, mask=MASK, ar=True, nar=True, aux=True)
+    C = rows.num_content
+    for b, n in enumerate(lengths):
+        attrs = list(zip(rows.kinds[b].tolist(), rows.positions[b].tolist(), rows.ranks[b].tolist()))
+        kinds = [a[0] for a in attrs]
+        m = len(masked_pos[b])
+        assert (kinds.count(K.AR_C), kinds.count(K.AR_Q), kinds.count(K.U)) == (n - 1, n - 1, n - m)
+        assert kinds.count(K.P) == kinds.count(K.G) == kinds.count(K.Q) == m
+        for r, row in enumerate(attrs):
+            if row[0] == K.PAD:
+                assert rows.visibility[b, r].tolist() == [True] + [False] * (C - 1)
+                continue
+            expect = [table_sees(row, col) for col in attrs[:C]]
+            assert rows.visibility[b, r].tolist() == expect, (b, r, row)
+    # Gather indices: targets line up with the rows that predict them.
+    flat_kinds = rows.kinds.flatten()
+    flat_pos = rows.positions.flatten()
+    assert (flat_kinds[rows.ar_rows] == K.AR_Q).all() and (flat_kinds[rows.p_rows] == K.P).all()
+    assert (flat_kinds[rows.q_rows] == K.Q).all()
+    assert torch.equal(flat_pos[rows.p_rows], flat_pos[rows.q_rows])
+    b_of = torch.arange(B).repeat_interleave(rows.num_rows)
+    assert torch.equal(tgt[b_of[rows.p_rows], flat_pos[rows.p_rows]], rows.masked_targets)
+    assert torch.equal(tgt[b_of[rows.ar_rows], flat_pos[rows.ar_rows]], rows.ar_targets)
+    assert torch.equal(rows.ar_targets[rows.pair_index], rows.masked_targets)
+    paired = rows.ar_rows[rows.pair_index]  # the AR query row of each masked token: same sentence, same position
+    assert torch.equal(b_of[paired], b_of[rows.p_rows]) and torch.equal(flat_pos[paired], flat_pos[rows.p_rows])
