@@ -44,7 +44,7 @@ from janus.checkpoint import (
     save_checkpoint,
 )
 from janus.config import ModelConfig, TrainConfig, preset
-from janus.data import Dataset, Masking, iterate_batches, iterate_updates, num_updates
+from janus.data import Dataset, Masking, iterate_batches, iterate_updates, load_manifest, num_updates
 from janus.losses import LOG_TERMS, Counts, Criterion, summarize, training_rows
 from janus.model import JanusModel
 from janus.streams import DecoderRows
@@ -177,12 +177,10 @@ class Trainer:
         self.save_dir = Path(cfg.save_dir)
         self.log_file = self.save_dir / "train.jsonl"
         data = Path(cfg.data)
-        manifest_path = data / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path} not found: run `janus prepare` first (--data {cfg.data})")
-        self.manifest = json.loads(manifest_path.read_text())
-        self.vocab_path = data / self.manifest["vocab"]
-        self.vocab = Vocab(self.vocab_path)
+        self.manifest = load_manifest(data)
+        self.vocab = Vocab(data / self.manifest["vocab"])
+        # Embedded in every checkpoint, so a checkpoint alone can decode.
+        self.vocab_bytes = self.vocab.to_bytes()
         self.train_set = Dataset(data, "train")
         self.valid_set = Dataset(data, "valid") if "valid" in self.manifest["splits"] else None
         self.masking = Masking.from_config(cfg)
@@ -269,7 +267,7 @@ class Trainer:
             optimizer=self.optimizer,
             state=state,
             config=config,
-            files={"spm.model": self.vocab_path.read_bytes()},
+            files={"spm.model": self.vocab_bytes},
             keep_last=self.cfg.keep_last,
             is_best=is_best,
         )
@@ -342,11 +340,12 @@ class Trainer:
                 break
             if i % env.world != env.rank:
                 continue
-            counts = counts + Counts.of_batch(b.tgt_lengths, b.masked)
+            own = Counts.of_batch(b.tgt_lengths, b.masked)  # on the host tensors: no device sync
+            counts = counts + own
             ((b, rows),) = self._with_rows([b])
             b, rows = b.to(env.device), rows.to(env.device)
             with self.autocast():
-                _, s = self.loss_module(b.src, b.tgt, b.masked, rows=rows)
+                _, s = self.loss_module(b.src, b.tgt, b.masked, norm=own, rows=rows)
             sums += s
         sums = all_reduce(sums, env)
         counts = Counts.from_tensor(all_reduce(counts.as_tensor().to(env.device), env).cpu())
