@@ -190,3 +190,47 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+DecodeMode = Literal["ar", "nar", "spec"]
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Options of every decoding mode (``janus.fast_generate``, ``janus translate``, ``janus evaluate``).
+
+    Lengths count target tokens without bos and eos; the source length likewise excludes eos.
+    Where the model runs (device, dtype) is decided when it is loaded (``janus.Generator``).
+    """
+
+    mode: str = _doc("ar (beam search, P_AR), nar (mask-predict, P_NAR) or spec (self-speculative)", default="nar")
+    beam_size: int = _doc("ar: beam width (1 = greedy search)", default=5)
+    length_penalty: float = _doc("ar, spec: score = sum(log p) / (tokens + eos) ** length_penalty", default=1.0)
+    max_len_a: float = _doc("at most max_len_a * source_length + max_len_b target tokens", default=1.2)
+    max_len_b: int = _doc("see max_len_a", default=10)
+    min_len: int = _doc("at least this many target tokens", default=1)
+    iterations: int = _doc("nar: T, the number of decoder passes of mask-predict", default=10)
+    length_beam: int = _doc("nar: l, candidates from the l most likely lengths", default=3)
+    rerank: bool = _doc("nar: choose among the l candidates by the model's own P_AR (one more pass)", default=False)
+    draft_iterations: int = _doc("spec: mask-predict passes per NAR draft", default=1)
+    history: bool = _doc("nar: return the chosen candidate's canvas after every pass", default=False)
+    max_batch_size: int = _doc("sentences per batch", default=64)
+    max_batch_tokens: int = _doc("source tokens (padded) per batch; 0 = no limit", default=0)
+    max_source_len: int = _doc("longer sources are truncated with a warning; 0 = the model's limit", default=0)
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        check(self.mode in ("ar", "nar", "spec"), f"mode={self.mode!r}: choose ar, nar or spec")
+        check(self.beam_size >= 1, f"beam_size={self.beam_size} must be >= 1")
+        check(self.iterations >= 1, f"iterations={self.iterations} must be >= 1 (it counts decoder passes)")
+        check(self.length_beam >= 1, f"length_beam={self.length_beam} must be >= 1")
+        check(self.draft_iterations >= 1, f"draft_iterations={self.draft_iterations} must be >= 1")
+        check(self.max_len_a >= 0 and self.max_len_b >= 0, f"max_len_a={self.max_len_a}, max_len_b={self.max_len_b}: "
+              "both must be >= 0")  # fmt: skip
+        check(self.min_len >= 0, f"min_len={self.min_len} must be >= 0")
+        check(self.max_batch_size >= 1, f"max_batch_size={self.max_batch_size} must be >= 1")
+        check(self.max_batch_tokens >= 0, f"max_batch_tokens={self.max_batch_tokens} must be >= 0")
+        check(self.max_source_len >= 0, f"max_source_len={self.max_source_len} must be >= 0")

@@ -132,7 +132,11 @@ def read_lines(path: PathLike) -> tuple[list[str], str]:
     """
     path = Path(path)
     raw = path.read_bytes()
-    digest = hashlib.sha256(raw).hexdigest()
+    return split_lines(raw, str(path)), hashlib.sha256(raw).hexdigest()
+
+
+def split_lines(raw: bytes, name: str) -> list[str]:
+    """Decode UTF-8 bytes into lines like ``read_lines``; ``name`` (a file, "<stdin>") goes in errors."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -141,17 +145,16 @@ def read_lines(path: PathLike) -> tuple[list[str], str]:
         line_no = raw.count(b"\n", 0, e.start) + 1
         line_start = raw.rfind(b"\n", 0, e.start) + 1
         raise ValueError(
-            f"{path}: line {line_no} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+            f"{name}: line {line_no} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte offset {e.start} "
             f"of the file, column {e.start - line_start + 1} of the line: {e.reason}); "
-            f"convert the file to UTF-8 or remove that line from both sides"
+            f"convert the file to UTF-8 or remove that line"
         ) from None
     if text.startswith("\ufeff"):
         text = text[1:]
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the terminator of the last line, not an extra empty line
-    lines = [s[:-1] if s.endswith("\r") else s for s in lines]
-    return lines, digest
+    return [s[:-1] if s.endswith("\r") else s for s in lines]
 
 
 # ====================================================================== prepare

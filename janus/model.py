@@ -26,40 +26,88 @@ from janus.streams import DecoderRows
 
 @dataclass
 class EncoderOut:
-    """Encoder states and their padding."""
+    """Encoder states and their padding.
+
+    When decoding without gradients, each decoder layer's cross-attention keys/values are
+    computed on first use and kept in ``cross``, so every later pass (beam steps,
+    mask-predict passes, verification passes) reuses them.
+    """
 
     states: Tensor  # (B, S, D)
     padding: Tensor  # (B, S) bool, True at pad
-    lengths: Tensor  # (B,) int64, non-pad source tokens
+    lengths: Tensor  # (B,) int64, non-pad source tokens (with eos)
+    cross: list[Optional[tuple[Tensor, Tensor]]] = field(default_factory=list)  # per layer (B, H, S, D/H) x2
+
+    def select(self, index: Tensor) -> "EncoderOut":
+        """The sentences ``index`` (int64 (B',)), in that order, with their cached keys/values."""
+        cross = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross]
+        return EncoderOut(self.states[index], self.padding[index], self.lengths[index], cross)
 
 
 @dataclass
 class LayerCache:
-    """Keys/values of one decoder layer for incremental decoding."""
+    """Keys/values of one decoder layer for incremental decoding.
 
-    self_k: Optional[Tensor] = None  # (B, H, C_so_far, D/H): content rows seen so far
+    Self-attention keys/values live in a buffer whose column j holds the content row
+    written to column j (AR decoding writes position t to column t). The buffer grows
+    by doubling, so appending a step costs no copy of the past.
+    """
+
+    self_k: Optional[Tensor] = None  # (N, H, capacity, D/H), N hypotheses
     self_v: Optional[Tensor] = None
-    cross_k: Optional[Tensor] = None  # (B, H, S, D/H): computed once from the encoder
-    cross_v: Optional[Tensor] = None
+
+    def write(self, k: Tensor, v: Tensor, start: int, columns: Optional[Tensor], width: int) -> tuple[Tensor, Tensor]:
+        """Store new content keys/values and return columns [0, width) of the buffers.
+
+        Args:
+            k, v: (N, H, C, D/H) of the new content rows.
+            start: first column of a contiguous write (used when ``columns`` is None).
+            columns: (N, C) int64 column of each new content row, or None.
+            width: how many columns the caller's visibility covers.
+        """
+        N, H, C, dk = k.shape
+        need = max(width, start + C) if columns is None else max(width, int(columns.max()) + 1 if C else 0)
+        cap = 0 if self.self_k is None else self.self_k.shape[2]
+        if need > cap:
+            new_cap = max(need, 2 * cap, 16)
+            grown_k, grown_v = k.new_empty(N, H, new_cap, dk), v.new_empty(N, H, new_cap, dk)
+            if cap:
+                grown_k[:, :, :cap] = self.self_k
+                grown_v[:, :, :cap] = self.self_v
+            self.self_k, self.self_v = grown_k, grown_v
+        if columns is None:
+            self.self_k[:, :, start : start + C] = k
+            self.self_v[:, :, start : start + C] = v
+        else:
+            index = columns[:, None, :, None].expand(N, H, C, dk)
+            self.self_k.scatter_(2, index, k)
+            self.self_v.scatter_(2, index, v)
+        return self.self_k[:, :, :width], self.self_v[:, :, :width]
 
 
 @dataclass
 class KVCache:
-    """Per-layer caches plus the number of content rows already cached.
+    """Per-layer self-attention caches of incremental decoding, one row per hypothesis.
 
-    Rows of the cache follow the batch dimension; ``reorder`` follows beam search.
+    ``length`` is the number of cache columns in use. (Cross-attention keys/values are
+    kept per sentence on the ``EncoderOut``.)
     """
 
     layers: list[LayerCache] = field(default_factory=list)
     length: int = 0
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (int64 (B',)) of every cached tensor, in that order."""
+    def select(self, hypotheses: Tensor) -> None:
+        """Keep hypothesis rows ``hypotheses`` (int64 (N',)) in that order: beam search reorders
+        them every step, and finished hypotheses leave."""
+        L = self.length
         for c in self.layers:
-            for name in ("self_k", "self_v", "cross_k", "cross_v"):
-                t = getattr(c, name)
-                if t is not None:
-                    setattr(c, name, t.index_select(0, index))
+            if c.self_k is not None:
+                if hypotheses.numel() == c.self_k.shape[0]:
+                    # Same batch size: reorder only the columns in use, in place.
+                    c.self_k[:, :, :L] = c.self_k[hypotheses, :, :L]
+                    c.self_v[:, :, :L] = c.self_v[hypotheses, :, :L]
+                else:
+                    c.self_k, c.self_v = c.self_k[hypotheses], c.self_v[hypotheses]
 
 
 class Attention(nn.Module):
@@ -81,10 +129,18 @@ class Attention(nn.Module):
         return self.split(self.k(kv)), self.split(self.v(kv))
 
     def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """x (B, L, D); k, v (B, H, C, D/H); mask (B, 1|H, L, C) bool (True = attend) or None."""
+        """x (N, L, D); k, v (B, H, C, D/H); mask (B, 1|H, L', C) bool (True = attend) or None.
+
+        N may be a multiple g of B: rows b*g .. b*g+g-1 of ``x`` then share keys/values b
+        (beams of one sentence), and ``mask`` must broadcast over their g*L queries.
+        """
+        N, L, D = x.shape
+        B = k.shape[0]
+        if N != B:
+            x = x.reshape(B, (N // B) * L, D)
         q = self.split(self.q(x))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        return self.out(o.transpose(1, 2).reshape(N, L, D))
 
 
 class FeedForward(nn.Module):
@@ -133,26 +189,22 @@ class DecoderLayer(nn.Module):
         x: Tensor,
         num_content: int,
         self_mask: Optional[Tensor],
-        enc: EncoderOut,
+        cross_kv: tuple[Tensor, Tensor],
         cross_mask: Tensor,
         cache: Optional[LayerCache] = None,
+        cache_start: int = 0,
+        cache_columns: Optional[Tensor] = None,
     ) -> Tensor:
-        """x (B, R, D), the first ``num_content`` rows are content rows; masks (B, 1, R, C|S) bool."""
-        # 1. Keys/values come from content rows only; with a cache, new content rows are appended.
+        """x (N, R, D), the first ``num_content`` rows are content rows; self_mask (N, 1, R, W) and
+        cross_mask (B, 1, 1, S) bool. With a cache, the new content rows are written at
+        ``cache_columns`` (N, C) or from column ``cache_start`` on, and rows see cache columns [0, W)."""
+        # 1. Keys/values come from content rows only; with a cache, they join the cached ones.
         k, v = self.self_attn.project_kv(x[:, :num_content])
         if cache is not None:
-            if cache.self_k is not None:
-                k, v = torch.cat([cache.self_k, k], 2), torch.cat([cache.self_v, v], 2)
-            cache.self_k, cache.self_v = k, v
+            k, v = cache.write(k, v, cache_start, cache_columns, self_mask.shape[-1])
         x = self.norm1(x + self.drop(self.self_attn.attend(x, k, v, self_mask)))
-        # 2. Cross-attention; the encoder's keys/values are computed once per cache.
-        if cache is not None and cache.cross_k is not None:
-            ck, cv = cache.cross_k, cache.cross_v
-        else:
-            ck, cv = self.cross_attn.project_kv(enc.states)
-            if cache is not None:
-                cache.cross_k, cache.cross_v = ck, cv
-        x = self.norm2(x + self.drop(self.cross_attn.attend(x, ck, cv, cross_mask)))
+        # 2. Cross-attention over the encoder's keys/values (B sentences; N = g * B rows).
+        x = self.norm2(x + self.drop(self.cross_attn.attend(x, *cross_kv, cross_mask)))
         # 3. Feed-forward.
         return self.norm3(x + self.drop(self.ffn(x)))
 
@@ -217,6 +269,19 @@ class JanusModel(nn.Module):
         t = tgt_lengths - src_lengths + C // 2 if self.cfg.length_offset else tgt_lengths
         return t.clamp(0, C - 1)
 
+    def length_scores(self, enc: EncoderOut) -> Tensor:
+        """Log-probability of each target length n (with bos and eos), indexed by n: (B, C) fp32.
+
+        In offset mode class c means n = c - C/2 + source length; lengths outside [0, C) get -inf.
+        """
+        lp = F.log_softmax(self.length_logits(enc).float(), dim=-1)  # (B, C) by class
+        if not self.cfg.length_offset:
+            return lp
+        C = self.cfg.length_classes
+        cls = torch.arange(C, device=lp.device)[None, :] - enc.lengths[:, None] + C // 2  # class of each n
+        inside = (cls >= 0) & (cls < C)
+        return torch.where(inside, lp.gather(1, cls.clamp(0, C - 1)), float("-inf"))
+
     def lengths_from_classes(self, classes: Tensor, src_lengths: Tensor) -> Tensor:
         """Inverse of ``length_target``: target lengths n for classes (B, l) given src_lengths (B,)."""
         if self.cfg.length_offset:
@@ -225,11 +290,19 @@ class JanusModel(nn.Module):
 
     # -- decoder -------------------------------------------------------------------------------
     def decode(self, rows: DecoderRows, enc: EncoderOut, cache: Optional[KVCache] = None) -> Tensor:
-        """Run decoder rows through every layer; returns the final hidden states (B, R, D).
+        """Run decoder rows through every layer; returns the final hidden states (N, R, D).
 
-        With ``cache``, the content rows of ``rows`` are appended to the cached ones and
-        ``rows.visibility`` must cover all cached + new content columns (B, R, cache.length + C).
+        ``rows`` may hold g hypotheses per sentence of ``enc`` (N = g * B, hypotheses of one
+        sentence adjacent); they share the sentence's encoder states.
+
+        With ``cache``, the content rows of ``rows`` are written to cache columns
+        ``rows.cache_columns`` (N, C), or appended at ``cache.length`` when that is None, and
+        ``rows.visibility`` (N, R, W) says which of cache columns [0, W) each row sees;
+        ``cache.length`` becomes W.
         """
+        N, B = rows.tokens.shape[0], enc.states.shape[0]
+        if N % max(B, 1):
+            raise ValueError(f"{N} decoder hypotheses do not split evenly over {B} encoded sentences")
         if rows.max_position >= self.cfg.max_target_positions:
             raise ValueError(
                 f"target position {rows.max_position} exceeds max_target_positions={self.cfg.max_target_positions}"
@@ -239,10 +312,21 @@ class JanusModel(nn.Module):
         cross_mask = (~enc.padding)[:, None, None, :]  # (B, 1, 1, S)
         if cache is not None and not cache.layers:
             cache.layers = [LayerCache() for _ in self.decoder]
+        start = 0 if cache is None else cache.length
+        keep_cross = not torch.is_grad_enabled()  # never reuse a graph across training passes
+        if keep_cross and len(enc.cross) != len(self.decoder):
+            enc.cross = [None] * len(self.decoder)
         for i, layer in enumerate(self.decoder):
-            x = layer(x, rows.num_content, self_mask, enc, cross_mask, None if cache is None else cache.layers[i])
+            if keep_cross:
+                if enc.cross[i] is None:
+                    enc.cross[i] = layer.cross_attn.project_kv(enc.states)
+                cross_kv = enc.cross[i]
+            else:
+                cross_kv = layer.cross_attn.project_kv(enc.states)
+            layer_cache = None if cache is None else cache.layers[i]
+            x = layer(x, rows.num_content, self_mask, cross_kv, cross_mask, layer_cache, start, rows.cache_columns)
         if cache is not None:
-            cache.length += rows.num_content
+            cache.length = rows.visibility.shape[-1]
         return x
 
     def project(self, hidden: Tensor) -> Tensor:

@@ -79,6 +79,7 @@ class DecoderRows:
     masked_targets: Optional[Tensor] = None  # (M,) int64 gold tokens at the masked positions
     pair_index: Optional[Tensor] = None  # (M,) index into ar_rows of the AR row with the same target
     masked_sentence: Optional[Tensor] = None  # (M,) int64 sentence of each masked token
+    cache_columns: Optional[Tensor] = None  # (B, C) int64 KV-cache column of each content row (decoding)
 
     @property
     def num_rows(self) -> int:
@@ -258,3 +259,44 @@ def build_ar_step_rows(last: Tensor, step: int, num_cached: int, *, mask: int) -
     ranks = torch.full((B, 2), -1, dtype=torch.long, device=dev)
     vis = torch.ones(B, 2, num_cached + 1, dtype=torch.bool, device=dev)
     return DecoderRows(tokens, positions, kinds, ranks, 1, vis, max_position=step + 1)
+
+
+def build_ar_verify_rows(tokens: Tensor, starts: Tensor, ends: Tensor, *, pad: int, mask: int) -> DecoderRows:
+    """Rows of one cached teacher-forced AR pass over a ragged suffix (speculative verification).
+
+    Hypothesis b has valid cached content rows at columns (= positions) 0 .. starts[b]-1. This
+    pass writes content rows tokens[b, t] for t in starts[b] .. ends[b]-1 at column t, and asks
+    query rows at positions starts[b]+1 .. ends[b], so query q predicts y_q from y_0..y_{q-1}.
+
+    Args:
+        tokens: (B, L) int64 sequences, [bos, accepted prefix, draft ...]; only columns < ends are read.
+        starts, ends: (B,) int64, 0 <= starts < ends < L.
+    Returns:
+        DecoderRows with C = max(ends - starts) content rows then C query rows (pad rows where a
+        hypothesis has fewer), ``cache_columns`` (B, C) and visibility (B, 2C, W) over cache
+        columns, W = max(starts) + C. Pad content rows write to columns past their hypothesis'
+        ends, which no query of this pass sees and a later pass overwrites before use.
+    """
+    B = tokens.shape[0]
+    dev = tokens.device
+    counts = ends - starts  # (B,)
+    C = int(counts.max()) if B else 0
+    j = torch.arange(C, device=dev).expand(B, C)
+    real = j < counts[:, None]  # (B, C)
+    columns = starts[:, None] + j  # (B, C)
+    content_tok = torch.where(real, tokens.gather(1, columns.clamp_max(tokens.shape[1] - 1)), pad)
+    content_pos = torch.where(real, columns, 0)
+    query_pos = torch.where(real, columns + 1, 0)
+    K = RowKind
+    kinds = torch.cat([torch.where(real, K.AR_C, K.PAD), torch.where(real, K.AR_Q, K.PAD)], 1).long()
+    positions = torch.cat([content_pos, query_pos], 1)
+    row_tokens = torch.cat([content_tok, torch.where(real, mask, pad)], 1)
+    W = (int(starts.max()) + C) if B else 0
+    col = torch.arange(W, device=dev)
+    # A content row at t sees columns <= t; a query row at q sees columns < q; pad rows see column 0.
+    limit = torch.cat([content_pos + 1, query_pos], 1)  # (B, 2C): columns below the limit are seen
+    vis = col[None, None, :] < limit[:, :, None]
+    vis[:, :, 0] |= kinds == K.PAD
+    ranks = torch.full_like(row_tokens, -1)
+    max_position = int(ends.max()) if B else 0
+    return DecoderRows(row_tokens, positions, kinds, ranks, C, vis, max_position=max_position, cache_columns=columns)

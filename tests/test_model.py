@@ -78,9 +78,14 @@ def test_cached_incremental_ar_equals_full_pass():
             steps.append(m.decode(step, enc, cache)[:, 1])
         assert cache.length == n - 1
         torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-5, atol=1e-5)
-        # reorder follows beam search
-        cache.reorder(torch.tensor([2, 0]))
-        assert cache.layers[0].self_k.shape[0] == 2 and cache.layers[0].cross_k.shape[0] == 2
+        # select follows beam search: hypotheses reorder, finished sentences leave
+        kept = cache.layers[0].self_k[[2, 0], :, : n - 1].clone()
+        cache.select(torch.tensor([2, 0]))
+        assert cache.layers[0].self_k.shape[0] == 2
+        assert enc.cross[0] is not None and enc.select(torch.tensor([2, 0])).cross[0][0].shape[0] == 2
+        torch.testing.assert_close(cache.layers[0].self_k[:, :, : n - 1], kept, rtol=0, atol=0)
+        cache.select(torch.tensor([1, 1]))  # same size: reordered in place
+        torch.testing.assert_close(cache.layers[0].self_k[:, :, : n - 1], kept[[1, 1]], rtol=0, atol=0)
 
 
 def test_position_limit_is_a_clear_error():

@@ -12,6 +12,22 @@ from janus.ops._dispatch import BackendUnavailable, registry
 # Every op module that registers with the dispatch is imported here, so that
 # registry() (and python -m janus.info) lists it. Add new ones to this list.
 from janus.ops.janus_loss import janus_loss, janus_loss_ref
+from janus.ops.length_beam_init import length_beam_init, length_beam_init_ref
+from janus.ops.mask_predict_update import mask_predict_update, mask_predict_update_ref
 from janus.ops.pad_batch import pad_batch, pad_batch_ref
+from janus.ops.remask_lowest import remask_lowest, remask_lowest_ref
 
-__all__ = ["BackendUnavailable", "janus_loss", "janus_loss_ref", "pad_batch", "pad_batch_ref", "registry"]
+__all__ = [
+    "BackendUnavailable",
+    "janus_loss",
+    "janus_loss_ref",
+    "length_beam_init",
+    "length_beam_init_ref",
+    "mask_predict_update",
+    "mask_predict_update_ref",
+    "pad_batch",
+    "pad_batch_ref",
+    "registry",
+    "remask_lowest",
+    "remask_lowest_ref",
+]
