@@ -70,7 +70,9 @@ class LayerCache:
         cap = 0 if self.self_k is None else self.self_k.shape[2]
         if need > cap:
             new_cap = max(need, 2 * cap, 16)
-            grown_k, grown_v = k.new_empty(N, H, new_cap, dk), v.new_empty(N, H, new_cap, dk)
+            # Zeros, not empty: a column no row sees still enters attention with weight 0, and
+            # uninitialised memory may hold NaN, which survives multiplication by 0.
+            grown_k, grown_v = k.new_zeros(N, H, new_cap, dk), v.new_zeros(N, H, new_cap, dk)
             if cap:
                 grown_k[:, :, :cap] = self.self_k
                 grown_v[:, :, :cap] = self.self_v

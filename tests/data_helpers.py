@@ -45,3 +45,31 @@ def write_corpus(folder: Path, splits: dict[str, list[tuple[str, str]]], src: st
         write_text(folder / f"{name}.{src}", [s for s, _ in pairs])
         write_text(folder / f"{name}.{tgt}", [t for _, t in pairs])
     return folder
+
+
+CONSONANTS, VOWELS = "bdklmnprst", "aeiou"
+
+
+def make_mapping_pairs(n: int, seed: int, words: int = 12, min_words: int = 2, max_words: int = 7):
+    """``n`` pairs of a word-for-word code: ``words`` source words map to ``words`` other target
+    words, in order. Words are two consonant-vowel syllables; ``mapping_vocab_size(words)`` is the
+    vocabulary size at which sentencepiece keeps every word as one piece."""
+    rng = np.random.default_rng(12345)
+    found: list[str] = []
+    while len(found) < 2 * words:
+        w = "".join(str(rng.choice(list(CONSONANTS))) + str(rng.choice(list(VOWELS))) for _ in range(2))
+        if w not in found:
+            found.append(w)
+    src_words, tgt_words = found[:words], found[words:]
+    r = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        k = int(r.integers(min_words, max_words + 1))
+        w = r.integers(0, words, size=k)
+        pairs.append((" ".join(src_words[i] for i in w), " ".join(tgt_words[i] for i in w)))
+    return pairs
+
+
+def mapping_vocab_size(words: int = 12) -> int:
+    """5 specials + the word-boundary piece + every letter + every word."""
+    return 5 + 1 + len(CONSONANTS) + len(VOWELS) + 2 * words

@@ -1,0 +1,339 @@
+"""Decoding: AR greedy/beam search, mask-predict, self-speculative decoding (JANUS.md section 4)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from janus.config import preset
+from janus.decoding import beam_search, greedy_search, mask_predict, speculative_decode
+from janus.decoding.beam_search import next_token_logprobs
+from janus.decoding.mask_predict import ar_mean_logprob, remask_counts
+from janus.model import JanusModel, KVCache
+from janus.ops import length_beam_init
+from janus.streams import build_ar_verify_rows, build_canvas_rows, build_training_rows
+
+PAD, BOS, EOS, UNK, MASK = 0, 1, 2, 3, 4
+
+
+def random_model(seed: int, vocab: int = 40, eos_bias: float = 0.0, **overrides) -> JanusModel:
+    """A random tiny model with peaked outputs (so searches disagree); ``eos_bias`` is added to
+    the eos logit of every AR prediction, to make outputs end sooner or later."""
+    torch.manual_seed(seed)
+    m = JanusModel(preset("tiny", vocab_size=vocab, dropout=0.0, **overrides)).eval()
+    with torch.no_grad():
+        m.embed.weight.mul_(15)
+    if eos_bias:
+        bias = torch.zeros(vocab)
+        bias[EOS] = eos_bias
+        m.project = lambda hidden: F.linear(hidden, m.embed.weight) + bias
+    return m
+
+
+def random_sources(seed: int, batch: int, vocab: int = 40, lo: int = 2, hi: int = 9) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (batch,), generator=g)
+    src = torch.full((batch, int(lengths.max()) + 1), PAD)
+    for b, n in enumerate(lengths.tolist()):
+        src[b, :n] = torch.randint(5, vocab, (n,), generator=g)
+        src[b, n] = EOS
+    return src
+
+
+def canvas_limit(src: torch.Tensor) -> torch.Tensor:
+    """The longest canvas (with bos, eos) of the default limits: floor(1.2 * source + 10) + 2."""
+    return torch.floor(((src != PAD).sum(1) - 1) * 1.2 + 10 + 1e-9).long() + 2
+
+
+def varied_model(seed: int) -> JanusModel:
+    """A random model whose greedy outputs end at different lengths (eos tuned until they do)."""
+    src = random_sources(seed, 8)
+    for bias in (0.0, 5.0, 10.0, 15.0, 20.0, 30.0):
+        m = random_model(seed, eos_bias=bias)
+        lengths = {len(h.ids) for h in greedy_search(m, src, max_len_a=1.0, max_len_b=6)}
+        if len(lengths) >= 3:
+            return m
+    raise AssertionError("no eos bias gave varied output lengths")
+
+
+# ---------------------------------------------------------------------------------------- AR
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cached_search_equals_recomputation(seed):
+    m = varied_model(seed)
+    src = random_sources(seed + 10, 6)
+    for search, kw in ((greedy_search, {}), (beam_search, {"beam": 4})):
+        cached = search(m, src, max_len_a=1.0, max_len_b=6, **kw)
+        full = search(m, src, max_len_a=1.0, max_len_b=6, use_cache=False, **kw)
+        assert [h.ids for h in cached] == [h.ids for h in full]
+        for a, b in zip(cached, full, strict=True):
+            assert math.isclose(a.score, b.score, rel_tol=1e-5, abs_tol=1e-5)
+            assert a.passes == b.passes
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_beam_one_is_greedy(seed):
+    m = varied_model(seed)
+    src = random_sources(seed, 10)
+    for lp in (0.0, 1.0):
+        g = greedy_search(m, src, length_penalty=lp, max_len_a=1.0, max_len_b=6)
+        b = beam_search(m, src, beam=1, length_penalty=lp, max_len_a=1.0, max_len_b=6)
+        assert [h.ids for h in g] == [h.ids for h in b]
+        assert all(math.isclose(x.score, y.score, rel_tol=1e-6, abs_tol=1e-6) for x, y in zip(g, b, strict=True))
+        assert [h.passes for h in g] == [len(h.ids) + 1 for h in g]
+
+
+def sequence_logprob(m: JanusModel, src: torch.Tensor, words: tuple[int, ...]) -> float:
+    """log P_AR(words + eos | src) by one teacher-forced pass (no search involved)."""
+    tgt = torch.tensor([[BOS, *words, EOS]])
+    with torch.no_grad():
+        rows = build_training_rows(tgt, None, pad=PAD, mask=MASK, ar=True, nar=False, aux=False)
+        h = m.decode(rows, m.encode(src)).flatten(0, 1)[rows.ar_rows]
+        logp = F.log_softmax(m.project(h).float(), -1)
+    return float(logp.gather(1, rows.ar_targets[:, None]).sum())
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+def test_wide_beam_finds_the_exhaustive_optimum(length_penalty):
+    """With a beam wider than every prefix set, beam search returns the best of ALL sequences."""
+    vocab, max_len = 8, 3  # words 5, 6, 7
+    m = random_model(4, vocab=vocab)
+    for s in range(3):
+        src = random_sources(s, 1, vocab=vocab)
+        best = max(
+            (
+                sequence_logprob(m, src, w) / (len(w) + 1) ** length_penalty,
+                w,
+            )
+            for n in range(1, max_len + 1)
+            for w in itertools.product(range(5, vocab), repeat=n)
+        )
+        h = beam_search(m, src, beam=64, length_penalty=length_penalty, max_len_a=0.0, max_len_b=max_len)[0]
+        assert tuple(h.ids) == best[1]
+        assert math.isclose(h.score, best[0], rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_length_limits_and_forced_lengths():
+    m = random_model(5, eos_bias=-1e4)  # eos unlikely: outputs run to the maximum
+    src = random_sources(5, 5)
+    src_len = (src != PAD).sum(1) - 1
+    for decode in (greedy_search, beam_search, speculative_decode):
+        hyps = decode(m, src, max_len_a=0.5, max_len_b=2)
+        assert [len(h.ids) for h in hyps] == torch.floor(src_len * 0.5 + 2).long().tolist()
+    eager = random_model(5, eos_bias=1e4)  # eos very likely: min_len must hold it back
+    for decode in (greedy_search, beam_search, speculative_decode):
+        assert all(len(h.ids) >= 3 for h in decode(eager, src, min_len=3))
+    wanted = torch.tensor([1, 4, 2, 7, 3])
+    for decode in (greedy_search, beam_search, speculative_decode, mask_predict):
+        kw = {"length_beam": 1} if decode is mask_predict else {}
+        assert [len(h.ids) for h in decode(m, src, target_lengths=wanted, **kw)] == wanted.tolist()
+
+
+@pytest.mark.parametrize("decode", ["greedy", "beam", "nar", "spec"])
+def test_batched_equals_one_by_one(decode):
+    """Finished sentences leave the batch without disturbing the others."""
+    m = varied_model(6)
+    src = random_sources(7, 7)
+    fn = {
+        "greedy": lambda s: greedy_search(m, s, max_len_a=1.0, max_len_b=6),
+        "beam": lambda s: beam_search(m, s, beam=3, max_len_a=1.0, max_len_b=6),
+        "nar": lambda s: mask_predict(m, s, iterations=3, length_beam=2),
+        "spec": lambda s: speculative_decode(m, s, max_len_a=1.0, max_len_b=6),
+    }[decode]
+    together = fn(src)
+    for b in range(src.shape[0]):
+        row = src[b : b + 1, : int((src[b] != PAD).sum())]
+        alone = fn(row)[0]
+        assert alone.ids == together[b].ids
+        assert math.isclose(alone.score, together[b].score, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_decoding_runs_in_eval_and_inference_mode_and_restores_training():
+    m = random_model(8)
+    m.cfg = preset("tiny", vocab_size=40, dropout=0.5)  # a training model would drop out
+    src = random_sources(8, 3)
+    seen = []
+    original = m.decode
+
+    def spy(*args, **kwargs):
+        seen.append((m.training, torch.is_inference_mode_enabled()))
+        return original(*args, **kwargs)
+
+    m.decode = spy
+    m.train()
+    out = [greedy_search(m, src).copy(), mask_predict(m, src), speculative_decode(m, src)]
+    assert m.training
+    assert seen and all(s == (False, True) for s in seen)
+    m.eval()
+    again = [greedy_search(m, src), mask_predict(m, src), speculative_decode(m, src)]
+    assert [[h.ids for h in x] for x in out] == [[h.ids for h in x] for x in again]
+
+
+# -------------------------------------------------------------------------------- mask-predict
+
+
+def test_one_pass_is_one_argmax_pass():
+    m = random_model(9)
+    src = random_sources(9, 4)
+    hyps = mask_predict(m, src, iterations=1, length_beam=1)
+    with torch.no_grad():
+        enc = m.encode(src)
+        canvas, lengths = length_beam_init(m.length_scores(enc), 1, 3, canvas_limit(src), BOS, EOS, MASK, PAD)
+        hidden = m.decode(build_canvas_rows(canvas, pad=PAD), enc)
+        logp = F.log_softmax(m.project(hidden).float(), -1)
+        logp[..., [PAD, BOS, EOS, MASK]] = float("-inf")
+        best, tok = logp.max(-1)
+    for b, h in enumerate(hyps):
+        n = int(lengths[b])
+        assert h.ids == tok[b, 1 : n - 1].tolist()
+        assert h.passes == 1
+        assert math.isclose(h.score, float(best[b, 1 : n - 1].mean()), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("T", [2, 3, 10])
+def test_remask_counts_follow_the_formula_and_history_has_every_canvas(T):
+    m = random_model(10)
+    src = random_sources(10, 5, lo=6, hi=14)
+    hyps = mask_predict(m, src, iterations=T, length_beam=2, history=True)
+    for h in hyps:
+        L = len(h.ids) + 2
+        assert len(h.history) == T
+        for t, step in enumerate(h.history):
+            assert step.tokens[0] == BOS and step.tokens[-1] == EOS and MASK not in step.tokens
+            expected = (L - 2) * (T - 1 - t) // T if t < T - 1 else 0
+            assert len(step.remasked) == expected == int(remask_counts(torch.tensor(L), t, T))
+            # the re-masked tokens are the lowest-scoring ones of that canvas
+            inner = sorted(range(1, L - 1), key=lambda p: (step.scores[p], p))
+            assert sorted(step.remasked) == sorted(inner[:expected])
+            if t > 0:  # only re-masked slots change
+                before = h.history[t - 1]
+                changed = [p for p in range(L) if step.tokens[p] != before.tokens[p]]
+                assert set(changed) <= set(before.remasked)
+        assert h.history[-1].tokens == [BOS, *h.ids, EOS]
+    assert all(h.history is None for h in mask_predict(m, src, iterations=T))
+
+
+def test_candidate_choice_and_rerank():
+    m = random_model(11)
+    src = random_sources(11, 4)
+    k, T = 3, 4
+    chosen = mask_predict(m, src, iterations=T, length_beam=k)
+    reranked = mask_predict(m, src, iterations=T, length_beam=k, rerank=True)
+    with torch.no_grad():
+        enc = m.encode(src)
+        _, lengths = length_beam_init(m.length_scores(enc), k, 3, canvas_limit(src), BOS, EOS, MASK, PAD)
+    lengths = lengths.view(-1, k) - 2
+    for b in range(src.shape[0]):
+        row = src[b : b + 1]
+        cands = [
+            mask_predict(m, row, iterations=T, length_beam=1, target_lengths=lengths[b, i : i + 1])[0] for i in range(k)
+        ]
+        best = max(range(k), key=lambda i: (cands[i].score, -i))
+        assert chosen[b].ids == cands[best].ids
+        assert chosen[b].passes == T and reranked[b].passes == T + 1
+        with torch.no_grad():
+            ar = [sequence_logprob(m, row, tuple(c.ids)) / (len(c.ids) + 1) for c in cands]
+        assert reranked[b].ids == cands[max(range(k), key=lambda i: (ar[i], -i))].ids
+        assert math.isclose(reranked[b].score, max(ar), rel_tol=1e-4)
+
+
+def test_ar_mean_logprob_matches_per_sequence_scoring():
+    m = random_model(12)
+    src = random_sources(12, 2)
+    tokens = torch.tensor(
+        [[BOS, 7, 8, 9, EOS], [BOS, 5, EOS, PAD, PAD], [BOS, 6, 6, EOS, PAD], [BOS, 9, EOS, PAD, PAD]]
+    )
+    with torch.no_grad():
+        got = ar_mean_logprob(m, m.encode(src), tokens)  # two candidates per sentence
+    for r in range(4):
+        words = tuple(t for t in tokens[r].tolist() if t not in (PAD, BOS, EOS))
+        want = sequence_logprob(m, src[r // 2 : r // 2 + 1], words) / (len(words) + 1)
+        assert math.isclose(float(got[r]), want, rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------------------- speculative
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_speculative_equals_greedy_on_random_models(seed):
+    m = varied_model(seed)
+    src = random_sources(seed + 20, 12)
+    g = greedy_search(m, src, max_len_a=1.0, max_len_b=6)
+    for draft in (1, 2):
+        s = speculative_decode(m, src, draft_iterations=draft, max_len_a=1.0, max_len_b=6)
+        assert [h.ids for h in s] == [h.ids for h in g]
+        assert all(math.isclose(a.score, b.score, rel_tol=1e-5, abs_tol=1e-5) for a, b in zip(s, g, strict=True))
+        # each round accepts at least one token: never more verification passes than greedy steps
+        assert all(h.passes <= (draft + 1) * b.passes for h, b in zip(s, g, strict=True))
+
+
+def test_verification_rows_reproduce_the_full_pass():
+    """Ragged cached AR passes (rejected content rows overwritten) equal one full teacher-forced pass."""
+    m = random_model(13)
+    src = random_sources(13, 3)
+    tgt = torch.tensor([[BOS, 7, 8, 9, 10, 11, EOS], [BOS, 5, 6, EOS, PAD, PAD, PAD], [BOS, 9, 9, 9, 9, EOS, PAD]])
+    with torch.no_grad():
+        enc = m.encode(src)
+        rows = build_training_rows(tgt, None, pad=PAD, mask=MASK, ar=True, nar=False, aux=False)
+        full = m.decode(rows, enc)[:, rows.num_content :]  # (3, T-1, D) query rows at positions 1..
+        cache = KVCache()
+        # pass 1 writes junk drafts past position 2, pass 2 rewrites from there with the real tokens
+        junk = tgt.clone()
+        junk[:, 3:] = 20
+        first = build_ar_verify_rows(junk, torch.tensor([0, 0, 0]), torch.tensor([5, 3, 5]), pad=PAD, mask=MASK)
+        m.decode(first, enc, cache)
+        starts, ends = torch.tensor([2, 1, 3]), torch.tensor([6, 3, 5])
+        second = build_ar_verify_rows(tgt, starts, ends, pad=PAD, mask=MASK)
+        out = m.decode(second, enc, cache)[:, second.num_content :]
+    for b in range(3):
+        for j in range(int(ends[b] - starts[b])):
+            q = int(starts[b]) + 1 + j  # query position; full pass row q-1
+            torch.testing.assert_close(out[b, j], full[b, q - 1], rtol=1e-5, atol=1e-5)
+
+
+def test_next_token_logprobs_cache_matches_recomputation():
+    m = random_model(14)
+    src = random_sources(14, 2)
+    tokens = torch.tensor([[BOS, 7, 8, 9], [BOS, 5, 6, 7]])
+    with torch.no_grad():
+        enc = m.encode(src)
+        cache = KVCache()
+        for step in range(4):
+            a = next_token_logprobs(m, enc, tokens, step, cache)
+            b = next_token_logprobs(m, enc, tokens, step, None)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------- the trained tiny model
+
+
+def exact(hyps, refs) -> float:
+    return sum(h.text == r for h, r in zip(hyps, refs, strict=True)) / len(refs)
+
+
+def test_trained_model_decodes_the_learned_outputs(synthetic_model):
+    import sacrebleu
+
+    from janus.api import Generator
+
+    gen = Generator.from_checkpoint(synthetic_model.checkpoint, device="cpu")
+    src, ref = synthetic_model.test_src, synthetic_model.test_ref
+    greedy = gen.generate(src, mode="ar", beam_size=1)
+    beam = gen.generate(src, mode="ar", beam_size=5)
+    spec = gen.generate(src, mode="spec")
+    nar = gen.generate(src, mode="nar", iterations=10, length_beam=3, rerank=True)
+    nar_plain = gen.generate(src, mode="nar", iterations=4, length_beam=1)
+    assert exact(greedy, ref) >= 0.95
+    assert exact(beam, ref) >= 0.95
+    assert exact(nar, ref) >= 0.9
+    assert sacrebleu.corpus_bleu([h.text for h in nar_plain], [ref]).score >= 60
+    # speculative decoding is greedy decoding, in far fewer sequential passes
+    assert [h.ids for h in spec] == [h.ids for h in greedy]
+    mean_spec = sum(h.passes for h in spec) / len(spec)
+    mean_greedy = sum(h.passes for h in greedy) / len(greedy)
+    assert mean_spec < 0.6 * mean_greedy, (mean_spec, mean_greedy)
