@@ -1,0 +1,95 @@
+"""janus.fast_generate and Generator: inputs, batching, order, empty and over-long sources."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import janus
+from janus.api import Generator, make_decode_batches
+from janus.config import DecodeConfig, preset
+from janus.model import JanusModel
+
+EOS, PAD = 2, 0
+
+
+def test_text_ids_and_tensor_inputs_agree_and_order_is_restored(synthetic_model):
+    gen = Generator.from_checkpoint(synthetic_model.checkpoint, device="cpu")
+    src = synthetic_model.test_src[:17]
+    by_text = janus.fast_generate(gen, src, mode="ar", beam_size=1, max_batch_size=4)
+    ids = gen.encode(src)
+    by_ids = janus.fast_generate(gen, ids, mode="ar", beam_size=1, max_batch_size=4)
+    width = max(map(len, ids))
+    tensor = torch.tensor([s + [PAD] * (width - len(s)) for s in ids])
+    by_tensor = janus.fast_generate(gen, tensor, mode="ar", beam_size=1)
+    with_eos = janus.fast_generate(gen, [s + [EOS] for s in ids], mode="ar", beam_size=1)
+    one_by_one = [janus.fast_generate(gen, [s], mode="ar", beam_size=1)[0] for s in src]
+    for hyps in (by_ids, by_tensor, with_eos, one_by_one):
+        assert [h.ids for h in hyps] == [h.ids for h in by_text]
+    assert [h.text for h in by_text] == synthetic_model.test_ref[:17]
+    assert all(h.text == gen.vocab.decode(h.ids) for h in by_text)
+
+
+def test_checkpoint_path_and_every_mode(synthetic_model):
+    src, ref = synthetic_model.test_src[:10], synthetic_model.test_ref[:10]
+    for mode, kw in (("ar", {}), ("nar", {"rerank": True}), ("spec", {})):
+        hyps = janus.fast_generate(synthetic_model.checkpoint, src, mode=mode, device="cpu", **kw)
+        assert sum(h.text == r for h, r in zip(hyps, ref, strict=True)) >= 9, mode
+        assert all(h.passes >= 1 for h in hyps)
+    # a training folder resolves to its latest checkpoint
+    run_dir = synthetic_model.checkpoint.parent
+    same = janus.fast_generate(run_dir, src, mode="ar", device="cpu")
+    assert [h.text for h in same] == [h.text for h in janus.fast_generate(synthetic_model.checkpoint, src, mode="ar")]
+
+
+def test_empty_sources_and_truncation(synthetic_model):
+    gen = Generator.from_checkpoint(synthetic_model.checkpoint, device="cpu")
+    sentence = synthetic_model.test_src[0]
+    long = " ".join([sentence] * 5)
+    with pytest.warns(UserWarning, match=r"source 2 has \d+ tokens; truncated to the first 6"):
+        hyps = gen.generate(["", sentence, long, "   "], mode="ar", beam_size=1, max_source_len=6)
+    assert hyps[0].ids == [] and hyps[0].text == "" and hyps[0].passes == 0
+    assert hyps[1].text == synthetic_model.test_ref[0]
+    assert len(hyps[2].ids) <= int(6 * 1.2 + 10)
+    assert hyps[3].ids == [] and hyps[3].passes == 0  # whitespace encodes to nothing
+
+
+def test_bad_input_is_a_clear_error():
+    model = JanusModel(preset("tiny", vocab_size=30))
+    with pytest.raises(ValueError, match="text sources need a vocabulary"):
+        janus.fast_generate(model, ["hello"])
+    with pytest.raises(ValueError, match="source 1: id 99 is outside the vocabulary"):
+        janus.fast_generate(model, [[5, 6], [99]])
+    with pytest.raises(ValueError, match="mode='fast'"):
+        janus.fast_generate(model, [[5, 6]], mode="fast")
+    with pytest.raises(ValueError, match="iterations=0"):
+        DecodeConfig(iterations=0)
+    with pytest.raises(FileNotFoundError):
+        janus.fast_generate("/nonexistent/checkpoint", ["x"])
+    # a bare model decodes ids without a vocabulary; text stays None
+    hyps = janus.fast_generate(model, [[5, 6, 7]], mode="nar", iterations=2)
+    assert hyps[0].text is None and hyps[0].passes == 2
+
+
+def test_batches_respect_size_and_token_limits():
+    lengths = [5, 1, 9, 3, 9, 2, 7]
+    opts = DecodeConfig(max_batch_size=3)
+    batches = make_decode_batches(lengths, opts)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) <= 3 for b in batches)
+    assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
+    tight = make_decode_batches(lengths, dataclasses.replace(opts, max_batch_tokens=18))
+    assert all(len(b) * max(lengths[i] for i in b) <= 18 or len(b) == 1 for b in tight)
+
+
+def test_dtype_and_device_resolution():
+    from janus.api import resolve_device, resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype='half'"):
+        resolve_dtype("half", cpu)
+    assert resolve_device("cpu") == cpu
