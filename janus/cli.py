@@ -1,4 +1,4 @@
-"""The ``janus`` command line: prepare, train, average.
+"""The ``janus`` command line: prepare, train, average, translate, evaluate.
 
 Flags are generated from the config dataclasses (``janus.config``), so every
 option and its default is documented once, on the dataclass field.
@@ -11,11 +11,12 @@ import dataclasses
 import json
 import os
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from janus.config import ModelConfig, PrepareConfig, TrainConfig
+from janus.config import DecodeConfig, ModelConfig, PrepareConfig, TrainConfig
 
 # ModelConfig fields not offered as overrides: the vocabulary decides these, and dropout is
 # TrainConfig.dropout.
@@ -26,14 +27,17 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_dataclass_args(parser: argparse._ActionsContainer, cls: type, *, optional: bool = False) -> None:
+def add_dataclass_args(
+    parser: argparse._ActionsContainer, cls: type, *, optional: bool = False, exclude: frozenset[str] = frozenset()
+) -> None:
     """Add one ``--field-name`` flag per field of dataclass ``cls`` (help = the field's doc).
 
     With ``optional`` every default is None (the flag overrides something else only when given).
+    Fields named in ``exclude`` get no flag.
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in _MODEL_FIXED and cls is ModelConfig:
+        if (f.name in _MODEL_FIXED and cls is ModelConfig) or f.name in exclude:
             continue
         typ = hints[f.name]
         default = None if optional else f.default
@@ -82,7 +86,48 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--last", type=int, default=5, help="how many of the newest checkpoints (default: 5)")
     ap.add_argument("--inputs", nargs="*", default=None, help="explicit checkpoint folders instead of --last")
     ap.add_argument("--output", required=True, help="output folder of the averaged checkpoint")
+
+    xp = sub.add_parser(
+        "translate",
+        help="decode raw text, one sentence per line, in any mode",
+        description="Decode one sentence per input line into one output line, in input order. Empty and "
+        "whitespace-only lines give empty lines; over-long lines are truncated with a warning.",
+    )
+    _add_model_args(xp)
+    xp.add_argument("--input", default="-", help="UTF-8 text, one sentence per line (default: -, stdin)")
+    xp.add_argument("--output", default="-", help="hypotheses, one per line (default: -, stdout)")
+    xp.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=False, help="tqdm bar on stderr (default: off)"
+    )
+    add_dataclass_args(xp.add_argument_group("decoding"), DecodeConfig)
+
+    ep = sub.add_parser(
+        "evaluate",
+        help="decode a test set in several modes and score it with sacreBLEU (BLEU, chrF)",
+        description="Decode --src in every mode of --modes with the same options, time it, and score the "
+        "hypotheses against --ref with sacreBLEU BLEU and chrF.",
+    )
+    _add_model_args(ep)
+    ep.add_argument("--src", required=True, help="source text, one sentence per line")
+    ep.add_argument("--ref", required=True, help="reference text, aligned line by line with --src")
+    ep.add_argument("--modes", default="ar,nar", help="comma-separated modes from ar, nar, spec (default: ar,nar)")
+    ep.add_argument("--output-json", default=None, help="write the scores, settings and timings to this JSON file")
+    ep.add_argument("--hyp-prefix", default=None, help="write the hypotheses of each mode to PREFIX.<mode>")
+    ep.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=False, help="tqdm bar on stderr (default: off)"
+    )
+    add_dataclass_args(ep.add_argument_group("decoding (every mode)"), DecodeConfig, exclude=frozenset({"mode"}))
     return p
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder, averaged folder, or training folder (its latest)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -126,7 +171,175 @@ def _run(args: argparse.Namespace) -> int:
         paths = [Path(x) for x in args.inputs] if args.inputs else last_checkpoints(Path(args.save_dir), args.last)
         out = average_checkpoints(paths, Path(args.output))
         print(f"averaged {len(paths)} checkpoints -> {out}")
+    elif args.command == "translate":
+        _translate(args)
+    elif args.command == "evaluate":
+        _evaluate(args)
     return 0
+
+
+# ====================================================================== translate / evaluate
+
+_MODES = ("ar", "nar", "spec")
+
+
+def _load_generator(args: argparse.Namespace) -> Any:
+    from janus.api import Generator
+
+    gen = Generator.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+    if gen.vocab is None:
+        raise ValueError(f"{args.checkpoint}: no vocabulary (spm.model) beside the checkpoint; text needs one")
+    return gen
+
+
+def _encode_lines(gen: Any, lines: Sequence[str], options: DecodeConfig, name: str, command: str) -> list[list[int]]:
+    """Source ids per line: empty for empty or whitespace-only lines (never decoded), truncated to
+    ``gen.source_limit(options)`` tokens with a warning on stderr naming the line."""
+    limit = gen.source_limit(options)
+    index = [i for i, line in enumerate(lines) if line.strip()]
+    ids: list[list[int]] = [[] for _ in lines]
+    for i, encoded in zip(index, gen.encode([lines[i] for i in index]) if index else []):
+        if len(encoded) > limit:
+            print(
+                f"janus {command}: warning: {name}: line {i + 1} has {len(encoded)} tokens; "
+                f"truncated to the first {limit}",
+                file=sys.stderr,
+            )
+            encoded = encoded[:limit]
+        ids[i] = encoded
+    return ids
+
+
+def _one_line(text: Optional[str]) -> str:
+    """A hypothesis as exactly one output line."""
+    return (text or "").replace("\r", " ").replace("\n", " ")
+
+
+def _translate(args: argparse.Namespace) -> None:
+    from janus.data import atomic_write, read_lines, split_lines
+
+    options = dataclass_from_args(DecodeConfig, args)
+    lines = None
+    if args.input != "-":
+        lines = read_lines(args.input)[0]  # bad input fails before the model is loaded
+    gen = _load_generator(args)
+    if lines is None:
+        lines = split_lines(sys.stdin.buffer.read(), "<stdin>")
+    name = "<stdin>" if args.input == "-" else args.input
+    ids = _encode_lines(gen, lines, options, name, "translate")
+    hyps = gen.generate(ids, options, progress=args.progress) if ids else []
+    out = [_one_line(h.text) for h in hyps]
+    if args.output == "-":
+        if out:
+            print("\n".join(out))
+    else:
+        atomic_write(args.output, "".join(line + "\n" for line in out))
+
+
+def _parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in _MODES]
+    if not modes or bad:
+        raise ValueError(f"--modes {text!r}: give a comma-separated list from {', '.join(_MODES)}")
+    return list(dict.fromkeys(modes))  # in order, without repeats
+
+
+def _mode_settings(options: DecodeConfig) -> str:
+    """The options that matter for ``options.mode``, shortly (the table's settings column)."""
+    if options.mode == "ar":
+        text = f"beam {options.beam_size}"
+    elif options.mode == "nar":
+        text = f"T={options.iterations} l={options.length_beam}" + (" rerank" if options.rerank else "")
+    else:
+        text = f"draft {options.draft_iterations}"
+    if options.mode != "nar" and options.length_penalty != 1.0:
+        text += f" lp {options.length_penalty:g}"
+    return text
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import sacrebleu
+    import torch
+    from sacrebleu.metrics import BLEU, CHRF
+
+    import janus
+    from janus.data import atomic_write, read_lines
+
+    modes = _parse_modes(args.modes)
+    base = dataclass_from_args(DecodeConfig, args)
+    src, _ = read_lines(args.src)
+    ref, _ = read_lines(args.ref)
+    if len(src) != len(ref):
+        raise ValueError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}; they must be aligned")
+    if not src:
+        raise ValueError(f"{args.src} is empty: nothing to evaluate")
+    gen = _load_generator(args)
+    ids = _encode_lines(gen, src, base, args.src, "evaluate")
+    warmup = [s for s in ids if s][:1]
+
+    results: dict[str, dict[str, Any]] = {}
+    signatures: dict[str, str] = {}
+    for mode in modes:
+        options = dataclasses.replace(base, mode=mode)
+        if warmup:  # first-call costs (allocations, kernel selection) stay out of the timing
+            gen.generate(warmup, options)
+        start = time.perf_counter()
+        hyps = gen.generate(ids, options, progress=args.progress)
+        seconds = time.perf_counter() - start
+        texts = [_one_line(h.text) for h in hyps]
+        bleu, chrf = BLEU(), CHRF()
+        bleu_score = bleu.corpus_score(texts, [ref])
+        chrf_score = chrf.corpus_score(texts, [ref])
+        signatures = {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())}
+        results[mode] = {
+            "settings": _mode_settings(options),
+            "options": dataclasses.asdict(options),
+            "bleu": bleu_score.score,
+            "bleu_detail": str(bleu_score),
+            "chrf": chrf_score.score,
+            "bleu_signature": signatures["bleu"],
+            "chrf_signature": signatures["chrf"],
+            "mean_passes": sum(h.passes for h in hyps) / len(hyps),
+            "seconds": seconds,
+            "sentences_per_second": len(hyps) / seconds if seconds > 0 else float("inf"),
+            "sentences": len(hyps),
+        }
+        if args.hyp_prefix:
+            atomic_write(f"{args.hyp_prefix}.{mode}", "".join(t + "\n" for t in texts))
+
+    header = ("mode", "settings", "BLEU", "chrF", "passes/sent", "seconds", "sent/s")
+    rows = [
+        (
+            mode,
+            r["settings"],
+            f"{r['bleu']:.2f}",
+            f"{r['chrf']:.2f}",
+            f"{r['mean_passes']:.2f}",
+            f"{r['seconds']:.2f}",
+            f"{r['sentences_per_second']:.1f}",
+        )
+        for mode, r in results.items()
+    ]
+    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+    left = {0, 1}  # text columns; numbers are right-aligned
+    for row in [header, *rows]:
+        print("  ".join(v.ljust(w) if c in left else v.rjust(w) for c, (v, w) in enumerate(zip(row, widths))).rstrip())
+    print(f"BLEU signature: {signatures['bleu']}")
+    print(f"chrF signature: {signatures['chrf']}")
+
+    if args.output_json:
+        doc = {
+            "checkpoint": str(Path(args.checkpoint).resolve()),
+            "src": str(Path(args.src).resolve()),
+            "ref": str(Path(args.ref).resolve()),
+            "sentences": len(src),
+            "device": str(gen.device),
+            "dtype": str(gen.dtype).removeprefix("torch."),
+            "versions": {"janus": janus.__version__, "torch": torch.__version__, "sacrebleu": sacrebleu.__version__},
+            "signatures": signatures,
+            "modes": results,
+        }
+        atomic_write(args.output_json, json.dumps(doc, indent=2) + "\n")
 
 
 if __name__ == "__main__":

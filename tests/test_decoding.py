@@ -337,3 +337,26 @@ def test_trained_model_decodes_the_learned_outputs(synthetic_model):
     mean_spec = sum(h.passes for h in spec) / len(spec)
     mean_greedy = sum(h.passes for h in greedy) / len(greedy)
     assert mean_spec < 0.6 * mean_greedy, (mean_spec, mean_greedy)
+
+
+# ------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+def test_every_mode_on_cuda_matches_cpu(synthetic_model):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from janus.api import Generator
+
+    src = synthetic_model.test_src
+    cpu = Generator.from_checkpoint(synthetic_model.checkpoint, device="cpu")
+    gpu = Generator.from_checkpoint(synthetic_model.checkpoint, device="cuda", dtype="float32")
+    for kw in ({"mode": "ar", "beam_size": 1}, {"mode": "ar", "beam_size": 5}, {"mode": "spec"},
+               {"mode": "nar", "iterations": 10, "length_beam": 3, "rerank": True}):  # fmt: skip
+        a, b = cpu.generate(src, **kw), gpu.generate(src, **kw)
+        agree = sum(x.ids == y.ids for x, y in zip(a, b, strict=True)) / len(src)
+        assert agree >= 0.98, (kw, agree)
+    bf16 = Generator.from_checkpoint(synthetic_model.checkpoint, device="cuda")
+    assert bf16.dtype in (torch.bfloat16, torch.float16)
+    hyps = bf16.generate(src, mode="ar", beam_size=1)
+    assert sum(h.text == r for h, r in zip(hyps, synthetic_model.test_ref, strict=True)) >= 90
