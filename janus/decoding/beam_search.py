@@ -20,29 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from janus.decoding.common import constrain_ar, forced_limits, inference, length_limits, normalized
+from janus.decoding.common import constrain_ar, inference, normalized, token_limits
 from janus.decoding.types import Hypothesis
 from janus.model import EncoderOut, JanusModel, KVCache
 from janus.streams import build_ar_step_rows, build_training_rows
-
-
-def _limits(
-    model: JanusModel,
-    enc: EncoderOut,
-    target_lengths: Optional[Tensor],
-    max_len_a: float,
-    max_len_b: int,
-    min_len: int,
-) -> tuple[Tensor, Tensor]:
-    if target_lengths is not None:
-        return forced_limits(target_lengths.to(enc.lengths.device), model.cfg.max_target_positions)
-    return length_limits(
-        enc.lengths - 1,
-        max_len_a=max_len_a,
-        max_len_b=max_len_b,
-        min_len=min_len,
-        max_target_positions=model.cfg.max_target_positions,
-    )
 
 
 def next_token_logprobs(
@@ -93,7 +74,9 @@ def greedy_search(
     with inference(model):
         sp = model.cfg.specials
         enc = model.encode(src)
-        min_lens, max_lens = _limits(model, enc, target_lengths, max_len_a, max_len_b, min_len)
+        min_lens, max_lens = token_limits(
+            model, enc, target_lengths, max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len
+        )
         B = src.shape[0]
         steps = int(max_lens.max()) + 1 if B else 0
         tokens = torch.full((B, steps + 1), sp.pad, dtype=torch.long, device=src.device)
@@ -158,7 +141,9 @@ def beam_search(
         sp = model.cfg.specials
         dev = src.device
         enc = model.encode(src)
-        min_lens, max_lens = _limits(model, enc, target_lengths, max_len_a, max_len_b, min_len)
+        min_lens, max_lens = token_limits(
+            model, enc, target_lengths, max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len
+        )
         B, K = src.shape[0], beam
         steps = int(max_lens.max()) + 1 if B else 0
         tokens = torch.full((B * K, steps + 1), sp.pad, dtype=torch.long, device=dev)

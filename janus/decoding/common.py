@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from janus.config import SpecialIds
+from janus.model import EncoderOut, JanusModel
 
 
 @contextlib.contextmanager
@@ -50,9 +52,36 @@ def forced_limits(target_lengths: Tensor, max_target_positions: int) -> tuple[Te
     return target_lengths.clone(), target_lengths.clone()
 
 
+def token_limits(
+    model: JanusModel,
+    enc: EncoderOut,
+    target_lengths: Optional[Tensor],
+    *,
+    max_len_a: float,
+    max_len_b: int,
+    min_len: int,
+) -> tuple[Tensor, Tensor]:
+    """(min, max) target tokens per sentence of ``enc``: forced ``target_lengths`` when given,
+    else ``length_limits`` of the source lengths."""
+    if target_lengths is not None:
+        return forced_limits(target_lengths.to(enc.lengths.device), model.cfg.max_target_positions)
+    return length_limits(
+        enc.lengths - 1,
+        max_len_a=max_len_a,
+        max_len_b=max_len_b,
+        min_len=min_len,
+        max_target_positions=model.cfg.max_target_positions,
+    )
+
+
 def banned_ids(sp: SpecialIds) -> list[int]:
     """Ids no search ever emits as a token: pad, bos and <mask> (eos is emitted by AR only at the end)."""
     return [sp.pad, sp.bos, sp.mask]
+
+
+def canvas_banned_ids(sp: SpecialIds) -> list[int]:
+    """Ids never predicted at a masked canvas slot: the canvas length decides where eos is."""
+    return [sp.pad, sp.bos, sp.eos, sp.mask]
 
 
 def constrain_ar(logp: Tensor, words: Tensor, min_lens: Tensor, max_lens: Tensor, sp: SpecialIds) -> Tensor:

@@ -28,16 +28,50 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from janus.decoding.common import forced_limits, inference, length_limits
+from janus.decoding.common import canvas_banned_ids, forced_limits, inference, token_limits
 from janus.decoding.types import CanvasStep, Hypothesis
 from janus.model import EncoderOut, JanusModel
 from janus.ops import length_beam_init, mask_predict_update, remask_lowest
+from janus.ops.length_beam_init import canvases
 from janus.streams import build_canvas_rows, build_training_rows
 
 
-def remask_counts(lengths: Tensor, t: int, passes: int) -> Tensor:
-    """Tokens re-masked after pass t of T: floor((L - 2) * (T - 1 - t) / T) for canvas lengths L (int64)."""
-    return (lengths - 2) * (passes - 1 - t) // passes
+def remask_counts(num_slots: Tensor, t: int, passes: int) -> Tensor:
+    """Tokens re-masked after pass t of T: floor(m * (T - 1 - t) / T) for m re-maskable slots (int64)."""
+    return num_slots * (passes - 1 - t) // passes
+
+
+def refine(
+    model: JanusModel,
+    enc: EncoderOut,
+    tokens: Tensor,
+    scores: Tensor,
+    num_slots: Tensor,
+    passes: int,
+    history: Optional[list[tuple[Tensor, Tensor, Tensor]]] = None,
+) -> None:
+    """``passes`` mask-predict passes over canvases, in place.
+
+    Each pass fills every <mask> slot with its best token and log-probability; after pass
+    t < T-1 the ``remask_counts(num_slots, t, T)`` lowest-scoring tokens are masked again.
+    Tokens that must never be re-masked besides bos/eos (a fixed prefix) score +inf.
+
+    Args:
+        tokens: int64 (R, L) canvases, R = g * B grouped by sentence of ``enc``.
+        scores: float (R, L).
+        num_slots: int64 (R,) how many tokens of each canvas may change.
+        history: when given, gets (tokens, scores, re-masked) copies after every pass.
+    """
+    sp = model.cfg.specials
+    banned = canvas_banned_ids(sp)
+    for t in range(passes):
+        hidden = model.decode(build_canvas_rows(tokens, pad=sp.pad), enc)  # (R, L, D)
+        mask_predict_update(hidden, model.embed.weight, tokens, scores, sp.mask, banned)
+        snapshot = (tokens.clone(), scores.clone()) if history is not None else None
+        if t < passes - 1:
+            remask_lowest(tokens, scores, remask_counts(num_slots, t, passes), sp.mask, sp.pad, sp.bos, sp.eos)
+        if snapshot is not None:
+            history.append((*snapshot, tokens == sp.mask))
 
 
 def forced_candidates(target_lengths: Tensor, beam: int, lo: Tensor, hi: Tensor) -> Tensor:
@@ -45,16 +79,6 @@ def forced_candidates(target_lengths: Tensor, beam: int, lo: Tensor, hi: Tensor)
     offsets = torch.tensor([((i + 1) // 2) * (1 if i % 2 == 0 else -1) for i in range(beam)])  # 0, -1, 1, -2 ..
     offsets = offsets.to(target_lengths.device)
     return torch.minimum(torch.maximum(target_lengths[:, None] + offsets[None, :], lo[:, None]), hi[:, None])
-
-
-def canvases(lengths: Tensor, *, bos: int, eos: int, mask: int, pad: int) -> Tensor:
-    """All-mask canvases of the given lengths L (with bos and eos): int64 (R, max L)."""
-    L = int(lengths.max()) if lengths.numel() else 2
-    col = torch.arange(L, device=lengths.device)[None, :]
-    tokens = torch.where(col < lengths[:, None] - 1, mask, pad)
-    tokens = torch.where(col == lengths[:, None] - 1, eos, tokens)
-    tokens[:, 0] = bos
-    return tokens
 
 
 def ar_mean_logprob(model: JanusModel, enc: EncoderOut, tokens: Tensor) -> Tensor:
@@ -113,13 +137,7 @@ def mask_predict(
         if B == 0:
             return []
         # 1. Length candidates and their canvases (lengths here include bos and eos).
-        lo, hi = length_limits(
-            enc.lengths - 1,
-            max_len_a=max_len_a,
-            max_len_b=max_len_b,
-            min_len=min_len,
-            max_target_positions=model.cfg.max_target_positions,
-        )
+        lo, hi = token_limits(model, enc, None, max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
         if target_lengths is None:
             tokens, lengths = length_beam_init(model.length_scores(enc), beam, min_len + 2, hi + 2, sp.bos, sp.eos,
                                                sp.mask, sp.pad)  # fmt: skip
@@ -129,18 +147,9 @@ def mask_predict(
             lengths = counts.reshape(-1) + 2
             tokens = canvases(lengths, bos=sp.bos, eos=sp.eos, mask=sp.mask, pad=sp.pad)
         scores = torch.zeros(tokens.shape, dtype=torch.float32, device=src.device)
-        banned = [sp.pad, sp.bos, sp.eos, sp.mask]
-        weight = model.embed.weight
         steps: list[tuple[Tensor, Tensor, Tensor]] = []
         # 2. T passes over the canvases.
-        for t in range(T):
-            hidden = model.decode(build_canvas_rows(tokens, pad=sp.pad), enc)  # (B*l, L, D)
-            mask_predict_update(hidden, weight, tokens, scores, sp.mask, banned)
-            snapshot = (tokens.clone(), scores.clone()) if history else None
-            if t < T - 1:
-                remask_lowest(tokens, scores, remask_counts(lengths, t, T), sp.mask, sp.pad, sp.bos, sp.eos)
-            if snapshot is not None:
-                steps.append((*snapshot, tokens == sp.mask))
+        refine(model, enc, tokens, scores, lengths - 2, T, steps if history else None)
         # 3. Choose a candidate per sentence.
         real = (tokens != sp.pad) & (tokens != sp.bos) & (tokens != sp.eos)
         mean = (scores * real).sum(1) / real.sum(1).clamp_min(1)

@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from janus.decoding.common import constrain_ar, forced_limits, inference, length_limits, normalized
+from janus.decoding.common import constrain_ar, inference, normalized, token_limits
+from janus.decoding.mask_predict import refine
 from janus.decoding.types import Hypothesis
 from janus.model import JanusModel, KVCache
-from janus.ops import length_beam_init, mask_predict_update, remask_lowest
-from janus.streams import build_ar_verify_rows, build_canvas_rows
+from janus.ops import length_beam_init
+from janus.streams import build_ar_verify_rows
 
 # When the accepted prefix fills the canvas without an eos, it grows by this fraction of the
 # prefix (at least _EXTEND_MIN slots): the length head cannot see the prefix, so this is a guess
@@ -71,21 +72,14 @@ def speculative_decode(
         B = src.shape[0]
         if B == 0:
             return []
+        min_lens, max_lens = token_limits(
+            model, enc, target_lengths, max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len
+        )
         if target_lengths is not None:
-            min_lens, max_lens = forced_limits(target_lengths.to(dev), model.cfg.max_target_positions)
             n = max_lens + 2
         else:
-            min_lens, max_lens = length_limits(
-                enc.lengths - 1,
-                max_len_a=max_len_a,
-                max_len_b=max_len_b,
-                min_len=min_len,
-                max_target_positions=model.cfg.max_target_positions,
-            )
             scores = model.length_scores(enc)
             n = length_beam_init(scores, 1, min_len + 2, max_lens + 2, sp.bos, sp.eos, sp.mask, sp.pad)[1]
-        banned = [sp.pad, sp.bos, sp.eos, sp.mask]
-        Td = draft_iterations
         seq = torch.full((B, int(max_lens.max()) + 2), sp.pad, dtype=torch.long, device=dev)
         seq[:, 0] = sp.bos
         p = torch.ones(B, dtype=torch.long, device=dev)  # accepted tokens, bos included
@@ -106,13 +100,8 @@ def speculative_decode(
             if bool((num_slots > 0).any()):
                 # The prefix scores +inf, so re-masking never picks it.
                 scores = torch.where(prefix, float("inf"), 0.0)
-                for t in range(Td):
-                    hidden = model.decode(build_canvas_rows(canvas, pad=sp.pad), enc)
-                    mask_predict_update(hidden, model.embed.weight, canvas, scores, sp.mask, banned)
-                    if t < Td - 1:
-                        counts = num_slots * (Td - 1 - t) // Td
-                        remask_lowest(canvas, scores, counts, sp.mask, sp.pad, sp.bos, sp.eos)
-                passes += torch.where(num_slots > 0, Td, 0)
+                refine(model, enc, canvas, scores, num_slots, draft_iterations)
+                passes += torch.where(num_slots > 0, draft_iterations, 0)
             # 2. Verify positions p .. n-1 in one cached AR pass.
             rows = build_ar_verify_rows(canvas, p - 1, n - 1, pad=sp.pad, mask=sp.mask)
             hidden = model.decode(rows, enc, cache)[:, rows.num_content :]  # (N, C, D): queries at p + j

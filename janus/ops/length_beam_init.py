@@ -58,13 +58,18 @@ def length_beam_init_ref(
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :beam]  # (B, min(l, C))
     if order.shape[1] < beam:
         order = torch.cat([order, order[:, -1:].expand(B, beam - order.shape[1])], 1)
-    lengths = torch.minimum(order.clamp_min(min_len), hi[:, None]).reshape(-1)  # (B*l,)
+    lengths = torch.minimum(order.clamp_min(min_len), hi[:, None]).reshape(-1).long()  # (B*l,)
+    return canvases(lengths, bos=bos, eos=eos, mask=mask, pad=pad), lengths
+
+
+def canvases(lengths: Tensor, *, bos: int, eos: int, mask: int, pad: int) -> Tensor:
+    """All-``<mask>`` canvases [bos, mask x (L-2), eos, pad ...] of lengths L (int64 (R,)): int64 (R, max L)."""
     L = int(lengths.max()) if lengths.numel() else 2
-    col = torch.arange(L, device=dev)[None, :]
+    col = torch.arange(L, device=lengths.device)[None, :]
     tokens = torch.where(col < lengths[:, None] - 1, mask, pad)
     tokens = torch.where(col == lengths[:, None] - 1, eos, tokens)
     tokens[:, 0] = bos
-    return tokens.long(), lengths.long()
+    return tokens.long()
 
 
 LENGTH_BEAM_INIT = register_op("length_beam_init", [Backend("reference", length_beam_init_ref)])
