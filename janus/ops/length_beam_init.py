@@ -54,8 +54,11 @@ def length_beam_init_ref(
     n = torch.arange(C, device=dev)
     allowed = (n[None, :] >= min_len) & (n[None, :] <= hi[:, None])  # (B, C)
     scores = torch.where(allowed, length_scores.float(), float("-inf"))
-    # A stable descending sort keeps equal scores in index order: the smaller length first.
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :beam]  # (B, min(l, C))
+    # A stable descending sort keeps equal scores in index order: the smaller length first. A second
+    # stable sort puts every allowed length (even one scored -inf) before the disallowed ones.
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    first = torch.sort((~allowed.gather(1, order)).to(torch.int8), dim=1, stable=True).indices
+    order = order.gather(1, first)[:, :beam]  # (B, min(l, C))
     if order.shape[1] < beam:
         order = torch.cat([order, order[:, -1:].expand(B, beam - order.shape[1])], 1)
     lengths = torch.minimum(order.clamp_min(min_len), hi[:, None]).reshape(-1).long()  # (B*l,)

@@ -45,9 +45,10 @@ def remask_lowest_ref(
             f"remask_lowest: counts[{r}]={int(counts[r])} is outside [0, {int(available[r])}], "
             f"the number of non-special tokens of row {r}"
         )
-    key = torch.where(eligible, scores.float(), float("inf"))
     # Stable ascending sort: equal scores keep position order, so the smaller position goes first.
-    order = torch.sort(key, dim=1, stable=True).indices  # (R, L)
+    # A second stable sort puts every eligible slot (even one scored +inf or NaN) before the others.
+    order = torch.sort(scores, dim=1, stable=True).indices  # (R, L)
+    order = order.gather(1, torch.sort((~eligible.gather(1, order)).to(torch.int8), dim=1, stable=True).indices)
     chosen = torch.arange(L, device=tokens.device)[None, :] < counts[:, None]  # first counts[r] of each row
     hit = torch.zeros_like(eligible).scatter_(1, order, chosen)
     tokens.masked_fill_(hit, mask)
