@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional, Union
 
@@ -158,6 +158,18 @@ class Generator:
         model_limit = self.model.cfg.max_source_positions - 1
         return min(options.max_source_len, model_limit) if options.max_source_len else model_limit
 
+    def truncate(
+        self, ids: list[list[int]], options: DecodeConfig, report: Callable[[int, int, int], None]
+    ) -> list[list[int]]:
+        """Cut every id list longer than ``source_limit(options)`` (in place) and call
+        ``report(index, tokens, limit)`` for each one cut. Returns ``ids``."""
+        limit = self.source_limit(options)
+        for i, s in enumerate(ids):
+            if len(s) > limit:
+                report(i, len(s), limit)
+                ids[i] = s[:limit]
+        return ids
+
     # -- decoding -------------------------------------------------------------------------------
     def generate(
         self,
@@ -179,12 +191,11 @@ class Generator:
             without running the model. Sources longer than the limit are truncated with a warning.
         """
         options = dataclasses.replace(options or DecodeConfig(), **overrides)
-        ids = self.encode(sources)
-        limit = self.source_limit(options)
-        for i, s in enumerate(ids):
-            if len(s) > limit:
-                warnings.warn(f"source {i} has {len(s)} tokens; truncated to the first {limit}", stacklevel=2)
-                ids[i] = s[:limit]
+
+        def report(i: int, n: int, limit: int) -> None:
+            warnings.warn(f"source {i} has {n} tokens; truncated to the first {limit}", stacklevel=4)
+
+        ids = self.truncate(self.encode(sources), options, report)
         if target_lengths is not None and len(target_lengths) != len(ids):
             raise ValueError(f"{len(target_lengths)} target_lengths for {len(ids)} sources")
         results: list[Optional[Hypothesis]] = [None] * len(ids)

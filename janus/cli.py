@@ -195,18 +195,16 @@ def _load_generator(args: argparse.Namespace) -> Any:
 def _encode_lines(gen: Any, lines: Sequence[str], options: DecodeConfig, name: str, command: str) -> list[list[int]]:
     """Source ids per line: empty for empty or whitespace-only lines (never decoded), truncated to
     ``gen.source_limit(options)`` tokens with a warning on stderr naming the line."""
-    limit = gen.source_limit(options)
     index = [i for i, line in enumerate(lines) if line.strip()]
     ids: list[list[int]] = [[] for _ in lines]
     for i, encoded in zip(index, gen.encode([lines[i] for i in index]) if index else []):
-        if len(encoded) > limit:
-            print(
-                f"janus {command}: warning: {name}: line {i + 1} has {len(encoded)} tokens; "
-                f"truncated to the first {limit}",
-                file=sys.stderr,
-            )
-            encoded = encoded[:limit]
         ids[i] = encoded
+
+    def report(i: int, n: int, limit: int) -> None:
+        print(f"janus {command}: warning: {name}: line {i + 1} has {n} tokens; truncated to the first {limit}",
+              file=sys.stderr)  # fmt: skip
+
+    gen.truncate(ids, options, report)
     return ids
 
 
