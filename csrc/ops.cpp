@@ -16,4 +16,21 @@ TORCH_LIBRARY(janus, m) {
   // flat int32|int64 [T], offsets int32|int64 [N + 1], index int32|int64 [B] -> int64 [B, L].
   m.set_python_module("janus.ops.pad_batch");
   m.def("pad_batch(Tensor flat, Tensor offsets, Tensor index, int pad, int bos, int eos) -> Tensor");
+
+  // The `beam` best target lengths per sentence (ties to the shorter) and their canvases
+  // [bos, mask x (n - 2), eos, pad ...]; max_len int32|int64 () or [B] caps each sentence.
+  // length_scores float|double|half|bfloat16 [B, C] -> tokens int64 [B*beam, longest n], lengths int64 [B*beam].
+  m.set_python_module("janus.ops.length_beam_init");
+  m.def(
+      "length_beam_init(Tensor length_scores, int beam, int min_len, Tensor max_len, int bos, int eos, int mask, "
+      "int pad) -> (Tensor, Tensor)");
+  // In place: per row, the counts[r] lowest-scoring tokens other than pad/bos/eos become mask, score 0
+  // (ties to the smaller position). tokens int32|int64 [R, L], scores floating [R, L], counts int32|int64 [R].
+  // check: an out-of-range count raises before anything is written (on CUDA this costs a device sync);
+  // without it counts are clamped into range. Returns nothing so that torch.compile can functionalize
+  // it; janus.ops.remask_lowest returns the tensors.
+  m.set_python_module("janus.ops.remask_lowest");
+  m.def(
+      "remask_lowest(Tensor(a!) tokens, Tensor(b!) scores, Tensor counts, int mask, int pad, int bos, int eos, "
+      "bool check=True) -> ()");
 }

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ext_helpers import require_extension
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,16 +27,6 @@ from janus.ops.pad_batch import PAD_BATCH
 REPO = Path(__file__).resolve().parents[1]
 PAD, BOS, EOS = 0, 1, 2
 SPECIALS = [(BOS, EOS), (-1, EOS), (BOS, -1), (-1, -1)]
-
-
-def require_extension() -> None:
-    """Skip without the compiled ops, or fail when JANUS_REQUIRE_EXT=1."""
-    ok, why = _ext.status()
-    if ok:
-        return
-    if os.environ.get("JANUS_REQUIRE_EXT") == "1":
-        pytest.fail(f"JANUS_REQUIRE_EXT=1 but the compiled ops are unavailable: {why}")
-    pytest.skip(f"compiled ops unavailable: {why}")
 
 
 @pytest.fixture

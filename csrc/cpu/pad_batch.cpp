@@ -16,23 +16,16 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common.h"
+
 namespace janus {
 namespace {
-
-// Calls fn with a value of the C++ type that matches an int32 / int64 dtype.
-template <typename Fn>
-decltype(auto) visit_int_dtype(at::ScalarType dtype, Fn&& fn) {
-  if (dtype == at::kInt) {
-    return fn(int32_t{});
-  }
-  return fn(int64_t{});
-}
 
 void check_input(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "janus::pad_batch: ", name, " must be a CPU tensor, got device ", t.device(),
               "; move it with .cpu() or use the reference backend (JANUS_BACKEND_PAD_BATCH=reference)");
   TORCH_CHECK(t.dim() == 1, "janus::pad_batch: ", name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "janus::pad_batch: ", name,
+  TORCH_CHECK(is_index_dtype(t.scalar_type()), "janus::pad_batch: ", name,
               " must be int32 or int64, got ", t.scalar_type());
 }
 

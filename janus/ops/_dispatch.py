@@ -60,6 +60,53 @@ def extension_available() -> Verdict:
     return ok, ("" if ok else reason)
 
 
+def compiled(op_name: str, device_type: str) -> Callable[[], Verdict]:
+    """Availability of the compiled kernel of ``torch.ops.janus.<op_name>`` for "cpu" or "cuda" tensors.
+
+    Needs the compiled ops loaded (``extension_available``), a kernel for that device
+    inside them (CUDA kernels are built only when torch has CUDA and nvcc is found) and,
+    for "cuda", a visible CUDA device. The verdict is computed once per process.
+    """
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    verdict: list[Verdict] = []
+
+    def available() -> Verdict:
+        if not verdict:
+            verdict.append(_compiled_verdict(op_name, key))
+        return verdict[0]
+
+    available.__qualname__ = f"compiled({op_name!r}, {device_type!r})"
+    return available
+
+
+def _compiled_verdict(op_name: str, key: str) -> Verdict:
+    ok, why = extension_available()
+    if not ok:
+        return False, why
+    import torch
+
+    qualified = f"janus::{op_name}"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CPU"):
+            return False, (
+                f"the loaded janus ops have no {op_name} (built from older sources?): "
+                "rebuild with `pip install --no-build-isolation -e .`"
+            )
+        if torch.version.cuda is None:
+            return False, f"torch {torch.__version__} has no CUDA, so the CUDA kernels were not compiled"
+        from torch.utils import cpp_extension
+
+        if cpp_extension.CUDA_HOME is None:
+            return False, "nvcc was not found (set CUDA_HOME) when the ops were compiled: no CUDA kernels"
+        return False, (
+            "the loaded janus ops were built without CUDA kernels: "
+            "rebuild with `pip install --no-build-isolation -e .` on a machine with nvcc"
+        )
+    if key == "CUDA" and not torch.cuda.is_available():
+        return False, "no CUDA device visible"
+    return True, ""
+
+
 def triton_available() -> Verdict:
     """Whether Triton kernels can run: triton importable, and a CUDA device or TRITON_INTERPRET=1."""
     if importlib.util.find_spec("triton") is None:
