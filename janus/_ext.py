@@ -148,7 +148,8 @@ def _stale_note(module: types.ModuleType) -> str:
         return ""
     try:
         built = Path(library).stat().st_mtime
-        newer = [p for g in _CPP_GLOBS + _CUDA_GLOBS + _HEADER_GLOBS for p in root.glob(g) if p.stat().st_mtime > built]
+        globs = _CPP_GLOBS + _HEADER_GLOBS + (_CUDA_GLOBS if _cuda_buildable() else ())  # .cu: built only then
+        newer = [p for g in globs for p in root.glob(g) if p.stat().st_mtime > built]
     except OSError:
         return ""
     if not newer:
@@ -160,18 +161,23 @@ def _stale_note(module: types.ModuleType) -> str:
 
 def _sources(root: Path) -> list[Path]:
     """C++ sources, plus CUDA ones when torch has CUDA and nvcc is found."""
-    from torch.utils import cpp_extension
 
     paths = [p for g in _CPP_GLOBS for p in sorted(root.glob(g)) if p.name != _PYTHON_MODULE_SOURCE]
     cuda = [p for g in _CUDA_GLOBS for p in sorted(root.glob(g))]
     if cuda:
-        import torch
-
-        if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        if _cuda_buildable():
             paths += cuda
         else:
             log.info("janus: building the C++ ops only (torch without CUDA or nvcc not found)")
     return paths
+
+
+def _cuda_buildable() -> bool:
+    """Whether the CUDA sources are compiled too: torch has CUDA and nvcc is found (CUDA_HOME)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
 def _build_or_find() -> tuple[Path, str]:

@@ -28,6 +28,34 @@ def test_csrc_sources_are_found():
     assert (root / "ops.cpp").is_file() and (root / "cpu" / "pad_batch.cpp").is_file()
 
 
+@pytest.mark.parametrize("cuda_buildable", [False, True])
+def test_stale_prebuilt_library_is_noticed_only_for_sources_it_was_built_from(tmp_path, monkeypatch, cuda_buildable):
+    from types import SimpleNamespace
+
+    from janus import _ext
+
+    # A checkout in tmp_path: janus/_ext.py beside csrc/ holding one C++ and one CUDA source.
+    (tmp_path / "janus").mkdir()
+    for name in ("ops.cpp", "cpu/op.cpp", "cuda/op.cu"):
+        (tmp_path / "csrc" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "csrc" / name).write_text("// source\n")
+    library = tmp_path / "janus" / "_C.so"
+    library.write_text("")
+    monkeypatch.setattr(_ext, "__file__", str(tmp_path / "janus" / "_ext.py"))
+    monkeypatch.setattr(_ext, "source_dir", lambda: tmp_path / "csrc")
+    monkeypatch.setattr(_ext, "_cuda_buildable", lambda: cuda_buildable)
+    module = SimpleNamespace(__file__=str(library))
+    for name in ("ops.cpp", "cpu/op.cpp", "cuda/op.cu"):
+        os.utime(tmp_path / "csrc" / name, (1000, 1000))
+    os.utime(library, (2000, 2000))
+    assert _ext._stale_note(module) == ""
+    os.utime(tmp_path / "csrc" / "cuda" / "op.cu", (3000, 3000))  # only a CUDA source changed
+    note = _ext._stale_note(module)
+    assert ("cuda/op.cu is newer" in note) == cuda_buildable, note
+    os.utime(tmp_path / "csrc" / "cpu" / "op.cpp", (3000, 3000))
+    assert "stale" in _ext._stale_note(module) and "pip install --no-build-isolation -e ." in _ext._stale_note(module)
+
+
 @pytest.mark.parametrize("module", ["janus", "janus.ops", "janus.kernels", "janus.info"])
 def test_import_is_cheap(module):
     """Importing janus (or its ops) loads neither triton nor the compiled extension."""
@@ -71,6 +99,11 @@ def test_wheel_ships_kernels_and_sources(tmp_path):
         "janus/kernels/__init__.py",
         "janus/csrc/ops.cpp",
         "janus/csrc/cpu/pad_batch.cpp",
+        "janus/csrc/cpu/remask_lowest.cpp",
+        "janus/csrc/cuda/remask_lowest.cu",
+        "janus/csrc/cuda/length_beam_init.cu",
+        "janus/csrc/decode_order.h",
+        "janus/csrc/common.h",
     ):
         assert expected in names, sorted(names)
     assert not any(n.startswith("kernels/") or n.startswith("csrc/") for n in names), sorted(names)
