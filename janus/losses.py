@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from janus.config import LossWeights
 from janus.model import JanusModel
-from janus.ops.janus_loss import TERMS, LossScales, janus_loss
+from janus.ops.janus_linear_loss import janus_linear_loss
+from janus.ops.janus_loss import TERMS, LossScales
 from janus.streams import DecoderRows, build_training_rows
 
 # Logged sums: the masked-token terms, then the length loss.
@@ -120,19 +121,10 @@ def training_rows(tgt: Tensor, masked: Optional[Tensor], objective: str, *, pad:
     return build_training_rows(tgt, masked, pad=pad, mask=mask, ar=st.ar, nar=st.nar, aux=st.aux)
 
 
-def projected_logits(model: JanusModel, hidden: Tensor, rows: DecoderRows) -> tuple[Optional[Tensor], ...]:
-    """Project only the AR query, P and Q rows, in one GEMM: (N, V), (M, V), (M, V) or None each."""
+def row_states(hidden: Tensor, rows: DecoderRows) -> tuple[Optional[Tensor], ...]:
+    """Decoder states of the AR query, P and Q rows: (N, D), (M, D), (M, D) or None each."""
     flat = hidden.reshape(-1, hidden.shape[-1])  # (B*R, D)
-    parts = [r for r in (rows.ar_rows, rows.p_rows, rows.q_rows) if r is not None]
-    logits = model.project(flat.index_select(0, torch.cat(parts)))  # (N + 2M, V)
-    out, start = [], 0
-    for r in (rows.ar_rows, rows.p_rows, rows.q_rows):
-        if r is None:
-            out.append(None)
-        else:
-            out.append(logits[start : start + r.numel()])
-            start += r.numel()
-    return tuple(out)
+    return tuple(flat.index_select(0, r) if r is not None else None for r in (rows.ar_rows, rows.p_rows, rows.q_rows))
 
 
 def compute_loss(
@@ -174,17 +166,13 @@ def compute_loss(
         rows = training_rows(tgt, masked, objective, pad=specials.pad, mask=specials.mask)
     enc = model.encode(src)
     hidden = model.decode(rows, enc)  # (B, R, D)
-    ar_logits, nar_logits, aux_logits = projected_logits(model, hidden, rows)
-    out = janus_loss(
-        ar_logits,
-        rows.ar_targets,
-        nar_logits,
-        aux_logits,
-        rows.masked_targets,
-        rows.pair_index,
-        label_smoothing,
-        scales,
-    )
+    # Only the rows whose logits are used reach the vocabulary projection (one GEMM in the reference;
+    # chunk by chunk, never all at once, in the fused kernel).
+    h_ar, h_nar, h_aux = row_states(hidden, rows)
+    out = janus_linear_loss(
+        h_ar, h_nar, h_aux, model.embed.weight, rows.ar_targets, rows.masked_targets, rows.pair_index,
+        label_smoothing, scales,
+    )  # fmt: skip
     loss, length_sum = out.loss, torch.zeros((), device=tgt.device)
     if weights.length > 0 or st.nar:
         length_logits = model.length_logits(enc)  # (B, C)

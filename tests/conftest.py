@@ -1,4 +1,10 @@
-"""Shared fixtures. Markers (triton, cpp, gpu, slow) are declared in pyproject.toml."""
+"""Shared fixtures. Markers (triton, cpp, gpu, slow) are declared in pyproject.toml.
+
+Triton kernels run on the CPU through Triton's interpreter in the tests of a CPU-only
+torch: TRITON_INTERPRET=1 is set here, before any kernel module is imported (triton
+reads it when a kernel is defined). With a CUDA build of torch the kernels run on the
+GPU; set TRITON_INTERPRET=1 yourself to interpret them there too.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+if torch.version.cuda is None:  # a build property, not a device query
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def shared_data_dir() -> Path:

@@ -11,6 +11,7 @@ from janus.ops._dispatch import BackendUnavailable, registry
 
 # Every op module that registers with the dispatch is imported here, so that
 # registry() (and python -m janus.info) lists it. Add new ones to this list.
+from janus.ops.janus_linear_loss import janus_linear_loss, janus_linear_loss_ref
 from janus.ops.janus_loss import janus_loss, janus_loss_ref
 from janus.ops.length_beam_init import length_beam_init, length_beam_init_ref
 from janus.ops.mask_predict_update import mask_predict_update, mask_predict_update_ref
@@ -19,6 +20,8 @@ from janus.ops.remask_lowest import remask_lowest, remask_lowest_ref
 
 __all__ = [
     "BackendUnavailable",
+    "janus_linear_loss",
+    "janus_linear_loss_ref",
     "janus_loss",
     "janus_loss_ref",
     "length_beam_init",

@@ -19,21 +19,32 @@ every SKL (no stop-gradient). Rows whose target is ``ignore_index`` contribute
 nothing.
 
 ``janus_loss_ref`` is the specification, the CPU fallback and the oracle of the
-fused kernel; ``janus_loss`` dispatches (janus.ops._dispatch). Only the
-"reference" backend exists today: the fused Triton kernel (kernels/) registers
-in front of it. Force one with ``JANUS_BACKEND_JANUS_LOSS=<name>``.
+fused kernel; ``janus_loss`` dispatches (janus.ops._dispatch) between:
+
+- "triton": the fused kernel (kernels/janus_loss.py) through ``FusedJanusLoss``, an
+  autograd.Function: one streaming pass over the vocabulary per row for every term,
+  and the gradients computed in the same launch into one buffer per logits tensor,
+  in the logits' dtype (no [rows x V] fp32 buffer). CUDA tensors, fp32/fp16/bf16
+  logits with unit stride along V, pair_index without repeats (otherwise the
+  reference runs, logged once);
+- "reference": ``janus_loss_ref``.
+
+Force one with ``JANUS_BACKEND_JANUS_LOSS=triton|reference``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import logging
+from dataclasses import astuple, dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from janus.ops._dispatch import Backend, register_op
+from janus.ops._dispatch import Backend, Verdict, all_on_cuda, register_op, triton_available
+
+log = logging.getLogger(__name__)
 
 # Order of the per-term sums returned for logging.
 TERMS = ("ar", "nar", "aux", "skl_ar_nar", "skl_ar_aux", "skl_nar_aux", "ar_nll", "nar_nll", "aux_nll")
@@ -137,7 +148,101 @@ def janus_loss_ref(
     return MaskedTokenLoss(loss, torch.stack([sums[k].detach() for k in TERMS]))
 
 
-JANUS_LOSS = register_op("janus_loss", [Backend("reference", janus_loss_ref)])
+class FusedJanusLoss(torch.autograd.Function):
+    """The fused kernel as an autograd.Function: the forward also computes d loss / d logits (for a
+    loss gradient of 1) into one buffer per logits tensor; the backward scales them by the incoming
+    gradient, in place, so it runs once per forward (a second backward raises)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        ar_logits: Optional[Tensor],
+        nar_logits: Optional[Tensor],
+        aux_logits: Optional[Tensor],
+        ar_targets: Optional[Tensor],
+        masked_targets: Optional[Tensor],
+        pair_index: Optional[Tensor],
+        partner: Optional[Tensor],
+        eps: float,
+        scales: tuple[float, ...],
+        ignore_index: int,
+    ) -> tuple[Tensor, Tensor]:
+        from janus.kernels.janus_loss import janus_loss_forward
+
+        logits = [x if x is None or x.stride(-1) == 1 else x.contiguous() for x in (ar_logits, nar_logits, aux_logits)]
+        need = ctx.needs_input_grad[:3]
+        grads = tuple(torch.empty_like(x) if x is not None and n else None for x, n in zip(logits, need))
+        loss, sums = janus_loss_forward(
+            *(logits[0], ar_targets, logits[1], logits[2], masked_targets, pair_index),
+            eps, scales, ignore_index, grads=grads if any(need) else None, partner=partner,
+        )  # fmt: skip
+        ctx.grads = grads
+        ctx.mark_non_differentiable(sums)
+        return loss, sums
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, grad_sums: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        if ctx.grads is None:
+            raise RuntimeError("janus_loss (triton): backward ran twice; its gradients are scaled in place")
+        grads, ctx.grads = ctx.grads, None
+        scaled = tuple(g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in grads)
+        return (*scaled, *([None] * 7))
+
+
+def _janus_loss_triton(
+    ar_logits: Optional[Tensor],
+    ar_targets: Optional[Tensor],
+    nar_logits: Optional[Tensor],
+    aux_logits: Optional[Tensor],
+    masked_targets: Optional[Tensor],
+    pair_index: Optional[Tensor],
+    eps: float,
+    scales: LossScales,
+    ignore_index: int = -100,
+) -> MaskedTokenLoss:
+    from janus.kernels.janus_loss import partners
+
+    partner = None
+    has_masked = any(x is not None and x.shape[0] > 0 for x in (nar_logits, aux_logits))
+    if ar_logits is not None and has_masked:
+        if pair_index is None:
+            raise ValueError("pair_index is required for the SKL terms between P_AR and the masked rows")
+        partner = partners(pair_index, ar_logits.shape[0])
+        if partner is None:  # an AR row paired twice: only the reference takes that layout
+            if not _repeats_logged:
+                _repeats_logged.append(True)
+                log.info("janus_loss: pair_index repeats an AR row; the reference runs such calls")
+            return janus_loss_ref(
+                ar_logits, ar_targets, nar_logits, aux_logits, masked_targets, pair_index, eps, scales, ignore_index
+            )
+    loss, sums = FusedJanusLoss.apply(
+        ar_logits, nar_logits, aux_logits, ar_targets, masked_targets, pair_index, partner,
+        eps, astuple(scales), ignore_index,
+    )  # fmt: skip
+    return MaskedTokenLoss(loss, sums)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_repeats_logged: list[bool] = []
+
+
+def _fits_triton_kernel(*args: Any, **kwargs: Any) -> Verdict:
+    ok, why = all_on_cuda(*args, **kwargs)
+    if not ok:
+        return ok, why
+    for x in (*args[:5], *kwargs.values()):
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dtype not in _KERNEL_DTYPES:
+            return False, f"logits of dtype {x.dtype} (the kernel takes fp32, fp16 and bf16)"
+    return True, ""
+
+
+JANUS_LOSS = register_op(
+    "janus_loss",
+    [
+        Backend("triton", _janus_loss_triton, available=triton_available, supports=_fits_triton_kernel),
+        Backend("reference", janus_loss_ref),
+    ],
+)
 
 
 def janus_loss(
@@ -153,7 +258,9 @@ def janus_loss(
 ) -> MaskedTokenLoss:
     """The three-distribution masked-token loss on the best available backend.
 
-    Same arguments and result as ``janus_loss_ref``.
+    Same arguments and result as ``janus_loss_ref``: logits (N, V) / (M, V) of any float
+    dtype (each may be None), int64 targets, pair_index int64 (M,), label smoothing eps,
+    the six scales and ignore_index. Returns MaskedTokenLoss(loss () fp32, sums (9,) fp32).
     """
     return JANUS_LOSS(
         ar_logits, ar_targets, nar_logits, aux_logits, masked_targets, pair_index, eps, scales, ignore_index
