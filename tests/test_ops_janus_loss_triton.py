@@ -203,3 +203,26 @@ def test_full_size_bf16_on_cuda():
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=2e-3, atol=1e-2)
     for got, want in zip(outs[0][2], outs[1][2]):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_offsets_past_two_to_the_31_on_cuda():
+    """N * V > 2^31 logits: rows past the 32-bit range are read and written at the right place."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    Vb = 32000
+    N = 2**31 // Vb + 64  # the last 64 rows start beyond element 2^31
+    g = torch.Generator(device="cuda").manual_seed(1)
+    logits = torch.randn(N, Vb, device="cuda", dtype=torch.bfloat16, generator=g)
+    targets = torch.full((N,), -100, device="cuda")
+    targets[-64:] = torch.randint(0, Vb, (64,), device="cuda", generator=g)
+    logits.requires_grad_()
+    out = JANUS_LOSS.backend("triton").impl(logits, targets, None, None, None, None, EPS, SCALES)
+    out.loss.backward()
+    tail = logits.detach()[-64:].clone().requires_grad_()
+    ref = janus_loss_ref(tail, targets[-64:], None, None, None, None, EPS, SCALES)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(logits.grad[-64:].float(), tail.grad.float(), rtol=2e-2, atol=2e-3)
+    assert bool((logits.grad[:-64] == 0).all())

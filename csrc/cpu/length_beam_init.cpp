@@ -75,26 +75,12 @@ void write_canvases(const int64_t* lengths, int64_t rows, int64_t width, int64_t
 std::tuple<at::Tensor, at::Tensor> length_beam_init_cpu(const at::Tensor& length_scores, int64_t beam,
                                                         int64_t min_len, const at::Tensor& max_len, int64_t bos,
                                                         int64_t eos, int64_t mask, int64_t pad) {
-  TORCH_CHECK_VALUE(length_scores.dim() == 2, "janus::length_beam_init: length_scores must be (B, C), got shape ",
-                    length_scores.sizes());
-  const int64_t sentences = length_scores.size(0);
-  const int64_t columns = length_scores.size(1);
-  TORCH_CHECK_VALUE(beam >= 1, "janus::length_beam_init: beam=", beam, " must be >= 1");
-  TORCH_CHECK_VALUE(min_len >= 2 && min_len <= columns - 1, "janus::length_beam_init: min_len=", min_len,
-                    " must be in [2, ", columns - 1, "] (a canvas holds bos and eos; length_scores has ", columns,
-                    " columns)");
+  check_length_beam_args(length_scores, beam, min_len, max_len);
   TORCH_CHECK(length_scores.device().is_cpu() && max_len.device().is_cpu(),
               "janus::length_beam_init: length_scores and max_len must be CPU tensors here, got ",
               length_scores.device(), " and ", max_len.device());
-  TORCH_CHECK(is_score_dtype(length_scores.scalar_type()),
-              "janus::length_beam_init: length_scores must be float, double, half or bfloat16, got ",
-              length_scores.scalar_type());
-  TORCH_CHECK(is_index_dtype(max_len.scalar_type()), "janus::length_beam_init: max_len must be int32 or int64, got ",
-              max_len.scalar_type());
-  // A scalar (or one entry, broadcast) caps every sentence; otherwise one entry per sentence.
-  TORCH_CHECK_VALUE(max_len.dim() <= 1 && (max_len.numel() == 1 || max_len.numel() == sentences),
-                    "janus::length_beam_init: max_len must be a scalar or hold one entry per sentence (",
-                    sentences, ",), got shape ", max_len.sizes());
+  const int64_t sentences = length_scores.size(0);
+  const int64_t columns = length_scores.size(1);
 
   const int64_t rows = sentences * beam;
   at::Tensor lengths = at::empty({rows}, length_scores.options().dtype(at::kLong));

@@ -93,19 +93,10 @@ void remask_rows(T* tokens, S* scores, const K* counts, const Canvas& c, int64_t
 
 void remask_lowest_cpu(at::Tensor& tokens, at::Tensor& scores, const at::Tensor& counts, int64_t mask, int64_t pad,
                        int64_t bos, int64_t eos, bool check) {
-  TORCH_CHECK_VALUE(tokens.dim() == 2 && tokens.sizes() == scores.sizes() && counts.dim() == 1 &&
-                        counts.size(0) == tokens.size(0),
-                    "janus::remask_lowest: tokens ", tokens.sizes(), " and scores ", scores.sizes(),
-                    " must be (R, L) and counts ", counts.sizes(), " must be (R,)");
+  check_remask_args(tokens, scores, counts);
   TORCH_CHECK(tokens.device().is_cpu() && scores.device().is_cpu() && counts.device().is_cpu(),
               "janus::remask_lowest: tokens, scores and counts must be CPU tensors here, got ", tokens.device(), ", ",
               scores.device(), " and ", counts.device());
-  TORCH_CHECK(is_index_dtype(tokens.scalar_type()), "janus::remask_lowest: tokens must be int32 or int64, got ",
-              tokens.scalar_type());
-  TORCH_CHECK(is_score_dtype(scores.scalar_type()),
-              "janus::remask_lowest: scores must be float, double, half or bfloat16, got ", scores.scalar_type());
-  TORCH_CHECK(is_index_dtype(counts.scalar_type()), "janus::remask_lowest: counts must be int32 or int64, got ",
-              counts.scalar_type());
 
   const Canvas c{tokens.size(0), tokens.size(1), {tokens.stride(0), tokens.stride(1)},
                  {scores.stride(0), scores.stride(1)}, pad, bos, eos};
@@ -123,9 +114,7 @@ void remask_lowest_cpu(at::Tensor& tokens, at::Tensor& scores, const at::Tensor&
         std::vector<int64_t> available(static_cast<size_t>(c.rows));
         count_remaskable(tok, c, available.data());
         for (int64_t r = 0; r < c.rows; ++r) {
-          const int64_t want = static_cast<int64_t>(cnt[r]);
-          TORCH_CHECK_VALUE(want >= 0 && want <= available[r], "janus::remask_lowest: counts[", r, "]=", want,
-                            " is outside [0, ", available[r], "], the number of non-special tokens of row ", r);
+          check_remask_count(r, static_cast<int64_t>(cnt[r]), available[r]);
         }
       }
       // 3. Select and write.

@@ -81,28 +81,15 @@ __global__ void canvas_kernel(const int64_t* __restrict__ lengths, int64_t rows,
 std::tuple<at::Tensor, at::Tensor> length_beam_init_cuda(const at::Tensor& length_scores, int64_t beam,
                                                          int64_t min_len, const at::Tensor& max_len, int64_t bos,
                                                          int64_t eos, int64_t mask, int64_t pad) {
-  TORCH_CHECK_VALUE(length_scores.dim() == 2, "janus::length_beam_init: length_scores must be (B, C), got shape ",
-                    length_scores.sizes());
+  check_length_beam_args(length_scores, beam, min_len, max_len);
   const int64_t sentences = length_scores.size(0);
   const int64_t columns = length_scores.size(1);
-  TORCH_CHECK_VALUE(beam >= 1, "janus::length_beam_init: beam=", beam, " must be >= 1");
-  TORCH_CHECK_VALUE(min_len >= 2 && min_len <= columns - 1, "janus::length_beam_init: min_len=", min_len,
-                    " must be in [2, ", columns - 1, "] (a canvas holds bos and eos; length_scores has ", columns,
-                    " columns)");
   TORCH_CHECK(length_scores.is_cuda(), "janus::length_beam_init: length_scores must be a CUDA tensor here, got ",
               length_scores.device());
   // A one-entry max_len may stay on the host (read there); per-sentence caps live on the scores' device.
   TORCH_CHECK(max_len.device() == length_scores.device() || (max_len.is_cpu() && max_len.numel() == 1),
               "janus::length_beam_init: max_len must be on ", length_scores.device(),
               " (or be a one-entry CPU tensor), got ", max_len.device());
-  TORCH_CHECK(is_score_dtype(length_scores.scalar_type()),
-              "janus::length_beam_init: length_scores must be float, double, half or bfloat16, got ",
-              length_scores.scalar_type());
-  TORCH_CHECK(is_index_dtype(max_len.scalar_type()), "janus::length_beam_init: max_len must be int32 or int64, got ",
-              max_len.scalar_type());
-  TORCH_CHECK_VALUE(max_len.dim() <= 1 && (max_len.numel() == 1 || max_len.numel() == sentences),
-                    "janus::length_beam_init: max_len must be a scalar or hold one entry per sentence (",
-                    sentences, ",), got shape ", max_len.sizes());
   TORCH_CHECK_VALUE(columns <= kMaxColumns, "janus::length_beam_init: the CUDA kernel takes at most ", kMaxColumns,
                     " length classes, got ", columns, "; use the CPU op or janus.ops.length_beam_init_ref");
   TORCH_CHECK_VALUE(sentences <= int64_t{0x7fffffff}, "janus::length_beam_init: at most 2^31 - 1 sentences, got ",

@@ -126,19 +126,10 @@ int threads_for(int64_t length) {
 
 void remask_lowest_cuda(at::Tensor& tokens, at::Tensor& scores, const at::Tensor& counts, int64_t mask, int64_t pad,
                         int64_t bos, int64_t eos, bool check) {
-  TORCH_CHECK_VALUE(tokens.dim() == 2 && tokens.sizes() == scores.sizes() && counts.dim() == 1 &&
-                        counts.size(0) == tokens.size(0),
-                    "janus::remask_lowest: tokens ", tokens.sizes(), " and scores ", scores.sizes(),
-                    " must be (R, L) and counts ", counts.sizes(), " must be (R,)");
+  check_remask_args(tokens, scores, counts);
   TORCH_CHECK(tokens.is_cuda() && scores.device() == tokens.device() && counts.device() == tokens.device(),
               "janus::remask_lowest: tokens, scores and counts must be on one CUDA device, got ", tokens.device(),
               ", ", scores.device(), " and ", counts.device());
-  TORCH_CHECK(is_index_dtype(tokens.scalar_type()), "janus::remask_lowest: tokens must be int32 or int64, got ",
-              tokens.scalar_type());
-  TORCH_CHECK(is_score_dtype(scores.scalar_type()),
-              "janus::remask_lowest: scores must be float, double, half or bfloat16, got ", scores.scalar_type());
-  TORCH_CHECK(is_index_dtype(counts.scalar_type()), "janus::remask_lowest: counts must be int32 or int64, got ",
-              counts.scalar_type());
   const int64_t rows = tokens.size(0), length = tokens.size(1);
   TORCH_CHECK_VALUE(length <= kMaxLength, "janus::remask_lowest: the CUDA kernel takes rows of at most ", kMaxLength,
                     " tokens, got ", length, "; use the CPU op or janus.ops.remask_lowest_ref for longer rows");
@@ -184,9 +175,7 @@ void remask_lowest_cuda(at::Tensor& tokens, at::Tensor& scores, const at::Tensor
       const int64_t* ids = row.const_data_ptr<int64_t>();
       int64_t n = 0;
       for (int64_t p = 0; p < length; ++p) n += remaskable(ids[p], pad, bos, eos);
-      const int64_t want = counts.select(0, bad).item<int64_t>();
-      TORCH_CHECK_VALUE(false, "janus::remask_lowest: counts[", bad, "]=", want, " is outside [0, ", n,
-                        "], the number of non-special tokens of row ", bad);
+      check_remask_count(bad, counts.select(0, bad).item<int64_t>(), n);
     }
   }
 }

@@ -30,8 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from janus.ops._dispatch import Backend, Verdict, all_on_cuda, register_op, triton_available
-from janus.ops.janus_loss import LossScales, MaskedTokenLoss, janus_loss_ref
+from janus.ops._dispatch import Backend, register_op, triton_available
+from janus.ops.janus_loss import (
+    LossScales,
+    MaskedTokenLoss,
+    fits_triton_loss_kernel,
+    janus_loss_ref,
+    scale_precomputed_grads,
+)
 
 
 def janus_linear_loss_ref(
@@ -106,11 +112,7 @@ class FusedLinearJanusLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, grad_sums: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        if ctx.grads is None:
-            raise RuntimeError("janus_linear_loss (triton): backward ran twice; its gradients are scaled in place")
-        grads, ctx.grads = ctx.grads, None
-        scaled = tuple(g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in grads)
-        return (*scaled, *([None] * 8))
+        return (*scale_precomputed_grads(ctx, grad_loss, "janus_linear_loss"), *([None] * 8))
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -159,20 +161,10 @@ def _janus_linear_loss_triton(*args: Any, **kwargs: Any) -> MaskedTokenLoss:
         return janus_linear_loss_ref(*args, **kwargs)
 
 
-def _fits_triton_kernel(*args: Any, **kwargs: Any) -> Verdict:
-    ok, why = all_on_cuda(*args, **kwargs)
-    if not ok:
-        return ok, why
-    for x in (*args[:4], *kwargs.values()):
-        if isinstance(x, Tensor) and x.is_floating_point() and x.dtype == torch.float64:
-            return False, "fp64 states or weights (the kernel takes fp32, fp16 and bf16)"
-    return True, ""
-
-
 JANUS_LINEAR_LOSS = register_op(
     "janus_linear_loss",
     [
-        Backend("triton", _janus_linear_loss_triton, available=triton_available, supports=_fits_triton_kernel),
+        Backend("triton", _janus_linear_loss_triton, available=triton_available, supports=fits_triton_loss_kernel),
         Backend("reference", janus_linear_loss_ref),
     ],
 )

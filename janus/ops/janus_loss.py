@@ -182,11 +182,7 @@ class FusedJanusLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, grad_sums: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        if ctx.grads is None:
-            raise RuntimeError("janus_loss (triton): backward ran twice; its gradients are scaled in place")
-        grads, ctx.grads = ctx.grads, None
-        scaled = tuple(g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in grads)
-        return (*scaled, *([None] * 7))
+        return (*scale_precomputed_grads(ctx, grad_loss, "janus_loss"), *([None] * 7))
 
 
 def _janus_loss_triton(
@@ -226,20 +222,30 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _repeats_logged: list[bool] = []
 
 
-def _fits_triton_kernel(*args: Any, **kwargs: Any) -> Verdict:
+def fits_triton_loss_kernel(*args: Any, **kwargs: Any) -> Verdict:
+    """``supports`` of the fused loss backends: CUDA tensors, floating ones in fp32, fp16 or bf16."""
     ok, why = all_on_cuda(*args, **kwargs)
     if not ok:
         return ok, why
-    for x in (*args[:5], *kwargs.values()):
+    for x in (*args, *kwargs.values()):
         if isinstance(x, Tensor) and x.is_floating_point() and x.dtype not in _KERNEL_DTYPES:
-            return False, f"logits of dtype {x.dtype} (the kernel takes fp32, fp16 and bf16)"
+            return False, f"a {x.dtype} tensor (the kernel takes fp32, fp16 and bf16)"
     return True, ""
+
+
+def scale_precomputed_grads(ctx: Any, grad_loss: Tensor, op: str) -> tuple[Optional[Tensor], ...]:
+    """Backward of a Function whose forward left its input gradients (for a loss gradient of 1) in
+    ``ctx.grads``: scale them by ``grad_loss`` in place, once."""
+    if ctx.grads is None:
+        raise RuntimeError(f"{op} (triton): backward ran twice; its gradients are scaled in place")
+    grads, ctx.grads = ctx.grads, None
+    return tuple(g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in grads)
 
 
 JANUS_LOSS = register_op(
     "janus_loss",
     [
-        Backend("triton", _janus_loss_triton, available=triton_available, supports=_fits_triton_kernel),
+        Backend("triton", _janus_loss_triton, available=triton_available, supports=fits_triton_loss_kernel),
         Backend("reference", janus_loss_ref),
     ],
 )
