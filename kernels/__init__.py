@@ -11,3 +11,12 @@ launchers are registered as the "triton" backend of an op in ``janus.ops``, whic
 owns the reference implementation, the dispatch and the fallback. To run a kernel
 on CPU (tests), set ``TRITON_INTERPRET=1`` before its module is imported.
 """
+
+from __future__ import annotations
+
+import os
+
+
+def interpreting() -> bool:
+    """Whether kernels run in Triton's interpreter (TRITON_INTERPRET=1; triton reads it when a kernel is defined)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

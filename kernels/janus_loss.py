@@ -33,13 +33,14 @@ masked row), which the training rows guarantee; the launcher checks it.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from janus.kernels import interpreting
 
 TERMS = 9  # ar, nar, aux, skl_ar_nar, skl_ar_aux, skl_nar_aux, ar_nll, nar_nll, aux_nll; column 9: the loss
 _FAR = -1.0e30  # start of a running max: finite, so that an empty (masked-out) row never computes inf - inf
@@ -248,11 +249,6 @@ def janus_loss_kernel(
 
 class RepeatedPairsError(ValueError):
     """pair_index pairs an AR row with two masked rows: a layout the kernel does not take."""
-
-
-def interpreting() -> bool:
-    """Whether kernels run in Triton's interpreter (TRITON_INTERPRET=1, read when this module was imported)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def partners(pair_index: Tensor, num_ar: int) -> Optional[Tensor]:
