@@ -163,7 +163,8 @@ def test_remask_lowest_equals_the_reference(device, dtype, R, L):
     special[torch.rand(R, L, generator=g) < 0.1] = -0.0
     for scores in (smooth, tied, special):
         for counts in (available, available // 2, torch.zeros_like(available), (available - 1).clamp_min(0)):
-            assert_remask_matches(tokens.to(device), scores.to(dtype).to(device), counts.to(device))
+            # Copies: the op works in place, and .to() of a CPU tensor to the CPU is the tensor itself.
+            assert_remask_matches(tokens.to(device, copy=True), scores.to(device, dtype, copy=True), counts.to(device))
 
 
 @pytest.mark.parametrize("token_dtype", [torch.int32, torch.int64], ids=str)
@@ -173,7 +174,7 @@ def test_remask_lowest_index_dtypes(device, token_dtype, count_dtype):
     tokens = canvases(17, 33, g)
     scores = torch.randn(17, 33, generator=g).to(device)
     counts = (remaskable(tokens) * 2 // 3).to(device, count_dtype)
-    assert_remask_matches(tokens.to(device, token_dtype), scores, counts)
+    assert_remask_matches(tokens.to(device, token_dtype, copy=True), scores, counts)
 
 
 def test_remask_lowest_writes_through_strided_views(device):
@@ -206,7 +207,7 @@ def test_remask_lowest_without_check_clamps_counts(device):
     available = remaskable(tokens)
     counts = torch.tensor([-3, 0, 1, 100]).repeat(2)
     assert bool((counts > available).any())
-    assert_remask_matches(tokens.to(device), scores.to(device), counts.to(device), check=False)
+    assert_remask_matches(tokens.to(device, copy=True), scores.to(device, copy=True), counts.to(device), check=False)
     t, s = remask_lowest_ref(tokens.clone(), scores.clone(), counts, MASK, PAD, BOS, EOS, check=False)
     assert torch.equal(((t == MASK) & (s == 0)).sum(1), torch.minimum(counts.clamp_min(0), available))
 

@@ -47,8 +47,9 @@ def problem(N: int, M: int, seed: int, streams: str = "abc", shuffled: bool = Tr
 
 def run(fn, hidden, weight, ya, y, pair, dtype, **kwargs):
     """(loss, sums, grads of the a/b/c states and of the weight) with inputs cast to dtype; loss x 1.5."""
-    hs = {k: (v.to(dtype).requires_grad_() if v is not None else None) for k, v in hidden.items()}
-    w = weight.to(dtype).requires_grad_()
+    # Fresh leaves every run (``to`` alone would return the caller's tensor and pool the gradients).
+    hs = {k: (v.to(dtype, copy=True).requires_grad_() if v is not None else None) for k, v in hidden.items()}
+    w = weight.to(dtype, copy=True).requires_grad_()
     out = fn(hs["a"], hs["b"], hs["c"], w, ya, y, pair, EPS, SCALES, **kwargs)
     (out.loss * 1.5).backward()
     grads = {k: (h.grad if h is not None else None) for k, h in hs.items()} | {"w": w.grad}

@@ -55,7 +55,8 @@ def problem(N: int, M: int, seed: int, streams: str = "abc", ignored: float = 0.
 
 def run(fn, logits, ya, y, pair, dtype, grad_scale=2.5, device=DEVICE):
     """fn's (loss, sums, grads) for logits cast to ``dtype``; the loss is backpropagated times grad_scale."""
-    xs = {k: (v.to(device, dtype).requires_grad_() if v is not None else None) for k, v in logits.items()}
+    # Fresh leaves every run (``to`` alone would return the caller's tensor and pool the gradients).
+    xs = {k: (v.to(device, dtype, copy=True).requires_grad_() if v is not None else None) for k, v in logits.items()}
     dev = lambda t: t.to(device) if t is not None else None  # noqa: E731
     out = fn(xs["a"], dev(ya), xs["b"], xs["c"], dev(y), dev(pair), EPS, SCALES)
     (out.loss * grad_scale).backward()
