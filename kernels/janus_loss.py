@@ -43,7 +43,7 @@ from torch import Tensor
 from janus.kernels import interpreting
 
 TERMS = 9  # ar, nar, aux, skl_ar_nar, skl_ar_aux, skl_nar_aux, ar_nll, nar_nll, aux_nll; column 9: the loss
-_FAR = -1.0e30  # start of a running max: finite, so that an empty (masked-out) row never computes inf - inf
+_FAR = tl.constexpr(-1.0e30)  # start of a running max: finite, so that an empty (masked-out) row never computes inf - inf
 
 
 @triton.jit
