@@ -43,7 +43,9 @@ from torch import Tensor
 from janus.kernels import interpreting
 
 TERMS = 9  # ar, nar, aux, skl_ar_nar, skl_ar_aux, skl_nar_aux, ar_nll, nar_nll, aux_nll; column 9: the loss
-_FAR = tl.constexpr(-1.0e30)  # start of a running max: finite, so that an empty (masked-out) row never computes inf - inf
+_FAR = tl.constexpr(
+    -1.0e30
+)  # start of a running max: finite, so that an empty (masked-out) row never computes inf - inf
 
 
 @triton.jit
@@ -321,6 +323,8 @@ def janus_loss_forward(
     if units == 0:
         return part.sum(0)[9], part.sum(0)[:TERMS]
     g = grads if grads is not None else (None, None, None)
+    if grads is not None and any(x is not None and gx is None for x, gx in zip((a, b, c), g)):
+        raise ValueError("janus_loss (triton): grads needs a buffer for every logits tensor given")
     dummy = present[0]
 
     def ptr(x: Optional[Tensor]) -> Tensor:

@@ -174,6 +174,18 @@ def test_backward_scales_by_the_incoming_gradient_and_runs_once(fused):
     )  # fmt: skip
 
 
+def test_gradients_for_some_logits_only_leave_the_others_alone(fused):
+    logits, ya, y, pair = problem(7, 4, seed=12)
+    a = logits["a"].clone().requires_grad_()
+    b, c = logits["b"].clone(), logits["c"].clone()
+    out = fused(a, ya, b, c, y, pair, EPS, SCALES)
+    out.loss.backward()
+    assert torch.equal(b, logits["b"]) and torch.equal(c, logits["c"]) and torch.equal(a.detach(), logits["a"])
+    ref_a = logits["a"].clone().requires_grad_()
+    janus_loss_ref(ref_a, ya, logits["b"], logits["c"], y, pair, EPS, SCALES).loss.backward()
+    torch.testing.assert_close(a.grad, ref_a.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_dispatch_keeps_cpu_tensors_on_the_reference():
     logits, ya, y, pair = problem(3, 2, seed=11)
     backend = JANUS_LOSS.select(logits["a"], ya, logits["b"], logits["c"], y, pair, EPS, SCALES)

@@ -170,13 +170,15 @@ class FusedJanusLoss(torch.autograd.Function):
         from janus.kernels.janus_loss import janus_loss_forward
 
         logits = [x if x is None or x.stride(-1) == 1 else x.contiguous() for x in (ar_logits, nar_logits, aux_logits)]
+        # The kernel writes every present row's gradient, so each present tensor gets a buffer once any
+        # gradient is needed; the ones nobody asked for are dropped right after.
         need = ctx.needs_input_grad[:3]
-        grads = tuple(torch.empty_like(x) if x is not None and n else None for x, n in zip(logits, need))
+        grads = tuple(torch.empty_like(x) if x is not None else None for x in logits) if any(need) else None
         loss, sums = janus_loss_forward(
-            *(logits[0], ar_targets, logits[1], logits[2], masked_targets, pair_index),
-            eps, scales, ignore_index, grads=grads if any(need) else None, partner=partner,
+            logits[0], ar_targets, logits[1], logits[2], masked_targets, pair_index, eps, scales, ignore_index,
+            grads=grads, partner=partner,
         )  # fmt: skip
-        ctx.grads = grads
+        ctx.grads = tuple(g if n else None for g, n in zip(grads, need)) if grads is not None else (None,) * 3
         ctx.mark_non_differentiable(sums)
         return loss, sums
 
