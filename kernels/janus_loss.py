@@ -445,7 +445,7 @@ def janus_linear_loss_forward(
                 continue
             if grads_h[k] is not None:
                 dh = (g @ w).to(grads_h[k].dtype)
-                if k == 0 and has_a:
+                if k == 0:  # AR rows: the chunk itself
                     grads_h[0][start:end] = dh
                 else:
                     grads_h[k].index_copy_(0, index, dh)
