@@ -84,6 +84,8 @@ def _readme() -> str:
 
 packages, package_dir = _packages()
 package_data = {p: CSRC_GLOBS for p in packages if p.startswith("janus.csrc")}
+# The text sample of the benchmarks' embedded default, its vocabulary and its license.
+package_data["janus.samples"] = ["*.de", "*.en", "*.model", "NOTICE", "LICENSE.*"]
 ext_modules, cmdclass = _extensions()
 setup(
     long_description=_readme(),

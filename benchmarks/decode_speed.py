@@ -1,30 +1,48 @@
-"""Decoding speed: AR greedy, AR beam search, mask-predict and self-speculative decoding.
+"""Decoding speed, the main job: AR greedy, AR beam 5, mask-predict and self-speculative decoding.
 
-    python benchmarks/decode_speed.py --data bin                        # iwslt preset, random weights, CPU
-    python benchmarks/decode_speed.py --data bin --checkpoint run/avg   # a trained model (own lengths)
-    python benchmarks/decode_speed.py --data bin --batch-sizes 1,32 --methods greedy,beam5,nar-T10-l3,spec
+    python benchmarks/decode_speed.py                          # the embedded default (below)
+    python benchmarks/decode_speed.py --checkpoint run/avg     # a trained model: its own lengths, BLEU beside speed
+    python benchmarks/decode_speed.py --device cuda --batch-sizes 1,8,32,128 --repeats 5
+    python benchmarks/decode_speed.py --data bin --split test --sentences 500   # a `janus prepare` folder
 
-Every method decodes the same source sentences (the first ``--sentences`` of ``--split``
-of a folder written by ``janus prepare``), in batches of each size, with the encoder
-included in the time. Timing is honest: one untimed warm-up, a device sync around every
-repeat, p50 and p90 over ``--repeats``. With random weights (no ``--checkpoint``) every
-method is forced to the reference target lengths, so all of them produce the same
-number of tokens; with a checkpoint, lengths are the model's own.
+The embedded default runs in a few minutes on 2 CPU cores: the iwslt preset (6+6 layers,
+width 512, 8000-piece vocabulary) with random weights, on the 64 LibreOffice help
+sentences shipped in janus.samples (German -> English, MPL-2.0), at batch sizes 1 and
+32. Batch 1 decodes the first ``--b1-sentences`` (8) of the ``--sentences`` (32), one at a
+time; the other batch sizes decode all of them. Every method sees the same sentences at
+a given batch size.
+
+Methods: AR greedy, AR beam 5, mask-predict with T in {1, 4, 10} passes and length beam
+l in {1, 3}, and self-speculative decoding. With random weights every method is forced to
+the reference target lengths (said in the output), so all produce the same number of
+tokens (a length beam of 3 tries the reference length and its two neighbours, so it may
+end a token off); with ``--checkpoint`` the lengths are the model's own and sacreBLEU is
+printed.
+
+Timing: a warm-up (two sentences through every method), then ``--repeats`` timed runs of
+the whole set per method (fewer, but at least two, once a method has used
+``--method-seconds``), each with the encoder included and a device sync; p50 and p90 over
+the runs. Writes ``results.json`` (device, versions, git commit, settings, every row) and
+``speedup.png`` (speedup over AR beam 5 by batch size; with a checkpoint also
+``bleu_vs_speed.png``) to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
-from harness import environment, measure, print_table, write_json
+from harness import environment, print_table, sync, write_json
 
 from janus.api import Generator
 from janus.config import DecodeConfig, preset
-from janus.data import Dataset
 from janus.model import JanusModel
 
 
@@ -46,74 +64,204 @@ def methods() -> list[Method]:
     return out
 
 
-def main() -> None:
+@dataclass
+class Workload:
+    """What is decoded: source texts or ids, reference texts (for BLEU), reference target lengths."""
+
+    name: str
+    sources: list[Any]
+    references: list[str]
+    target_lengths: list[int]
+
+
+def load_workload(args: argparse.Namespace, gen: Generator) -> Workload:
+    """The shipped sample, or the first sentences of a prepared folder's split."""
+    if args.data:
+        from janus.data import Dataset
+
+        data = Dataset(args.data, args.split)
+        n = min(args.sentences, len(data))
+        targets = [data.tgt(i).astype("int64").tolist() for i in range(n)]
+        references = [gen.vocab.decode(t) for t in targets] if gen.vocab is not None else []
+        return Workload(f"{args.data}:{args.split}", [data.src(i).astype("int64").tolist() for i in range(n)],
+                        references, [len(t) for t in targets])  # fmt: skip
+    from janus.samples import libreoffice_sample
+
+    sample = libreoffice_sample()
+    n = min(args.sentences, len(sample.source))
+    if gen.vocab is None:
+        raise SystemExit("the model has no vocabulary to encode the shipped sample with; pass --data")
+    lengths = [len(t) for t in gen.vocab.encode(sample.target[:n])]
+    return Workload(sample.name, sample.source[:n], sample.target[:n], lengths)
+
+
+def time_runs(run, device: torch.device, repeats: int, budget: float) -> list[float]:
+    """Seconds of up to ``repeats`` runs (at least two; no new run once ``budget`` seconds are spent)."""
+    times: list[float] = []
+    while len(times) < repeats and not (len(times) >= 2 and sum(times) >= budget):
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def bleu(hyps: list[str], refs: list[str]) -> Optional[float]:
+    if not refs or len(refs) != len(hyps):
+        return None
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu(hyps, [refs]).score
+
+
+def plot(rows: list[dict[str, Any]], out: Path, with_bleu: bool, title: str) -> list[Path]:
+    """speedup.png (and bleu_vs_speed.png); none when matplotlib is missing (said once)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'janus[plot]'): no plots")
+        return []
+    written = []
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    sizes = sorted({r["batch"] for r in rows})
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(sizes)
+    for k, batch in enumerate(sizes):
+        by = {r["method"]: r["vs_beam5"] for r in rows if r["batch"] == batch}
+        ax.bar([i + k * width for i in range(len(names))], [by.get(n, math.nan) for n in names], width,
+               label=f"batch {batch}")  # fmt: skip
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(names))], names, rotation=30, ha="right")
+    ax.set_ylabel("speedup over AR beam 5 (ms/sentence)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    written.append(out / "speedup.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    if with_bleu:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for batch in sizes:
+            pts = [r for r in rows if r["batch"] == batch and r["bleu"] is not None]
+            ax.scatter([r["ms_p50"] for r in pts], [r["bleu"] for r in pts], label=f"batch {batch}")
+            for r in pts:
+                ax.annotate(r["method"], (r["ms_p50"], r["bleu"]), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("ms per sentence (p50)")
+        ax.set_ylabel("BLEU")
+        ax.set_title(title, fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        written.append(out / "bleu_vs_speed.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder written by janus prepare")
-    p.add_argument("--split", default="test")
-    p.add_argument("--sentences", type=int, default=20, help="how many source sentences (the first ones)")
     p.add_argument("--checkpoint", default="", help="a trained model; default: random weights of --preset")
-    p.add_argument("--preset", default="iwslt")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    p.add_argument("--batch-sizes", default="1")
+    p.add_argument("--preset", default="iwslt", help="model preset of the random-weights run (default iwslt)")
+    p.add_argument("--data", default="", help="a `janus prepare` folder instead of the shipped sample")
+    p.add_argument("--split", default="test", help="split of --data (default test)")
+    p.add_argument("--sentences", type=int, default=32, help="sentences to decode (default 32)")
+    p.add_argument("--b1-sentences", type=int, default=8, help="of those, how many batch 1 decodes (default 8)")
+    p.add_argument("--batch-sizes", default="1,32", help="comma list (default 1,32)")
     p.add_argument("--methods", default="", help="comma list of method names (default: all)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--output", default="", help="JSON result file (optional)")
-    args = p.parse_args()
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default cpu)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per method (default 3)")
+    p.add_argument("--method-seconds", type=float, default=15.0,
+                   help="no further run once a method has taken this long, after two (default 15)")  # fmt: skip
+    p.add_argument("--out", default="decode_speed_results", help="output folder (default decode_speed_results)")
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    data = Dataset(args.data, args.split)
-    n = min(args.sentences, len(data))
-    sources = [data.src(i).astype("int64").tolist() for i in range(n)]
-    ref_lengths = [len(data.tgt(i)) for i in range(n)]
     if args.checkpoint:
         gen = Generator.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
-        forced = None
     else:
+        from janus.samples import libreoffice_sample
+        from janus.vocab import Vocab
+
+        vocab = None if args.data else Vocab(libreoffice_sample().spm_model)
+        if args.data:
+            import json
+
+            size = json.loads((Path(args.data) / "manifest.json").read_text())["vocab_size"]
+            vocab = Vocab(Path(args.data) / "spm.model") if (Path(args.data) / "spm.model").is_file() else None
+        else:
+            size = len(vocab)
         torch.manual_seed(0)
-        cfg = preset(args.preset, vocab_size=int(data.manifest["vocab_size"]), dropout=0.0)
-        gen = Generator(JanusModel(cfg), device=args.device, dtype=args.dtype)
-        forced = ref_lengths
+        gen = Generator(JanusModel(preset(args.preset, vocab_size=size, dropout=0.0)), vocab,
+                        device=args.device, dtype=args.dtype)  # fmt: skip
+    work = load_workload(args, gen)
+    forced = None if args.checkpoint else work.target_lengths
     chosen = [m for m in methods() if not args.methods or m.name in args.methods.split(",")]
+    unknown = set(args.methods.split(",")) - {m.name for m in methods()} if args.methods else set()
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {[m.name for m in methods()]}")
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     env = environment(gen.device)
-    print(f"{env['device_name']}, {env['cpu_threads']} threads, torch {env['torch']}; model "
-          f"{args.checkpoint or args.preset + ' (random weights)'} with {gen.model.num_parameters() / 1e6:.1f}M "
-          f"parameters, {gen.dtype}; {n} sentences of {args.data}:{args.split}"
+    model_name = args.checkpoint or f"{args.preset} (random weights)"
+    title = (f"{env['device_name']} ({gen.device}, {env['cpu_threads']} threads), {model_name}, "
+             f"{gen.model.num_parameters() / 1e6:.1f}M parameters, {str(gen.dtype).replace('torch.', '')}")  # fmt: skip
+    print(f"{title}; {len(work.sources)} sentences of {work.name}"
           + ("; every method forced to the reference target lengths" if forced else ""))  # fmt: skip
+
+    # Warm-up: two sentences through every method and batch size (allocators, caches, kernels).
+    for batch in sizes:
+        for m in chosen:
+            gen.generate(work.sources[:2], dataclasses.replace(m.options, max_batch_size=batch),
+                         target_lengths=forced[:2] if forced else None)  # fmt: skip
 
     rows = []
     for batch in sizes:
+        n = min(len(work.sources), args.b1_sentences) if batch == 1 else len(work.sources)
+        sources, lengths = work.sources[:n], (forced[:n] if forced else None)
         for m in chosen:
             opts = dataclasses.replace(m.options, max_batch_size=batch)
-            hyps = []
+            hyps: list = []
 
-            def run(opts=opts, hyps=hyps):
-                hyps[:] = gen.generate(sources, opts, target_lengths=forced)
+            def run(opts=opts, hyps=hyps, sources=sources, lengths=lengths):
+                hyps[:] = gen.generate(sources, opts, target_lengths=lengths)
 
-            t = measure(run, gen.device, warmup=1, repeats=args.repeats)
-            tokens = sum(len(h.ids) + 1 for h in hyps)
-            rows.append(
-                dict(
-                    method=m.name,
-                    batch=batch,
-                    passes=sum(h.passes for h in hyps) / n,
-                    ms_p50=t.p50_ms / n,
-                    ms_p90=t.p90_ms / n,
-                    sent_s=n / (t.p50_ms / 1e3),
-                    tok_s=tokens / (t.p50_ms / 1e3),
-                )
-            )
+            times = time_runs(run, gen.device, args.repeats, args.method_seconds)
+            p50, p90 = statistics.median(times), percentile(times, 0.9)
+            tokens = sum(len(h.ids) + 1 for h in hyps)  # + eos
+            texts = [h.text for h in hyps]
+            row = dict(method=m.name, batch=batch, sentences=n, runs=len(times), tokens=tokens,
+                       passes=sum(h.passes for h in hyps) / n,
+                       ms_p50=1e3 * p50 / n, ms_p90=1e3 * p90 / n, sent_s=n / p50, tok_s=tokens / p50,
+                       bleu=bleu(texts, work.references[:n]) if args.checkpoint else None)  # fmt: skip
+            rows.append(row)
+            print(f"  batch {batch:>3} {m.name:<11} {row['ms_p50']:9.1f} ms/sentence ({len(times)} runs)", flush=True)
     for r in rows:
         base = {x["method"]: x["ms_p50"] for x in rows if x["batch"] == r["batch"]}
-        r["vs_beam5"] = base["beam5"] / r["ms_p50"] if "beam5" in base else float("nan")
-        r["vs_greedy"] = base["greedy"] / r["ms_p50"] if "greedy" in base else float("nan")
-    print_table(rows, ["method", "batch", "passes", "ms_p50", "ms_p90", "sent_s", "tok_s", "vs_beam5", "vs_greedy"])
-    if args.output:
-        settings = dict(vars(args), forced_lengths=forced is not None, sentences=n)
-        write_json(Path(args.output), dict(environment=env, settings=settings, results=rows))
+        r["vs_beam5"] = base["beam5"] / r["ms_p50"] if "beam5" in base else math.nan
+        r["vs_greedy"] = base["greedy"] / r["ms_p50"] if "greedy" in base else math.nan
+    columns = ["method", "batch", "sentences", "passes", "ms_p50", "ms_p90", "sent_s", "tok_s", "vs_beam5",
+               "vs_greedy"] + (["bleu"] if args.checkpoint else [])  # fmt: skip
+    print_table(rows, columns)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = dict(vars(args), workload=work.name, forced_lengths=forced is not None, model=model_name,
+                    parameters=gen.model.num_parameters(), dtype=str(gen.dtype))  # fmt: skip
+    write_json(out / "results.json", dict(environment=env, settings=settings, results=rows))
+    for path in plot(rows, out, bool(args.checkpoint), title):
+        print(f"wrote {path}")
+    return rows
 
 
 if __name__ == "__main__":

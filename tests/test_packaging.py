@@ -104,6 +104,12 @@ def test_wheel_ships_kernels_and_sources(tmp_path):
         "janus/csrc/cuda/length_beam_init.cu",
         "janus/csrc/decode_order.h",
         "janus/csrc/common.h",
+        "janus/samples/__init__.py",
+        "janus/samples/libreoffice.de",
+        "janus/samples/libreoffice.en",
+        "janus/samples/libreoffice.spm.model",
+        "janus/samples/NOTICE",
+        "janus/samples/LICENSE.MPL-2.0",
     ):
         assert expected in names, sorted(names)
     assert not any(n.startswith("kernels/") or n.startswith("csrc/") for n in names), sorted(names)

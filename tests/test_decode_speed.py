@@ -1,0 +1,76 @@
+"""benchmarks/decode_speed.py, the main job: its table, JSON and plots, on small settings."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import decode_speed  # noqa: E402
+
+from janus.samples import libreoffice_sample  # noqa: E402
+from janus.vocab import Vocab  # noqa: E402
+
+
+def test_shipped_sample_is_aligned_and_licensed():
+    sample = libreoffice_sample()
+    assert len(sample.source) == len(sample.target) == 64 and all(sample.source) and all(sample.target)
+    vocab = Vocab(sample.spm_model)
+    assert len(vocab) == 8000
+    folder = sample.spm_model.parent
+    assert "Mozilla Public License" in (folder / "LICENSE.MPL-2.0").read_text()
+    assert "LibreOffice" in (folder / "NOTICE").read_text()
+
+
+@pytest.mark.slow
+def test_random_weights_default_workload_forced_lengths(tmp_path, capsys):
+    out = tmp_path / "out"
+    rows = decode_speed.main(["--preset", "tiny", "--methods", "greedy,beam5,nar-T1-l1,nar-T4-l3,spec",
+                              "--sentences", "6", "--b1-sentences", "2", "--batch-sizes", "1,4", "--repeats", "2",
+                              "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "forced to the reference target lengths" in printed
+    assert len(rows) == 10
+    by = {(r["method"], r["batch"]): r for r in rows}
+    assert by[("greedy", 1)]["sentences"] == 2 and by[("greedy", 4)]["sentences"] == 6
+    assert by[("beam5", 4)]["vs_beam5"] == pytest.approx(1.0)
+    assert by[("nar-T4-l3", 4)]["passes"] == 4 and by[("nar-T1-l1", 1)]["passes"] == 1
+    # Forced lengths: the reference lengths (+ eos) exactly, but for a length beam of 3, which also tries
+    # the neighbouring lengths (one token off at most per sentence).
+    vocab = Vocab(libreoffice_sample().spm_model)
+    for batch, n in ((1, 2), (4, 6)):
+        want = sum(len(t) + 1 for t in vocab.encode(libreoffice_sample().target[:n]))
+        for r in rows:
+            if r["batch"] == batch:
+                slack = n if r["method"].endswith("-l3") else 0
+                assert abs(r["tokens"] - want) <= slack, (r["method"], batch, r["tokens"], want)
+                assert r["tok_s"] == pytest.approx(r["tokens"] * r["sent_s"] / n)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["forced_lengths"] is True and saved["environment"]["git_commit"]
+    assert len(saved["results"]) == 10 and all(r["runs"] == 2 for r in saved["results"])
+    assert (out / "speedup.png").stat().st_size > 10_000 and not (out / "bleu_vs_speed.png").exists()
+
+
+@pytest.mark.slow
+def test_checkpoint_reports_bleu_and_its_plot(tmp_path, synthetic_model):
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(synthetic_model.checkpoint), "--data", str(synthetic_model.data), "--methods",
+            "greedy,beam5,nar-T10-l3,spec", "--sentences", "12", "--b1-sentences", "3", "--batch-sizes", "1,12",
+            "--repeats", "2", "--out", str(out)]  # fmt: skip
+    rows = decode_speed.main(args)
+    assert all(r["bleu"] is not None for r in rows)
+    for r in rows:
+        if r["method"] in ("greedy", "spec"):
+            assert r["bleu"] == pytest.approx(100.0)  # the learned code, exactly
+    assert (out / "bleu_vs_speed.png").is_file() and (out / "speedup.png").is_file()
+    assert json.loads((out / "results.json").read_text())["settings"]["forced_lengths"] is False
+
+
+def test_unknown_method_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="unknown methods"):
+        decode_speed.main(["--preset", "tiny", "--methods", "greedy,beam7", "--out", str(tmp_path)])
