@@ -1,0 +1,200 @@
+"""The quality study: objectives ar, cmlm and janus at an equal budget, scored with sacreBLEU.
+
+    # the corpus, once (joint 8000-piece vocabulary)
+    D=../shared/data/libreoffice-de-en
+    janus prepare --trainpref $D/train --validpref $D/valid --testpref $D/test --src de --tgt en \\
+        --destdir bin --vocab-size 8000
+    # a reduced study on a CPU (the defaults: tiny preset, 2000 updates of 2048 tokens per objective)
+    python benchmarks/quality.py --data bin --test-prefix $D/test --out runs/quality
+    # the full study on a GPU
+    python benchmarks/quality.py --data bin --test-prefix $D/test --out runs/quality \\
+        --preset iwslt --max-tokens 8192 --steps 30000 --warmup 4000 --lr 5e-4 --device cuda
+
+For every objective, with the same preset, updates, batch budget, schedule and seed:
+
+1. train into ``OUT/<objective>`` (``janus.train.train``: an interrupted run resumes from its
+   last checkpoint, and a run that already reached ``--steps`` is not trained again);
+2. average its last ``--average`` checkpoints into ``OUT/<objective>/averaged``;
+3. decode the test set (raw text: ``--test-prefix`` + .src/.tgt language suffixes; else the
+   prepared split, detokenized): AR beam 5 for ``ar`` and ``janus``, NAR T=10 l=3 for
+   ``cmlm`` and ``janus``, and self-speculative decoding for ``janus``; sacreBLEU BLEU and
+   chrF (with their signatures), mean passes, and ms per sentence at batch 1 on the first
+   ``--timing-sentences`` (encoder included, after a warm-up).
+
+Writes ``OUT/quality.json`` (settings, budget, hardware, every row), ``OUT/quality.md``
+(the table) and, with matplotlib, ``OUT/bleu_vs_speed.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from harness import environment, print_table, sync, write_json
+
+from janus.api import Generator
+from janus.checkpoint import average_checkpoints, last_checkpoints, latest_checkpoint
+from janus.config import DecodeConfig, TrainConfig
+from janus.train import train
+
+# What each objective is decoded with: (label, options).
+DECODES = {
+    "ar": [("AR beam 5", DecodeConfig(mode="ar", beam_size=5))],
+    "cmlm": [("NAR T=10 l=3", DecodeConfig(mode="nar", iterations=10, length_beam=3))],
+    "janus": [
+        ("AR beam 5", DecodeConfig(mode="ar", beam_size=5)),
+        ("NAR T=10 l=3", DecodeConfig(mode="nar", iterations=10, length_beam=3)),
+        ("spec", DecodeConfig(mode="spec")),
+    ],
+}
+
+
+def trained_steps(save_dir: Path) -> int:
+    """The update count of the latest checkpoint in ``save_dir`` (0 when there is none)."""
+    path = latest_checkpoint(save_dir)
+    return 0 if path is None else int(path.name.rsplit("_", 1)[-1])  # checkpoint_<step>
+
+
+def test_set(args: argparse.Namespace, gen: Generator) -> tuple[list[str], list[str]]:
+    """(sources, references) as text: the raw files of --test-prefix, else the prepared split, detokenized."""
+    if args.test_prefix:
+        from janus.data import read_lines
+
+        src = read_lines(f"{args.test_prefix}.{args.src}")[0]
+        ref = read_lines(f"{args.test_prefix}.{args.tgt}")[0]
+        if len(src) != len(ref):
+            raise SystemExit(f"{args.test_prefix}: {len(src)} source but {len(ref)} reference lines")
+    else:
+        from janus.data import Dataset
+
+        data = Dataset(args.data, "test")
+        src = [gen.vocab.decode(data.src(i).tolist()) for i in range(len(data))]
+        ref = [gen.vocab.decode(data.tgt(i).tolist()) for i in range(len(data))]
+    n = args.test_sentences or len(src)
+    return src[:n], ref[:n]
+
+
+def evaluate(gen: Generator, label: str, options: DecodeConfig, src: list[str], ref: list[str],
+             timing: int, progress: bool) -> dict[str, Any]:  # fmt: skip
+    """BLEU/chrF of ``options`` on (src, ref) and its ms per sentence at batch 1 on the first ``timing``."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    hyps = gen.generate(src, options, progress=progress)
+    texts = [h.text or "" for h in hyps]
+    bleu, chrf = BLEU(), CHRF()
+    row = dict(decode=label, settings=dataclasses.asdict(options), bleu=bleu.corpus_score(texts, [ref]).score,
+               chrf=chrf.corpus_score(texts, [ref]).score, bleu_signature=str(bleu.get_signature()),
+               chrf_signature=str(chrf.get_signature()), passes=sum(h.passes for h in hyps) / max(1, len(hyps)),
+               sentences=len(hyps))  # fmt: skip
+    one = dataclasses.replace(options, max_batch_size=1)
+    gen.generate(src[:1], one)  # warm-up
+    times = []
+    for s in src[:timing]:
+        sync(gen.device)
+        t0 = time.perf_counter()
+        gen.generate([s], one)
+        sync(gen.device)
+        times.append(time.perf_counter() - t0)
+    row["ms_b1_p50"] = 1e3 * statistics.median(times) if times else None
+    row["timing_sentences"] = len(times)
+    return row
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'janus[plot]'): no plot")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["ms_b1_p50"], r["bleu"])
+        ax.annotate(f"{r['objective']}: {r['decode']}", (r["ms_b1_p50"], r["bleu"]), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per sentence at batch 1 (p50)")
+    ax.set_ylabel("BLEU (test)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="a `janus prepare` folder")
+    p.add_argument("--out", required=True, help="study folder (one training folder per objective)")
+    p.add_argument("--objectives", default="ar,cmlm,janus")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--steps", type=int, default=2000, help="updates per objective (default 2000)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="token budget of a batch (default 2048)")
+    p.add_argument("--warmup", type=int, default=400, help="warm-up updates (default 400)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--save-interval", type=int, default=250, help="updates between checkpoints (default 250)")
+    p.add_argument("--average", type=int, default=4, help="last checkpoints averaged (default 4)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--test-prefix", default="", help="raw test text: PREFIX.SRC / PREFIX.TGT")
+    p.add_argument("--src", default="de")
+    p.add_argument("--tgt", default="en")
+    p.add_argument("--test-sentences", type=int, default=0, help="decode only the first N (0 = all)")
+    p.add_argument("--timing-sentences", type=int, default=50, help="sentences timed at batch 1 (default 50)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    objectives = [o for o in args.objectives.split(",") if o]
+    unknown = set(objectives) - set(DECODES)
+    if unknown:
+        raise SystemExit(f"unknown objectives {sorted(unknown)}; choose from {sorted(DECODES)}")
+
+    rows: list[dict[str, Any]] = []
+    budget: dict[str, Any] = {}
+    for objective in objectives:
+        save_dir = out / objective
+        cfg = TrainConfig(data=args.data, save_dir=str(save_dir), preset=args.preset, objective=objective,
+                          max_tokens=args.max_tokens, max_steps=args.steps, warmup_steps=args.warmup, lr=args.lr,
+                          dropout=args.dropout, seed=args.seed, save_interval=args.save_interval,
+                          validate_interval=args.save_interval, keep_last=max(args.average, 1) + 1,
+                          device=args.device, threads=args.threads, progress=args.progress)  # fmt: skip
+        t0 = time.perf_counter()
+        if trained_steps(save_dir) < args.steps:
+            summary = train(cfg)
+            budget[objective] = dict(train_seconds=time.perf_counter() - t0, summary=summary)
+        else:
+            print(f"{objective}: {save_dir} already holds {args.steps} updates; not training again")
+            budget[objective] = dict(train_seconds=None, summary="already trained")
+        averaged = average_checkpoints(last_checkpoints(save_dir, args.average), save_dir / "averaged")
+        gen = Generator.from_checkpoint(averaged, device=args.device)
+        src, ref = test_set(args, gen)
+        for label, options in DECODES[objective]:
+            row = evaluate(gen, label, options, src, ref, args.timing_sentences, args.progress)
+            rows.append(dict(objective=objective, **row))
+            print(f"{objective:>6} {label:<13} BLEU {row['bleu']:6.2f}  chrF {row['chrf']:6.2f}  "
+                  f"{row['ms_b1_p50']:.1f} ms/sentence at batch 1", flush=True)  # fmt: skip
+
+    env = environment(gen.device)
+    table = print_table(rows, ["objective", "decode", "bleu", "chrf", "passes", "ms_b1_p50", "sentences"])
+    title = f"{args.preset}, {args.steps} updates of {args.max_tokens} tokens, {env['device_name']}"
+    settings = {k: v for k, v in vars(args).items()}
+    write_json(out / "quality.json", dict(environment=env, settings=settings, budget=budget, results=rows))
+    (out / "quality.md").write_text(f"{title}\n\n{table}\n", encoding="utf-8")
+    written = plot(rows, out / "bleu_vs_speed.png", title)
+    if written:
+        print(f"wrote {written}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""benchmarks/quality.py: three objectives at an equal budget, averaged, scored, and resumable."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import quality  # noqa: E402
+
+
+@pytest.mark.slow
+def test_study_trains_averages_scores_and_resumes(tmp_path, synthetic_model, monkeypatch):
+    out = tmp_path / "study"
+    args = ["--data", str(synthetic_model.data), "--out", str(out), "--preset", "tiny", "--steps", "20",
+            "--max-tokens", "1024", "--warmup", "5", "--lr", "5e-3", "--save-interval", "10", "--average", "2",
+            "--device", "cpu", "--test-prefix", str(synthetic_model.raw / "test"), "--src", "src", "--tgt", "tgt",
+            "--test-sentences", "20", "--timing-sentences", "3", "--no-progress"]  # fmt: skip
+    rows = quality.main(args)
+    assert [(r["objective"], r["decode"]) for r in rows] == [
+        ("ar", "AR beam 5"), ("cmlm", "NAR T=10 l=3"), ("janus", "AR beam 5"), ("janus", "NAR T=10 l=3"),
+        ("janus", "spec"),
+    ]  # fmt: skip
+    for r in rows:
+        assert 0 <= r["bleu"] <= 100 and r["sentences"] == 20 and r["timing_sentences"] == 3 and r["ms_b1_p50"] > 0
+        assert r["bleu_signature"].startswith("nrefs:1") and r["chrf_signature"].startswith("nrefs:1")
+    nar = next(r for r in rows if r["decode"] == "NAR T=10 l=3")
+    assert nar["passes"] == 10
+    for objective in ("ar", "cmlm", "janus"):
+        averaged = json.loads((out / objective / "averaged" / "average.json").read_text())
+        assert [Path(p).name for p in averaged["averaged"]] == ["checkpoint_00000010", "checkpoint_00000020"]
+    saved = json.loads((out / "quality.json").read_text())
+    assert saved["settings"]["steps"] == 20 and len(saved["results"]) == 5
+    assert (out / "quality.md").read_text().count("janus") == 3 and (out / "bleu_vs_speed.png").is_file()
+
+    # A second run finds every objective trained: nothing is trained again, the scores are the same.
+    monkeypatch.setattr(quality, "train", lambda cfg: pytest.fail(f"trained {cfg.objective} again"))
+    again = quality.main(args)
+    assert [r["bleu"] for r in again] == [r["bleu"] for r in rows]
