@@ -32,14 +32,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from harness import environment, print_table, sync, write_json
+from harness import environment, measure, print_table, write_json
 
 from janus.api import Generator
 from janus.config import DecodeConfig, preset
@@ -93,23 +91,6 @@ def load_workload(args: argparse.Namespace, gen: Generator) -> Workload:
         raise SystemExit("the model has no vocabulary to encode the shipped sample with; pass --data")
     lengths = [len(t) for t in gen.vocab.encode(sample.target[:n])]
     return Workload(sample.name, sample.source[:n], sample.target[:n], lengths)
-
-
-def time_runs(run, device: torch.device, repeats: int, budget: float) -> list[float]:
-    """Seconds of up to ``repeats`` runs (at least two; no new run once ``budget`` seconds are spent)."""
-    times: list[float] = []
-    while len(times) < repeats and not (len(times) >= 2 and sum(times) >= budget):
-        sync(device)
-        t0 = time.perf_counter()
-        run()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def bleu(hyps: list[str], refs: list[str]) -> Optional[float]:
@@ -194,13 +175,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         from janus.samples import libreoffice_sample
         from janus.vocab import Vocab
 
-        vocab = None if args.data else Vocab(libreoffice_sample().spm_model)
         if args.data:
-            import json
+            from janus.data import Dataset
 
-            size = json.loads((Path(args.data) / "manifest.json").read_text())["vocab_size"]
-            vocab = Vocab(Path(args.data) / "spm.model") if (Path(args.data) / "spm.model").is_file() else None
+            size = int(Dataset(args.data, args.split).manifest["vocab_size"])
+            spm = Path(args.data) / "spm.model"
+            vocab = Vocab(spm) if spm.is_file() else None
         else:
+            vocab = Vocab(libreoffice_sample().spm_model)
             size = len(vocab)
         torch.manual_seed(0)
         gen = Generator(JanusModel(preset(args.preset, vocab_size=size, dropout=0.0)), vocab,
@@ -236,16 +218,16 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             def run(opts=opts, hyps=hyps, sources=sources, lengths=lengths):
                 hyps[:] = gen.generate(sources, opts, target_lengths=lengths)
 
-            times = time_runs(run, gen.device, args.repeats, args.method_seconds)
-            p50, p90 = statistics.median(times), percentile(times, 0.9)
+            t = measure(run, gen.device, warmup=0, repeats=args.repeats, budget_s=args.method_seconds)
+            p50, p90 = t.p50_ms / 1e3, t.p90_ms / 1e3
             tokens = sum(len(h.ids) + 1 for h in hyps)  # + eos
             texts = [h.text for h in hyps]
-            row = dict(method=m.name, batch=batch, sentences=n, runs=len(times), tokens=tokens,
+            row = dict(method=m.name, batch=batch, sentences=n, runs=t.repeats, tokens=tokens,
                        passes=sum(h.passes for h in hyps) / n,
                        ms_p50=1e3 * p50 / n, ms_p90=1e3 * p90 / n, sent_s=n / p50, tok_s=tokens / p50,
                        bleu=bleu(texts, work.references[:n]) if args.checkpoint else None)  # fmt: skip
             rows.append(row)
-            print(f"  batch {batch:>3} {m.name:<11} {row['ms_p50']:9.1f} ms/sentence ({len(times)} runs)", flush=True)
+            print(f"  batch {batch:>3} {m.name:<11} {row['ms_p50']:9.1f} ms/sentence ({t.repeats} runs)", flush=True)
     for r in rows:
         base = {x["method"]: x["ms_p50"] for x in rows if x["batch"] == r["batch"]}
         r["vs_beam5"] = base["beam5"] / r["ms_p50"] if "beam5" in base else math.nan

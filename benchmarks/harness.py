@@ -7,6 +7,7 @@ file alone says where its numbers came from.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -81,20 +82,27 @@ class Timing:
     repeats: int
 
 
-def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, repeats: int = 5) -> Timing:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times with a device sync around each."""
+def percentile(values: Sequence[float], q: float) -> float:
+    """The value at quantile ``q`` of ``values`` (nearest rank; q = 0.9 for p90)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def measure(
+    fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, repeats: int = 5, budget_s: float = math.inf
+) -> Timing:
+    """Run ``fn`` ``warmup`` times untimed, then up to ``repeats`` times with a device sync around each;
+    once at least two runs are in, no new one starts after ``budget_s`` seconds of timed runs."""
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats and not (len(times) >= 2 and sum(times) >= budget_s * 1e3):
         t0 = time.perf_counter()
         fn()
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    return Timing(statistics.median(times), p90, repeats)
+    return Timing(statistics.median(times), percentile(times, 0.9), len(times))
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

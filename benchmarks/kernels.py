@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from harness import environment, print_table, sync, write_json
+from harness import environment, percentile, print_table, sync, write_json
 
 from janus.ops import registry
 
@@ -319,7 +319,7 @@ def run_case(case: Case, device: torch.device, calls: int, warmup: int, budget: 
                 "backend": name,
                 "calls": len(times),
                 "us_p50": statistics.median(times),
-                "us_p90": times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
+                "us_p90": percentile(times, 0.9),
                 "peak_mib": peak,
             }
         )
