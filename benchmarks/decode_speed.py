@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from harness import environment, measure, print_table, write_json
+from harness import environment, measure, plot_bleu_vs_speed, print_table, pyplot, write_json
 
 from janus.api import Generator
 from janus.config import DecodeConfig, preset
@@ -103,13 +103,8 @@ def bleu(hyps: list[str], refs: list[str]) -> Optional[float]:
 
 def plot(rows: list[dict[str, Any]], out: Path, with_bleu: bool, title: str) -> list[Path]:
     """speedup.png (and bleu_vs_speed.png); none when matplotlib is missing (said once)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'janus[plot]'): no plots")
+    plt = pyplot()
+    if plt is None:
         return []
     written = []
     names = list(dict.fromkeys(r["method"] for r in rows))
@@ -130,21 +125,9 @@ def plot(rows: list[dict[str, Any]], out: Path, with_bleu: bool, title: str) -> 
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
     if with_bleu:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for batch in sizes:
-            pts = [r for r in rows if r["batch"] == batch and r["bleu"] is not None]
-            ax.scatter([r["ms_p50"] for r in pts], [r["bleu"] for r in pts], label=f"batch {batch}")
-            for r in pts:
-                ax.annotate(r["method"], (r["ms_p50"], r["bleu"]), fontsize=7)
-        ax.set_xscale("log")
-        ax.set_xlabel("ms per sentence (p50)")
-        ax.set_ylabel("BLEU")
-        ax.set_title(title, fontsize=9)
-        ax.legend()
-        fig.tight_layout()
-        written.append(out / "bleu_vs_speed.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        groups = {f"batch {b}": [(r["method"], r["ms_p50"], r["bleu"]) for r in rows
+                                 if r["batch"] == b and r["bleu"] is not None] for b in sizes}  # fmt: skip
+        written.append(plot_bleu_vs_speed(groups, out / "bleu_vs_speed.png", title, "ms per sentence (p50)"))
     return written
 
 

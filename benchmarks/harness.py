@@ -14,7 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -129,3 +129,40 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     print(f"wrote {path}")
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, or None (said once) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'janus[plot]'): no plots")
+        return None
+    return plt
+
+
+def plot_bleu_vs_speed(
+    groups: dict[str, list[tuple[str, float, float]]], path: Path, title: str, xlabel: str
+) -> Optional[Path]:
+    """Scatter of (label, ms per sentence, BLEU) points, one colour per group, ms on a log axis."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group, points in groups.items():
+        ax.scatter([p[1] for p in points], [p[2] for p in points], label=group or None)
+        for label, ms, score in points:
+            ax.annotate(label, (ms, score), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("BLEU")
+    ax.set_title(title, fontsize=9)
+    if any(groups):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

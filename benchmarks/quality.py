@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from harness import environment, print_table, sync, write_json
+from harness import environment, plot_bleu_vs_speed, print_table, sync, write_json
 
 from janus.api import Generator
 from janus.checkpoint import average_checkpoints, last_checkpoints, latest_checkpoint
@@ -105,29 +105,6 @@ def evaluate(gen: Generator, label: str, options: DecodeConfig, src: list[str], 
     return row
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'janus[plot]'): no plot")
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.scatter(r["ms_b1_p50"], r["bleu"])
-        ax.annotate(f"{r['objective']}: {r['decode']}", (r["ms_b1_p50"], r["bleu"]), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("ms per sentence at batch 1 (p50)")
-    ax.set_ylabel("BLEU (test)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a `janus prepare` folder")
@@ -190,7 +167,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     settings = {k: v for k, v in vars(args).items()}
     write_json(out / "quality.json", dict(environment=env, settings=settings, budget=budget, results=rows))
     (out / "quality.md").write_text(f"{title}\n\n{table}\n", encoding="utf-8")
-    written = plot(rows, out / "bleu_vs_speed.png", title)
+    points = [(f"{r['objective']}: {r['decode']}", r["ms_b1_p50"], r["bleu"]) for r in rows]
+    written = plot_bleu_vs_speed({"": points}, out / "bleu_vs_speed.png", title, "ms per sentence at batch 1 (p50)")
     if written:
         print(f"wrote {written}")
     return rows
