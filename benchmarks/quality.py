@@ -4,8 +4,12 @@
     D=../shared/data/libreoffice-de-en
     janus prepare --trainpref $D/train --validpref $D/valid --testpref $D/test --src de --tgt en \\
         --destdir bin --vocab-size 8000
-    # a reduced study on a CPU (the defaults: tiny preset, 2000 updates of 2048 tokens per objective)
+    # a reduced study on a CPU (the defaults: small preset, 3000 updates of 2048 tokens per objective)
     python benchmarks/quality.py --data bin --test-prefix $D/test --out runs/quality
+    # the same on 2 cores in about half the time: train two at once on one thread each, then score
+    python benchmarks/quality.py --data bin --out runs/quality --threads 1 --train-only --objectives janus &
+    python benchmarks/quality.py --data bin --out runs/quality --threads 1 --train-only --objectives ar,cmlm
+    wait; python benchmarks/quality.py --data bin --test-prefix $D/test --out runs/quality
     # the full study on a GPU
     python benchmarks/quality.py --data bin --test-prefix $D/test --out runs/quality \\
         --preset iwslt --max-tokens 8192 --steps 30000 --warmup 4000 --lr 5e-4 --device cuda
@@ -60,6 +64,29 @@ def trained_steps(save_dir: Path) -> int:
     return 0 if path is None else int(path.name.rsplit("_", 1)[-1])  # checkpoint_<step>
 
 
+def training_record(save_dir: Path) -> dict[str, Any]:
+    """What ``save_dir``'s train.jsonl says about its training: wall seconds (every run, a resumed one
+    too, from its "start" event to its last logged event), the number of runs, and the threads and
+    device of the last run. Empty without a log."""
+    import json
+
+    log = save_dir / "train.jsonl"
+    if not log.exists():
+        return {}
+    total, runs, start, last, started = 0.0, 0, None, 0.0, {}
+    for line in log.read_text(encoding="utf-8").splitlines():
+        event = json.loads(line)
+        if "time" not in event or event.get("event") == "resume":  # logged before its run's "start"
+            continue
+        if event.get("event") == "start":
+            total += last - start if start is not None else 0.0
+            start, runs, started = event["time"], runs + 1, event
+        last = event["time"]
+    total += last - start if start is not None else 0.0
+    return dict(train_seconds=total, runs=runs, threads=started.get("train", {}).get("threads"),
+                device=started.get("device"), log=str(log))  # fmt: skip
+
+
 def test_set(args: argparse.Namespace, gen: Generator) -> tuple[list[str], list[str]]:
     """(sources, references) as text: the raw files of --test-prefix, else the prepared split, detokenized."""
     if args.test_prefix:
@@ -110,8 +137,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p.add_argument("--data", required=True, help="a `janus prepare` folder")
     p.add_argument("--out", required=True, help="study folder (one training folder per objective)")
     p.add_argument("--objectives", default="ar,cmlm,janus")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--steps", type=int, default=2000, help="updates per objective (default 2000)")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--steps", type=int, default=3000, help="updates per objective (default 3000)")
     p.add_argument("--max-tokens", type=int, default=2048, help="token budget of a batch (default 2048)")
     p.add_argument("--warmup", type=int, default=400, help="warm-up updates (default 400)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -127,6 +154,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p.add_argument("--test-sentences", type=int, default=0, help="decode only the first N (0 = all)")
     p.add_argument("--timing-sentences", type=int, default=50, help="sentences timed at batch 1 (default 50)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--train-only", action="store_true",
+                   help="train and average only (e.g. objectives in parallel, one thread each); "
+                   "a later run without it scores them")  # fmt: skip
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,14 +175,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                           dropout=args.dropout, seed=args.seed, save_interval=args.save_interval,
                           validate_interval=args.save_interval, keep_last=max(args.average, 1) + 1,
                           device=args.device, threads=args.threads, progress=args.progress)  # fmt: skip
-        t0 = time.perf_counter()
         if trained_steps(save_dir) < args.steps:
-            summary = train(cfg)
-            budget[objective] = dict(train_seconds=time.perf_counter() - t0, summary=summary)
+            train(cfg)
         else:
             print(f"{objective}: {save_dir} already holds {args.steps} updates; not training again")
-            budget[objective] = dict(train_seconds=None, summary="already trained")
+        budget[objective] = training_record(save_dir)
         averaged = average_checkpoints(last_checkpoints(save_dir, args.average), save_dir / "averaged")
+        if args.train_only:
+            continue
         gen = Generator.from_checkpoint(averaged, device=args.device)
         src, ref = test_set(args, gen)
         for label, options in DECODES[objective]:
@@ -161,6 +191,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             print(f"{objective:>6} {label:<13} BLEU {row['bleu']:6.2f}  chrF {row['chrf']:6.2f}  "
                   f"{row['ms_b1_p50']:.1f} ms/sentence at batch 1", flush=True)  # fmt: skip
 
+    if args.train_only:
+        return rows
     env = environment(gen.device)
     table = print_table(rows, ["objective", "decode", "bleu", "chrf", "passes", "ms_b1_p50", "sentences"])
     title = f"{args.preset}, {args.steps} updates of {args.max_tokens} tokens, {env['device_name']}"

@@ -73,6 +73,8 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests and quick CPU experiments.
     "tiny": dict(d_model=64, n_heads=4, ffn_dim=128, encoder_layers=2, decoder_layers=2, dropout=0.1),
+    # Studies on a CPU: hours, not days (3+3 layers of 128).
+    "small": dict(d_model=128, n_heads=4, ffn_dim=512, encoder_layers=3, decoder_layers=3, dropout=0.1),
     # The published IWSLT14 setup (JANUS.md section 3).
     "iwslt": dict(d_model=512, n_heads=4, ffn_dim=1024, encoder_layers=6, decoder_layers=6, dropout=0.3),
     # Transformer base / big (Vaswani et al.).
@@ -82,7 +84,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-    """Return the ModelConfig of preset ``name`` ("tiny", "iwslt", "base", "big") with overrides."""
+    """Return the ModelConfig of preset ``name`` ("tiny", "small", "iwslt", "base", "big") with overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
@@ -137,7 +139,7 @@ class TrainConfig:
 
     data: str = _doc("folder written by `janus prepare`", default="data-bin")
     save_dir: str = _doc("checkpoint folder (resumes from its latest checkpoint)", default="checkpoints")
-    preset: str = _doc("model preset: tiny, iwslt, base, big", default="iwslt")
+    preset: str = _doc("model preset: tiny, small, iwslt, base, big", default="iwslt")
     objective: str = _doc("janus, ar or cmlm", default="janus")
     masking: str = _doc("span or uniform; empty = span for janus, uniform for cmlm", default="")
     mask_ratio: float = _doc("span-masking budget ratio", default=0.7)

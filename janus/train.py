@@ -65,10 +65,44 @@ class Env:
     device: torch.device
     rank: int = 0
     world: int = 1
+    allocator: str = "unchanged"
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+
+
+def keep_freed_memory() -> str:
+    """Let glibc keep freed memory for reuse instead of returning it to the system.
+
+    A CPU training step allocates and frees the same large buffers (logits and their gradients,
+    hundreds of MB) every update. glibc serves each with a fresh mmap and unmaps it on free, so every
+    step pays first-touch page faults on all of them: a third of a step's time in the kernel on a
+    2-core VM. Served from the heap and never trimmed, the buffers are reused and the faults go
+    (about 1.5x faster steps there); peak memory stays what one step needs. Returns what was done,
+    for the log: nothing happens off glibc, or when ``JANUS_KEEP_FREED_MEMORY=0``.
+    """
+    if os.environ.get("JANUS_KEEP_FREED_MEMORY", "1") == "0":
+        return "unchanged (JANUS_KEEP_FREED_MEMORY=0)"
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 (only glibc has it)
+    except (OSError, AttributeError, TypeError):
+        return "unchanged (not glibc)"
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    done = [mallopt(_M_MMAP_MAX, 0), mallopt(_M_TRIM_THRESHOLD, 2**31 - 1), mallopt(_M_TOP_PAD, 2**28)]
+    if done != [1, 1, 1]:
+        return "unchanged (mallopt refused)"
+    return "glibc: freed memory kept for reuse"
 
 
 def setup_env(cfg: TrainConfig) -> Env:
@@ -84,11 +118,14 @@ def setup_env(cfg: TrainConfig) -> Env:
         device = torch.device(cfg.device)
         if device.type == "cuda" and device.index is None:
             device = torch.device(f"cuda:{local}")
+    allocator = "unchanged"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        allocator = keep_freed_memory()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Env(device, rank, world)
+    return Env(device, rank, world, allocator)
 
 
 def all_reduce(t: torch.Tensor, env: Env) -> torch.Tensor:
@@ -401,8 +438,8 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         self.log(dict(event="start", step=self.step, params=self.model.num_parameters(), device=str(env.device),
-                      world_size=env.world, objective=cfg.objective, model=self.model_cfg.to_dict(),
-                      train=dataclasses.asdict(cfg)))  # fmt: skip
+                      cpu_allocator=env.allocator, world_size=env.world, objective=cfg.objective,
+                      model=self.model_cfg.to_dict(), train=dataclasses.asdict(cfg)))  # fmt: skip
         last_valid: dict[str, Any] = {}
         saved_at = self.step
         window = _Window(torch.zeros(len(LOG_TERMS), device=env.device))

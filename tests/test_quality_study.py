@@ -42,3 +42,27 @@ def test_study_trains_averages_scores_and_resumes(tmp_path, synthetic_model, mon
     monkeypatch.setattr(quality, "train", lambda cfg: pytest.fail(f"trained {cfg.objective} again"))
     again = quality.main(args)
     assert [r["bleu"] for r in again] == [r["bleu"] for r in rows]
+    assert saved["budget"]["janus"]["train_seconds"] > 0  # read back from the log, not re-timed
+
+
+@pytest.mark.slow
+def test_train_only_trains_and_averages_without_scoring(tmp_path, synthetic_model, monkeypatch):
+    out = tmp_path / "study"
+    monkeypatch.setattr(quality, "evaluate", lambda *a, **k: pytest.fail("scored with --train-only"))
+    rows = quality.main(["--data", str(synthetic_model.data), "--out", str(out), "--objectives", "cmlm",
+                         "--preset", "tiny", "--steps", "4", "--max-tokens", "512", "--warmup", "2",
+                         "--save-interval", "2", "--average", "2", "--device", "cpu", "--train-only",
+                         "--no-progress"])  # fmt: skip
+    assert rows == [] and not (out / "quality.json").exists()
+    assert (out / "cmlm" / "averaged" / "average.json").is_file()
+
+
+def test_training_record_sums_runs_and_skips_the_downtime(tmp_path):
+    assert quality.training_record(tmp_path) == {}
+    events = [dict(time=100.0, event="start", device="cpu", train=dict(threads=1)), dict(time=130.0, event="train"),
+              dict(time=160.0, event="valid"), dict(time=5000.0, event="resume"), dict(time=5001.0, event="start"),
+              dict(time=5011.0, event="end"), dict(event="note")]  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    record = quality.training_record(tmp_path)
+    assert record["train_seconds"] == pytest.approx(60.0 + 10.0) and record["runs"] == 2
+    assert record["threads"] is None and record["device"] is None  # the last run's start event says nothing
