@@ -46,13 +46,17 @@ from janus.checkpoint import average_checkpoints, last_checkpoints, latest_check
 from janus.config import DecodeConfig, TrainConfig
 from janus.train import train
 
-# What each objective is decoded with: (label, options).
+# What each objective is decoded with: (label, options). Greedy search is there for spec, whose output
+# must equal it (JANUS.md section 4): every row of spec reports the share of sentences where it does.
+GREEDY = "AR greedy"
 DECODES = {
-    "ar": [("AR beam 5", DecodeConfig(mode="ar", beam_size=5))],
+    "ar": [("AR beam 5", DecodeConfig(mode="ar", beam_size=5)), (GREEDY, DecodeConfig(mode="ar", beam_size=1))],
     "cmlm": [("NAR T=10 l=3", DecodeConfig(mode="nar", iterations=10, length_beam=3))],
     "janus": [
         ("AR beam 5", DecodeConfig(mode="ar", beam_size=5)),
+        (GREEDY, DecodeConfig(mode="ar", beam_size=1)),
         ("NAR T=10 l=3", DecodeConfig(mode="nar", iterations=10, length_beam=3)),
+        ("NAR T=10 l=3 rerank", DecodeConfig(mode="nar", iterations=10, length_beam=3, rerank=True)),
         ("spec", DecodeConfig(mode="spec")),
     ],
 }
@@ -107,8 +111,9 @@ def test_set(args: argparse.Namespace, gen: Generator) -> tuple[list[str], list[
 
 
 def evaluate(gen: Generator, label: str, options: DecodeConfig, src: list[str], ref: list[str],
-             timing: int, progress: bool) -> dict[str, Any]:  # fmt: skip
-    """BLEU/chrF of ``options`` on (src, ref) and its ms per sentence at batch 1 on the first ``timing``."""
+             timing: int, progress: bool) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+    """BLEU/chrF of ``options`` on (src, ref) and its ms per sentence at batch 1 on the first ``timing``;
+    also the hypotheses."""
     from sacrebleu.metrics import BLEU, CHRF
 
     hyps = gen.generate(src, options, progress=progress)
@@ -129,7 +134,16 @@ def evaluate(gen: Generator, label: str, options: DecodeConfig, src: list[str], 
         times.append(time.perf_counter() - t0)
     row["ms_b1_p50"] = 1e3 * statistics.median(times) if times else None
     row["timing_sentences"] = len(times)
-    return row
+    return row, texts
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """Each row's batch-1 speedup over AR beam 5: of the same model where it has one (ar, janus), else of
+    the ``ar`` model (the same architecture, so the same cost per pass)."""
+    beams = {r["objective"]: r["ms_b1_p50"] for r in rows if r["decode"] == "AR beam 5"}
+    for r in rows:
+        beam = beams.get(r["objective"], beams.get("ar"))
+        r["speedup_vs_beam5"] = beam / r["ms_b1_p50"] if beam and r["ms_b1_p50"] else None
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
@@ -185,16 +199,22 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             continue
         gen = Generator.from_checkpoint(averaged, device=args.device)
         src, ref = test_set(args, gen)
+        outputs: dict[str, list[str]] = {}
         for label, options in DECODES[objective]:
-            row = evaluate(gen, label, options, src, ref, args.timing_sentences, args.progress)
+            row, outputs[label] = evaluate(gen, label, options, src, ref, args.timing_sentences, args.progress)
+            if options.mode == "spec":
+                same = sum(a == b for a, b in zip(outputs[label], outputs[GREEDY]))
+                row["equals_ar_greedy"] = same / max(1, len(src))
             rows.append(dict(objective=objective, **row))
-            print(f"{objective:>6} {label:<13} BLEU {row['bleu']:6.2f}  chrF {row['chrf']:6.2f}  "
+            print(f"{objective:>6} {label:<19} BLEU {row['bleu']:6.2f}  chrF {row['chrf']:6.2f}  "
                   f"{row['ms_b1_p50']:.1f} ms/sentence at batch 1", flush=True)  # fmt: skip
 
     if args.train_only:
         return rows
+    add_speedups(rows)
     env = environment(gen.device)
-    table = print_table(rows, ["objective", "decode", "bleu", "chrf", "passes", "ms_b1_p50", "sentences"])
+    table = print_table(rows, ["objective", "decode", "bleu", "chrf", "passes", "ms_b1_p50", "speedup_vs_beam5",
+                               "equals_ar_greedy", "sentences"])  # fmt: skip
     title = f"{args.preset}, {args.steps} updates of {args.max_tokens} tokens, {env['device_name']}"
     settings = {k: v for k, v in vars(args).items()}
     write_json(out / "quality.json", dict(environment=env, settings=settings, budget=budget, results=rows))

@@ -23,9 +23,14 @@ def test_study_trains_averages_scores_and_resumes(tmp_path, synthetic_model, mon
             "--test-sentences", "20", "--timing-sentences", "3", "--no-progress"]  # fmt: skip
     rows = quality.main(args)
     assert [(r["objective"], r["decode"]) for r in rows] == [
-        ("ar", "AR beam 5"), ("cmlm", "NAR T=10 l=3"), ("janus", "AR beam 5"), ("janus", "NAR T=10 l=3"),
-        ("janus", "spec"),
+        ("ar", "AR beam 5"), ("ar", "AR greedy"), ("cmlm", "NAR T=10 l=3"), ("janus", "AR beam 5"),
+        ("janus", "AR greedy"), ("janus", "NAR T=10 l=3"), ("janus", "NAR T=10 l=3 rerank"), ("janus", "spec"),
     ]  # fmt: skip
+    spec = rows[-1]
+    assert spec["equals_ar_greedy"] == 1.0  # spec decoding is AR greedy search, sentence for sentence
+    ms = {(r["objective"], r["decode"]): r["ms_b1_p50"] for r in rows}
+    assert spec["speedup_vs_beam5"] == pytest.approx(ms["janus", "AR beam 5"] / ms["janus", "spec"])
+    assert rows[2]["speedup_vs_beam5"] == pytest.approx(ms["ar", "AR beam 5"] / ms["cmlm", "NAR T=10 l=3"])
     for r in rows:
         assert 0 <= r["bleu"] <= 100 and r["sentences"] == 20 and r["timing_sentences"] == 3 and r["ms_b1_p50"] > 0
         assert r["bleu_signature"].startswith("nrefs:1") and r["chrf_signature"].startswith("nrefs:1")
@@ -35,8 +40,8 @@ def test_study_trains_averages_scores_and_resumes(tmp_path, synthetic_model, mon
         averaged = json.loads((out / objective / "averaged" / "average.json").read_text())
         assert [Path(p).name for p in averaged["averaged"]] == ["checkpoint_00000010", "checkpoint_00000020"]
     saved = json.loads((out / "quality.json").read_text())
-    assert saved["settings"]["steps"] == 20 and len(saved["results"]) == 5
-    assert (out / "quality.md").read_text().count("janus") == 3 and (out / "bleu_vs_speed.png").is_file()
+    assert saved["settings"]["steps"] == 20 and len(saved["results"]) == 8
+    assert (out / "quality.md").read_text().count("janus") == 5 and (out / "bleu_vs_speed.png").is_file()
 
     # A second run finds every objective trained: nothing is trained again, the scores are the same.
     monkeypatch.setattr(quality, "train", lambda cfg: pytest.fail(f"trained {cfg.objective} again"))
