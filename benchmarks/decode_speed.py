@@ -41,6 +41,7 @@ from harness import environment, measure, plot_bleu_vs_speed, print_table, pyplo
 
 from janus.api import Generator
 from janus.config import DecodeConfig, preset
+from janus.memory import keep_freed_memory
 from janus.model import JanusModel
 
 
@@ -149,6 +150,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                    help="no further run once a method has taken this long, after two (default 15)")  # fmt: skip
     p.add_argument("--out", default="decode_speed_results", help="output folder (default decode_speed_results)")
     args = p.parse_args(argv)
+    keep_freed_memory()  # the same allocator for every method, first or last
     if args.threads:
         torch.set_num_threads(args.threads)
 

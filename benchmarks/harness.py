@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from janus.memory import allocator_state
+
 
 def git_commit() -> str:
     """The repository's HEAD commit (with '+dirty' when the tree has changes), or 'unknown'."""
@@ -55,6 +57,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_allocator": allocator_state(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "janus": janus.__version__,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from janus.config import DecodeConfig, ModelConfig, PrepareConfig, TrainConfig
+from janus.memory import keep_freed_memory
 
 # ModelConfig fields not offered as overrides: the vocabulary decides these, and dropout is
 # TrainConfig.dropout.
@@ -137,6 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     status 2; ``JANUS_DEBUG=1`` shows the traceback instead.
     """
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return _run(args)
     except KeyboardInterrupt:

@@ -46,6 +46,7 @@ from janus.checkpoint import (
 from janus.config import ModelConfig, TrainConfig, preset
 from janus.data import Dataset, Masking, iterate_batches, iterate_updates, load_manifest, num_updates
 from janus.losses import LOG_TERMS, Counts, Criterion, summarize, training_rows
+from janus.memory import keep_freed_memory
 from janus.model import JanusModel
 from janus.streams import DecoderRows
 from janus.vocab import Vocab
@@ -70,39 +71,6 @@ class Env:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
-
-
-def keep_freed_memory() -> str:
-    """Let glibc keep freed memory for reuse instead of returning it to the system.
-
-    A CPU training step allocates and frees the same large buffers (logits and their gradients,
-    hundreds of MB) every update. glibc serves each with a fresh mmap and unmaps it on free, so every
-    step pays first-touch page faults on all of them: a third of a step's time in the kernel on a
-    2-core VM. Served from the heap and never trimmed, the buffers are reused and the faults go
-    (about 1.5x faster steps there); peak memory stays what one step needs. Returns what was done,
-    for the log: nothing happens off glibc, or when ``JANUS_KEEP_FREED_MEMORY=0``.
-    """
-    if os.environ.get("JANUS_KEEP_FREED_MEMORY", "1") == "0":
-        return "unchanged (JANUS_KEEP_FREED_MEMORY=0)"
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # noqa: B018 (only glibc has it)
-    except (OSError, AttributeError, TypeError):
-        return "unchanged (not glibc)"
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    done = [mallopt(_M_MMAP_MAX, 0), mallopt(_M_TRIM_THRESHOLD, 2**31 - 1), mallopt(_M_TOP_PAD, 2**28)]
-    if done != [1, 1, 1]:
-        return "unchanged (mallopt refused)"
-    return "glibc: freed memory kept for reuse"
 
 
 def setup_env(cfg: TrainConfig) -> Env:

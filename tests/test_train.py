@@ -233,32 +233,3 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "janus", "train", "--data", str(tmp_path / "none")],
                        env=env(), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "janus prepare" in r.stderr and "manifest.json" in r.stderr
-
-
-_MMAPPED_BYTES = """
-import ctypes, sys, torch
-from janus.train import keep_freed_memory
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = Info
-print(keep_freed_memory())
-before = libc.mallinfo2().hblkhd
-x = torch.ones(64 << 20, dtype=torch.uint8)
-print(libc.mallinfo2().hblkhd - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-@pytest.mark.parametrize("keep", ["1", "0"])
-def test_cpu_training_keeps_freed_memory_on_the_heap(keep):
-    """A 64 MB buffer comes from the heap (reused after free, no fresh page faults) once
-    keep_freed_memory ran, and from its own mmap when JANUS_KEEP_FREED_MEMORY=0 turns it off."""
-    env = {**os.environ, "JANUS_KEEP_FREED_MEMORY": keep}
-    done = subprocess.run([sys.executable, "-c", _MMAPPED_BYTES], env=env, capture_output=True, text=True, check=True)
-    what, mmapped = done.stdout.split("\n")[:2]
-    if keep == "1":
-        assert what == "glibc: freed memory kept for reuse" and int(mmapped) == 0
-    else:
-        assert what.startswith("unchanged") and int(mmapped) >= 64 << 20
