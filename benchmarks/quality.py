@@ -133,11 +133,11 @@ def time_batch1(decodes: list[tuple[Generator, DecodeConfig]], sentences: list[s
     time. The decodes take turns, round after round, so that a drift of the machine's speed (a shared VM,
     a warming cache) spreads over all of them instead of favouring whichever ran first."""
     times: list[list[float]] = [[] for _ in decodes]
-    for gen, options in decodes:  # warm-up
-        gen.generate(sentences[:1], dataclasses.replace(options, max_batch_size=1))
+    ones = [(gen, dataclasses.replace(options, max_batch_size=1)) for gen, options in decodes]
+    for gen, one in ones:  # warm-up
+        gen.generate(sentences[:1], one)
     for _ in range(rounds):
-        for (gen, options), spent in zip(decodes, times):
-            one = dataclasses.replace(options, max_batch_size=1)
+        for (gen, one), spent in zip(ones, times):
             for s in sentences:
                 sync(gen.device)
                 t0 = time.perf_counter()

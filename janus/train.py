@@ -46,7 +46,7 @@ from janus.checkpoint import (
 from janus.config import ModelConfig, TrainConfig, preset
 from janus.data import Dataset, Masking, iterate_batches, iterate_updates, load_manifest, num_updates
 from janus.losses import LOG_TERMS, Counts, Criterion, summarize, training_rows
-from janus.memory import keep_freed_memory
+from janus.memory import allocator_state, keep_freed_memory
 from janus.model import JanusModel
 from janus.streams import DecoderRows
 from janus.vocab import Vocab
@@ -66,7 +66,6 @@ class Env:
     device: torch.device
     rank: int = 0
     world: int = 1
-    allocator: str = "unchanged"
 
     @property
     def main(self) -> bool:
@@ -86,14 +85,13 @@ def setup_env(cfg: TrainConfig) -> Env:
         device = torch.device(cfg.device)
         if device.type == "cuda" and device.index is None:
             device = torch.device(f"cuda:{local}")
-    allocator = "unchanged"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        allocator = keep_freed_memory()
+        keep_freed_memory()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Env(device, rank, world, allocator)
+    return Env(device, rank, world)
 
 
 def all_reduce(t: torch.Tensor, env: Env) -> torch.Tensor:
@@ -406,7 +404,7 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         self.log(dict(event="start", step=self.step, params=self.model.num_parameters(), device=str(env.device),
-                      cpu_allocator=env.allocator, world_size=env.world, objective=cfg.objective,
+                      cpu_allocator=allocator_state(), world_size=env.world, objective=cfg.objective,
                       model=self.model_cfg.to_dict(), train=dataclasses.asdict(cfg)))  # fmt: skip
         last_valid: dict[str, Any] = {}
         saved_at = self.step
