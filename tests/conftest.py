@@ -16,25 +16,63 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytest_plugins = ["pytester"]  # tests/test_corpus_policy.py runs this conftest on small test files
+
 if torch.version.cuda is None:  # a build property, not a device query
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# The test slice that travels with the repository (tests/data/NOTICE): real parallel text for
+# every test that needs some, so that a clone with nothing beside it passes.
+TEST_CORPUS = REPO / "tests" / "data" / "libreoffice-de-en"
+
+
 def shared_data_dir() -> Path:
-    """The development corpus: $JANUS_SHARED_DATA or ../shared/data beside the repository."""
+    """The full development corpus: $JANUS_SHARED_DATA or ../shared/data beside the repository."""
     return Path(os.environ.get("JANUS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _shared_corpus_missing() -> str:
+    """Why the full corpus cannot be read ("" when it can)."""
+    corpus = shared_data_dir() / "libreoffice-de-en"
+    if (corpus / "train.de").is_file():
+        return ""
+    return f"development corpus not found at {corpus} (set JANUS_SHARED_DATA to the folder holding libreoffice-de-en/)"
+
+
+def _uses_shared_data(item: pytest.Item) -> bool:
+    return "shared_data" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Only `corpus` tests may read the full corpus; they skip, with the reason, where it is absent."""
+    unmarked = [item.nodeid for item in items if _uses_shared_data(item) and item.get_closest_marker("corpus") is None]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests use the shared_data fixture without the `corpus` marker (a clone with nothing beside it "
+            "has no full corpus: mark them @pytest.mark.corpus, or use the slice in tests/data): " + ", ".join(unmarked)
+        )
+    missing = _shared_corpus_missing()
+    if missing:
+        skip = pytest.mark.skip(reason=missing)
+        for item in items:
+            if item.get_closest_marker("corpus") is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Folder holding libreoffice-de-en/{train,valid,test}.{de,en}; a missing corpus is an error."""
-    root = shared_data_dir()
-    corpus = root / "libreoffice-de-en"
-    if not (corpus / "train.de").is_file():
-        raise FileNotFoundError(
-            f"development corpus not found at {corpus}; set JANUS_SHARED_DATA to the folder holding libreoffice-de-en/"
-        )
-    return root
+    """Folder holding the full libreoffice-de-en/{train,valid,test}.{de,en}; only for `corpus` tests."""
+    missing = _shared_corpus_missing()
+    if missing:  # only reached when a corpus test is run with its skip overridden
+        raise FileNotFoundError(missing)
+    return shared_data_dir()
+
+
+@pytest.fixture(scope="session")
+def test_corpus() -> Path:
+    """The slice shipped in tests/data: libreoffice-de-en/{train (3000), valid (150), test (150)}.{de,en}."""
+    return TEST_CORPUS
 
 
 @pytest.fixture(scope="session")

@@ -256,6 +256,7 @@ def real(shared_data, tmp_path_factory):
     return corpus, dest, manifest
 
 
+@pytest.mark.corpus
 def test_real_corpus(real):
     corpus, dest, manifest = real
     for split, n in (("train", 34355), ("valid", 1000), ("test", 1000)):

@@ -1,4 +1,4 @@
-"""Training end to end on a slice of the real corpus: loss goes down, resume after a kill
+"""Training end to end on the slice of the real corpus in tests/data: loss goes down, resume after a kill
 continues the same trajectory, data parallelism gives the same update, averaging."""
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def data_bin(shared_data, tmp_path_factory) -> Path:
-    """A 2,500-pair slice of the corpus (train) + 150 pairs (valid), prepared with a 1k vocabulary."""
+def data_bin(test_corpus, tmp_path_factory) -> Path:
+    """The first 2,500 pairs of the corpus (train) + 150 pairs (valid), prepared with a 1k vocabulary."""
     root = tmp_path_factory.mktemp("corpus")
-    corpus = shared_data / "libreoffice-de-en"
+    corpus = test_corpus
     for split, n in (("train", 2500), ("valid", 150)):
         for lang in ("de", "en"):
             lines = (corpus / f"{split}.{lang}").read_text(encoding="utf-8").splitlines(keepends=True)[:n]
