@@ -6,6 +6,7 @@ file alone says where its numbers came from.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -134,15 +135,23 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
+PLOT_MISSING = "matplotlib is not installed: no plots (pip install matplotlib, or the plot extra: pip install -e '.[plot]')"
+
+
+@functools.cache
 def pyplot() -> Any:
-    """matplotlib.pyplot on the file-only Agg backend, or None (said once) when matplotlib is missing."""
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is missing.
+
+    The first call that finds it missing prints ``PLOT_MISSING`` (what to install); JSON and
+    tables are written either way.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install 'janus[plot]'): no plots")
+        print(PLOT_MISSING)
         return None
     return plt
 

@@ -60,7 +60,12 @@ def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch
 
 
 def _model_file(path: Path) -> Path:
-    """A checkpoint folder, an averaged folder, a .safetensors file, or a training folder (its latest)."""
+    """A checkpoint folder, an averaged folder, a .safetensors file, or a training folder (its latest).
+
+    Raises FileNotFoundError naming ``path`` (the message the ``janus`` commands print) when it is none.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a .safetensors file (it does not exist)")
     if path.is_dir() and not (path / MODEL_FILE).is_file():
         latest = latest_checkpoint(path)
         if latest is None:

@@ -66,8 +66,11 @@ def test_bad_input_is_a_clear_error():
         janus.fast_generate(model, [[5, 6]], mode="fast")
     with pytest.raises(ValueError, match="iterations=0"):
         DecodeConfig(iterations=0)
-    with pytest.raises(FileNotFoundError):
-        janus.fast_generate("/nonexistent/checkpoint", ["x"])
+    # The same one-line message as the janus commands, naming the path, for every way in.
+    missing = "/nonexistent/checkpoint is neither a checkpoint folder nor a .safetensors file"
+    for load in (lambda p: janus.fast_generate(p, ["x"]), Generator.from_checkpoint):
+        with pytest.raises(FileNotFoundError, match=f"^{missing}"):
+            load("/nonexistent/checkpoint")
     # a bare model decodes ids without a vocabulary; text stays None
     hyps = janus.fast_generate(model, [[5, 6, 7]], mode="nar", iterations=2)
     assert hyps[0].text is None and hyps[0].passes == 2

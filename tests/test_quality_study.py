@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import quality  # noqa: E402
+from plot_helpers import check_plots  # noqa: E402
 
 
 @pytest.mark.slow
@@ -42,13 +43,14 @@ def test_study_trains_averages_scores_and_resumes(tmp_path, synthetic_model, mon
         assert [Path(p).name for p in averaged["averaged"]] == ["checkpoint_00000010", "checkpoint_00000020"]
     saved = json.loads((out / "quality.json").read_text())
     assert saved["settings"]["steps"] == 20 and len(saved["results"]) == 8
-    assert (out / "quality.md").read_text().count("janus") == 5 and (out / "bleu_vs_speed.png").is_file()
+    assert (out / "quality.md").read_text().count("janus") == 5
 
     # A second run finds every objective trained: nothing is trained again, the scores are the same.
     monkeypatch.setattr(quality, "train", lambda cfg: pytest.fail(f"trained {cfg.objective} again"))
     again = quality.main(args)
     assert [r["bleu"] for r in again] == [r["bleu"] for r in rows]
     assert saved["budget"]["janus"]["train_seconds"] > 0  # read back from the log, not re-timed
+    check_plots(out / "bleu_vs_speed.png", min_bytes=1_000)
 
 
 @pytest.mark.slow
