@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -70,11 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="janus", description="Train one Transformer to decode AR and NAR (JANUS).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    pp = sub.add_parser(
-        "prepare",
-        help="train a joint sentencepiece model and write binary shards",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    # Every flag's help states its default itself (add_dataclass_args): no ArgumentDefaultsHelpFormatter.
+    pp = sub.add_parser("prepare", help="train a joint sentencepiece model and write binary shards")
     add_dataclass_args(pp, PrepareConfig)
 
     tp = sub.add_parser("train", help="train (or resume) a model")
@@ -139,8 +137,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     args = build_parser().parse_args(argv)
     keep_freed_memory()
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"janus {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        return _run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return _run(args)
     except KeyboardInterrupt:
         print(f"janus {args.command}: interrupted", file=sys.stderr)
         if args.command == "train":

@@ -238,12 +238,24 @@ def prepare(cfg: PrepareConfig, *, verbose: bool = True) -> dict:
     started = time.perf_counter()
     splits = _split_prefixes(cfg)
     dest = Path(cfg.destdir)
+    # 1. Read everything before spending time on the vocabulary (or touching the destination).
+    raw = {name: _read_split(prefix, cfg.src, cfg.tgt) for name, prefix in splits}
+    existed = dest.exists()
+    ours = not existed or not any(dest.iterdir())  # nothing of the user's is in it
     dest.mkdir(parents=True, exist_ok=True)
     (dest / MANIFEST).unlink(missing_ok=True)
+    try:
+        return _prepare_into(cfg, dest, raw, started, verbose)
+    except BaseException:
+        if ours:  # a failed or interrupted run leaves no half-made folder behind (an empty one it was given stays)
+            shutil.rmtree(dest, ignore_errors=True)
+            if existed:
+                dest.mkdir()
+        raise
 
-    # 1. Read everything before spending time on the vocabulary.
-    raw = {name: _read_split(prefix, cfg.src, cfg.tgt) for name, prefix in splits}
 
+def _prepare_into(cfg: PrepareConfig, dest: Path, raw: dict[str, dict], started: float, verbose: bool) -> dict:
+    """Steps 2-5 of ``prepare`` into the folder ``dest`` from the read splits ``raw``."""
     # 2. Empty sides.
     for r in raw.values():
         nonempty = [i for i, (s, t) in enumerate(zip(r["src"], r["tgt"], strict=True)) if s.strip() and t.strip()]

@@ -13,6 +13,8 @@ and can never be confused with the mask id.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -102,6 +104,7 @@ class Vocab:
         input_sentence_size: int = 2_000_000,
         threads: int = 0,
         seed_sentencepiece_size: int = 1_000_000,
+        cap_vocab_size: bool = True,
     ) -> Vocab:
         """Train a joint sentencepiece model over ``text_files`` (one sentence per line).
 
@@ -116,6 +119,8 @@ class Vocab:
             input_sentence_size: train on at most this many sentences, a random sample (0 = all).
             threads: training threads (0 = all cores).
             seed_sentencepiece_size: seed pieces of the unigram trainer.
+            cap_vocab_size: when the text is too small for ``vocab_size`` pieces, train the largest
+                vocabulary sentencepiece accepts for it, with a warning (False: raise).
         Raises:
             ValueError: sentencepiece refused the settings or the text (its message is included).
         """
@@ -129,32 +134,26 @@ class Vocab:
             raise FileNotFoundError(f"training text not found: {missing}")
         prefix = Path(model_prefix)
         prefix.parent.mkdir(parents=True, exist_ok=True)
+        args = (files, prefix)
+        rest = (model_type, character_coverage, input_sentence_size, threads, seed_sentencepiece_size)
         try:
-            spm.SentencePieceTrainer.train(
-                input=files,
-                model_prefix=str(prefix),
-                vocab_size=vocab_size,
-                model_type=model_type,
-                character_coverage=character_coverage,
-                input_sentence_size=input_sentence_size,
-                shuffle_input_sentence=True,
-                seed_sentencepiece_size=seed_sentencepiece_size,
-                num_threads=_num_threads(threads),
-                pad_id=SPECIALS.pad,
-                bos_id=SPECIALS.bos,
-                eos_id=SPECIALS.eos,
-                unk_id=SPECIALS.unk,
-                pad_piece=_PIECES[SPECIALS.pad],
-                bos_piece=_PIECES[SPECIALS.bos],
-                eos_piece=_PIECES[SPECIALS.eos],
-                unk_piece=_PIECES[SPECIALS.unk],
-                # The first free id after the four reserved ones: 4.
-                control_symbols=[MASK_PIECE],
-                # Quiet on success; failures still raise with sentencepiece's message.
-                minloglevel=2,
-            )
+            _train_spm(*args, vocab_size, *rest)
         except RuntimeError as e:
-            raise ValueError(f"sentencepiece training on {files} failed: {e}") from e
+            # sentencepiece: "Vocabulary size is too large. Please set it to a value <= N." (its unigram
+            # seeding) or "Vocabulary size too high (V). Please set it to a value <= N." (its final check)
+            fits = re.search(r"Vocabulary size (?:is )?too (?:large|high).*<= *(\d+)", str(e))
+            if not cap_vocab_size or fits is None or int(fits.group(1)) <= SPECIALS.mask + 1:
+                raise ValueError(f"sentencepiece training on {files} failed: {e}") from e
+            capped = int(fits.group(1))
+            warnings.warn(
+                f"vocab_size={vocab_size} is more than the training text supports; using {capped} "
+                f"(the largest sentencepiece accepts for this text)",
+                stacklevel=2,
+            )
+            try:
+                _train_spm(*args, capped, *rest)
+            except RuntimeError as e2:
+                raise ValueError(f"sentencepiece training on {files} failed: {e2}") from e2
         return cls(prefix.with_suffix(prefix.suffix + ".model"), threads=threads)
 
     @classmethod
@@ -213,3 +212,39 @@ class Vocab:
     def piece(self, i: int) -> str:
         """The piece of id ``i``."""
         return self.sp.id_to_piece(int(i))
+
+
+def _train_spm(
+    files: list[str],
+    prefix: Path,
+    vocab_size: int,
+    model_type: str,
+    character_coverage: float,
+    input_sentence_size: int,
+    threads: int,
+    seed_sentencepiece_size: int,
+) -> None:
+    """One sentencepiece training run with the janus special symbols; raises sentencepiece's RuntimeError."""
+    spm.SentencePieceTrainer.train(
+        input=files,
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        seed_sentencepiece_size=seed_sentencepiece_size,
+        num_threads=_num_threads(threads),
+        pad_id=SPECIALS.pad,
+        bos_id=SPECIALS.bos,
+        eos_id=SPECIALS.eos,
+        unk_id=SPECIALS.unk,
+        pad_piece=_PIECES[SPECIALS.pad],
+        bos_piece=_PIECES[SPECIALS.bos],
+        eos_piece=_PIECES[SPECIALS.eos],
+        unk_piece=_PIECES[SPECIALS.unk],
+        # The first free id after the four reserved ones: 4.
+        control_symbols=[MASK_PIECE],
+        # Quiet on success; failures still raise with sentencepiece's message.
+        minloglevel=2,
+    )

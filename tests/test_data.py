@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -190,11 +191,30 @@ def test_failed_prepare_leaves_no_manifest(tmp_path, small):
     dest = tmp_path / "bin"
     prepare(_config(corpus, dest, validpref="", testpref=""), verbose=False)
     assert (dest / MANIFEST).is_file()
+    # Bad input is found before the folder is touched: the finished folder stays usable.
     with pytest.raises(FileNotFoundError):
         prepare(_config(corpus, dest, validpref=str(corpus / "missing")), verbose=False)
+    assert (dest / MANIFEST).is_file() and len(Dataset(dest, "train")) > 0
+    # A failure once the folder is being rewritten leaves it without a manifest: not a finished folder.
+    write_corpus(tmp_path / "empty", {"train": [(" ", "x")] * 5})
+    with pytest.raises(ValueError, match="no training pair is left"):
+        prepare(_config(tmp_path / "empty", dest, validpref="", testpref=""), verbose=False)
     assert not (dest / MANIFEST).exists()
     with pytest.raises(FileNotFoundError, match="janus prepare"):
         Dataset(dest, "train")
+
+
+def test_failed_prepare_leaves_no_half_made_folder(tmp_path):
+    write_corpus(tmp_path / "raw", {"train": [(" ", "x")] * 5})  # no training pair survives
+    cfg = _config(tmp_path / "raw", tmp_path / "new" / "bin", validpref="", testpref="")
+    with pytest.raises(ValueError, match="no training pair is left"):
+        prepare(cfg, verbose=False)
+    assert not (tmp_path / "new" / "bin").exists()
+    given = tmp_path / "given"
+    given.mkdir()
+    with pytest.raises(ValueError, match="no training pair is left"):
+        prepare(dataclasses.replace(cfg, destdir=str(given)), verbose=False)
+    assert given.is_dir() and not any(given.iterdir())  # the empty folder it was given, as it was
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):

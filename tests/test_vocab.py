@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -114,9 +115,19 @@ def test_missing_model_and_bad_settings(tmp_path, corpus):
         Vocab(tmp_path / "nope.model")
     with pytest.raises(ValueError, match="model_type"):
         Vocab.train(files, tmp_path / "m", vocab_size=50, model_type="word-ish")
-    # sentencepiece's own complaint surfaces (a vocabulary far larger than the text allows)
-    with pytest.raises(ValueError, match="sentencepiece training"):
-        Vocab.train(files, tmp_path / "m", vocab_size=100_000, threads=1)
+    # sentencepiece's own complaint surfaces (a vocabulary far larger than the text allows) ...
+    with pytest.raises(ValueError, match="sentencepiece training.*Vocabulary size.* too"):
+        Vocab.train(files, tmp_path / "m", vocab_size=100_000, threads=1, cap_vocab_size=False)
+
+
+def test_too_large_a_vocabulary_is_capped_with_a_warning(tmp_path, corpus):
+    # ... or, by default, the largest size sentencepiece accepts for the text is used, and said.
+    _, _, files = corpus
+    with pytest.warns(UserWarning, match=r"vocab_size=100000 is more than the training text supports") as caught:
+        v = Vocab.train(files, tmp_path / "m", vocab_size=100_000, threads=1)
+    capped = int(re.search(r"using (\d+)", str(caught[0].message)).group(1))
+    assert len(v) == capped and 5 < capped < 100_000
+    assert v.encode(["hello"])[0] and v.specials == SpecialIds()
 
 
 def test_specials_is_frozen(vocab):
