@@ -2,7 +2,7 @@
 
     python benchmarks/decode_speed.py                          # the embedded default (below)
     python benchmarks/decode_speed.py --checkpoint run/avg     # a trained model: its own lengths, BLEU beside speed
-    python benchmarks/decode_speed.py --device cuda --batch-sizes 1,8,32,128 --repeats 5
+    python benchmarks/decode_speed.py --device cuda --batch-sizes 1,8,32,128 --rounds 5
     python benchmarks/decode_speed.py --data bin --split test --sentences 500   # a `janus prepare` folder
 
 The embedded default runs in a few minutes on 2 CPU cores: the iwslt preset (6+6 layers,
@@ -19,10 +19,12 @@ tokens (a length beam of 3 tries the reference length and its two neighbours, so
 end a token off); with ``--checkpoint`` the lengths are the model's own and sacreBLEU is
 printed.
 
-Timing: a warm-up (two sentences through every method), then ``--repeats`` timed runs of
-the whole set per method (fewer, but at least two, once a method has used
-``--method-seconds``), each with the encoder included and a device sync; p50 and p90 over
-the runs. Writes ``results.json`` (device, versions, git commit, settings, every row) and
+Timing: a warm-up (two sentences through every method), then, per batch size, ``--rounds``
+rounds in which every method decodes the whole set once, the methods taking turns (in
+reverse order every other round), so that a slow spell of a shared machine falls on all of
+them alike; after 3 rounds no new round starts once ``--batch-seconds`` were spent. Each run
+has the encoder included and a device sync; p50 and p90 over the runs. Writes
+``results.json`` (device, versions, git commit, settings, every row) and
 ``speedup.png`` (speedup over AR beam 5 by batch size; with a checkpoint also
 ``bleu_vs_speed.png``) to ``--out``.
 """
@@ -31,18 +33,32 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from harness import environment, measure, plot_bleu_vs_speed, print_table, pyplot, write_json
+from harness import environment, interleaved, percentile, plot_bleu_vs_speed, print_table, pyplot, write_json
 
 from janus.api import Generator
 from janus.config import DecodeConfig, preset
 from janus.memory import keep_freed_memory
 from janus.model import JanusModel
+
+# One number format per column of the printed table, and what each column means.
+FORMATS = {"passes": ".1f", "ms_p50": ",.1f", "ms_p90": ",.1f", "sent_s": ",.1f", "tok_s": ",.0f",
+           "vs_beam5": ".2f", "vs_greedy": ".2f", "bleu": ".2f"}  # fmt: skip
+LEGEND = """
+passes     decoder passes per sentence (AR: steps; NAR: T, whatever the length beam)
+ms_p50/90  milliseconds per sentence, encoder included: the median / 90th percentile run of the set, divided by
+           its sentences
+sent_s     sentences per second at the median run
+tok_s      output tokens (eos included) per second at the median run
+vs_beam5   speedup over AR beam 5 at the same batch size (its ms_p50 / this ms_p50; above 1 is faster)
+vs_greedy  speedup over AR greedy, likewise"""
+BLEU_LEGEND = "\nbleu       sacreBLEU (13a) of the hypotheses against the references"
 
 
 @dataclass(frozen=True)
@@ -145,9 +161,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default cpu)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per method (default 3)")
-    p.add_argument("--method-seconds", type=float, default=15.0,
-                   help="no further run once a method has taken this long, after two (default 15)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed rounds, every method once per round (default 3, at least 3)")  # fmt: skip
+    p.add_argument("--batch-seconds", type=float, default=600.0,
+                   help="after 3 rounds, no new round once a batch size has taken this long (default 600)")  # fmt: skip
     p.add_argument("--out", default="decode_speed_results", help="output folder (default decode_speed_results)")
     args = p.parse_args(argv)
     keep_freed_memory()  # the same allocator for every method, first or last
@@ -183,7 +200,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     model_name = args.checkpoint or f"{args.preset} (random weights)"
     title = (f"{env['device_name']} ({gen.device}, {env['cpu_threads']} threads), {model_name}, "
              f"{gen.model.num_parameters() / 1e6:.1f}M parameters, {str(gen.dtype).replace('torch.', '')}")  # fmt: skip
-    print(f"{title}; {len(work.sources)} sentences of {work.name}"
+    counts = {b: min(len(work.sources), args.b1_sentences) if b == 1 else len(work.sources) for b in sizes}
+    decoded = "; ".join(f"batch {b}: {'the first ' if counts[b] < len(work.sources) else ''}{counts[b]} sentences"
+                        + (", one at a time" if b == 1 else "") for b in sizes)  # fmt: skip
+    print(f"{title}\n{work.name}, {decoded}; {args.rounds} rounds, every method once per round"
           + ("; every method forced to the reference target lengths" if forced else ""))  # fmt: skip
 
     # Warm-up: two sentences through every method and batch size (allocators, caches, kernels).
@@ -194,32 +214,34 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
 
     rows = []
     for batch in sizes:
-        n = min(len(work.sources), args.b1_sentences) if batch == 1 else len(work.sources)
+        n = counts[batch]
         sources, lengths = work.sources[:n], (forced[:n] if forced else None)
-        for m in chosen:
-            opts = dataclasses.replace(m.options, max_batch_size=batch)
-            hyps: list = []
+        outputs: list[list] = [[] for _ in chosen]
 
-            def run(opts=opts, hyps=hyps, sources=sources, lengths=lengths):
-                hyps[:] = gen.generate(sources, opts, target_lengths=lengths)
+        def run(opts: DecodeConfig, hyps: list, sources=sources, lengths=lengths) -> None:
+            hyps[:] = gen.generate(sources, opts, target_lengths=lengths)
 
-            t = measure(run, gen.device, warmup=0, repeats=args.repeats, budget_s=args.method_seconds)
-            p50, p90 = t.p50_ms / 1e3, t.p90_ms / 1e3
+        runs = [functools.partial(run, dataclasses.replace(m.options, max_batch_size=batch), hyps)
+                for m, hyps in zip(chosen, outputs)]  # fmt: skip
+        print(f"batch {batch}: timing {len(chosen)} methods in turn, {args.rounds} rounds", flush=True)
+        times = interleaved(runs, gen.device, rounds=args.rounds, budget_s=args.batch_seconds)
+        for m, hyps, ms in zip(chosen, outputs, times):
+            p50, p90 = percentile(ms, 0.5) / 1e3, percentile(ms, 0.9) / 1e3
             tokens = sum(len(h.ids) + 1 for h in hyps)  # + eos
             texts = [h.text for h in hyps]
-            row = dict(method=m.name, batch=batch, sentences=n, runs=t.repeats, tokens=tokens,
-                       passes=sum(h.passes for h in hyps) / n,
-                       ms_p50=1e3 * p50 / n, ms_p90=1e3 * p90 / n, sent_s=n / p50, tok_s=tokens / p50,
-                       bleu=bleu(texts, work.references[:n]) if args.checkpoint else None)  # fmt: skip
-            rows.append(row)
-            print(f"  batch {batch:>3} {m.name:<11} {row['ms_p50']:9.1f} ms/sentence ({t.repeats} runs)", flush=True)
+            rows.append(dict(method=m.name, batch=batch, sentences=n, runs=len(ms), tokens=tokens,
+                             passes=sum(h.passes for h in hyps) / n,
+                             ms_p50=1e3 * p50 / n, ms_p90=1e3 * p90 / n, sent_s=n / p50, tok_s=tokens / p50,
+                             bleu=bleu(texts, work.references[:n]) if args.checkpoint else None))  # fmt: skip
     for r in rows:
         base = {x["method"]: x["ms_p50"] for x in rows if x["batch"] == r["batch"]}
         r["vs_beam5"] = base["beam5"] / r["ms_p50"] if "beam5" in base else math.nan
         r["vs_greedy"] = base["greedy"] / r["ms_p50"] if "greedy" in base else math.nan
     columns = ["method", "batch", "sentences", "passes", "ms_p50", "ms_p90", "sent_s", "tok_s", "vs_beam5",
                "vs_greedy"] + (["bleu"] if args.checkpoint else [])  # fmt: skip
-    print_table(rows, columns)
+    print()
+    print_table(rows, columns, FORMATS)
+    print(LEGEND + (BLEU_LEGEND if args.checkpoint else ""))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

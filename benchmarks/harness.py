@@ -109,15 +109,58 @@ def measure(
     return Timing(statistics.median(times), percentile(times, 0.9), len(times))
 
 
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Format rows as a fixed-width text table (also returned)."""
+def interleaved(
+    fns: Sequence[Callable[[], Any]], device: torch.device, *, rounds: int, budget_s: float = math.inf,
+    min_rounds: int = 3,
+) -> list[list[float]]:  # fmt: skip
+    """Milliseconds of every run of each ``fn``, timed in rounds where all of them take turns.
 
-    def fmt(v: Any) -> str:
+    Each round runs every fn once, with a device sync around each, in list order and reversed on
+    every other round: a drift of the machine's speed (a shared VM, a warming cache) spreads over all
+    of them instead of favouring whichever ran first. After ``min_rounds`` (3: the median of three
+    cannot be set by one slow run), no new round starts once ``budget_s`` seconds were spent.
+    """
+    if rounds < min_rounds:
+        raise ValueError(f"rounds={rounds}: at least {min_rounds} (a median of fewer can be one slow run)")
+    times: list[list[float]] = [[] for _ in fns]
+    spent = 0.0
+    for r in range(rounds):
+        if r >= min_rounds and spent >= budget_s:
+            break
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            sync(device)
+            t0 = time.perf_counter()
+            fns[i]()
+            sync(device)
+            dt = time.perf_counter() - t0
+            spent += dt
+            times[i].append(dt * 1e3)
+    return times
+
+
+def print_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], formats: Optional[dict[str, str]] = None
+) -> str:
+    """Format rows as a fixed-width text table (also returned).
+
+    ``formats`` maps a column to a format spec (e.g. ``",.1f"``); other floats get 3 significant
+    digits below 100 and one decimal from there.
+    """
+    formats = formats or {}
+
+    def fmt(v: Any, column: str) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float) and math.isnan(v):
+            return "-"
+        if column in formats and isinstance(v, (int, float)):
+            return format(v, formats[column])
         if isinstance(v, float):
             return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"
         return str(v)
 
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    cells = [[fmt(r.get(c, ""), c) for c in columns] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
@@ -135,7 +178,9 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
-PLOT_MISSING = "matplotlib is not installed: no plots (pip install matplotlib, or the plot extra: pip install -e '.[plot]')"
+PLOT_MISSING = (
+    "matplotlib is not installed: no plots (pip install matplotlib, or the plot extra: pip install -e '.[plot]')"
+)
 
 
 @functools.cache

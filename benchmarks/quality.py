@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
+import functools
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from harness import environment, percentile, plot_bleu_vs_speed, print_table, sync, write_json
+from harness import environment, interleaved, percentile, plot_bleu_vs_speed, print_table, write_json
 
 from janus.api import Generator
 from janus.checkpoint import average_checkpoints, last_checkpoints, latest_checkpoint
@@ -130,21 +130,16 @@ def score(gen: Generator, label: str, options: DecodeConfig, src: list[str], ref
 
 def time_batch1(decodes: list[tuple[Generator, DecodeConfig]], sentences: list[str], rounds: int) -> list[list[float]]:
     """Seconds per sentence at batch 1 (encoder included) of every (generator, options), one sentence at a
-    time. The decodes take turns, round after round, so that a drift of the machine's speed (a shared VM,
-    a warming cache) spreads over all of them instead of favouring whichever ran first."""
-    times: list[list[float]] = [[] for _ in decodes]
+    time. The decodes take turns sentence by sentence, round after round (``harness.interleaved``), so that
+    a drift of the machine's speed (a shared VM, a warming cache) spreads over all of them instead of
+    favouring whichever ran first."""
     ones = [(gen, dataclasses.replace(options, max_batch_size=1)) for gen, options in decodes]
     for gen, one in ones:  # warm-up
         gen.generate(sentences[:1], one)
-    for _ in range(rounds):
-        for (gen, one), spent in zip(ones, times):
-            for s in sentences:
-                sync(gen.device)
-                t0 = time.perf_counter()
-                gen.generate([s], one)
-                sync(gen.device)
-                spent.append(time.perf_counter() - t0)
-    return times
+    runs = [functools.partial(gen.generate, [s], one) for s in sentences for gen, one in ones]
+    ms = interleaved(runs, ones[0][0].device, rounds=rounds)
+    # runs are sentence-major: decode d's times are every len(ones)-th list, from d on
+    return [[t / 1e3 for per_run in ms[d :: len(ones)] for t in per_run] for d in range(len(ones))]
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:

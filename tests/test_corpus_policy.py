@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 CONFTEST = Path(__file__).with_name("conftest.py")
-MARKER = '"corpus: reads the full development corpus"'
+MARKER = "corpus: reads the full development corpus"
 
 TESTS = '''
 import pytest
@@ -25,7 +25,7 @@ def test_plain():
 @pytest.fixture
 def suite(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makeconftest(CONFTEST.read_text(encoding="utf-8"))
-    pytester.makeini(f"[pytest]\nmarkers =\n    {MARKER.strip(chr(34))}\naddopts = --strict-markers -p no:cacheprovider\n")
+    pytester.makeini(f"[pytest]\nmarkers =\n    {MARKER}\naddopts = --strict-markers -p no:cacheprovider\n")
     return pytester
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -32,10 +33,13 @@ def test_shipped_sample_is_aligned_and_licensed():
 def test_random_weights_default_workload_forced_lengths(tmp_path, capsys):
     out = tmp_path / "out"
     rows = decode_speed.main(["--preset", "tiny", "--methods", "greedy,beam5,nar-T1-l1,nar-T4-l3,spec",
-                              "--sentences", "6", "--b1-sentences", "2", "--batch-sizes", "1,4", "--repeats", "2",
+                              "--sentences", "6", "--b1-sentences", "2", "--batch-sizes", "1,4", "--rounds", "3",
                               "--out", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert "forced to the reference target lengths" in printed
+    assert "batch 1: the first 2 sentences, one at a time; batch 4: 6 sentences; 3 rounds" in printed
+    for column in ("passes", "ms_p50/90", "sent_s", "tok_s", "vs_beam5", "vs_greedy"):  # the legend
+        assert f"\n{column} " in printed, column
     assert len(rows) == 10
     by = {(r["method"], r["batch"]): r for r in rows}
     assert by[("greedy", 1)]["sentences"] == 2 and by[("greedy", 4)]["sentences"] == 6
@@ -53,7 +57,7 @@ def test_random_weights_default_workload_forced_lengths(tmp_path, capsys):
                 assert r["tok_s"] == pytest.approx(r["tokens"] * r["sent_s"] / n)
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["forced_lengths"] is True and saved["environment"]["git_commit"]
-    assert len(saved["results"]) == 10 and all(r["runs"] == 2 for r in saved["results"])
+    assert len(saved["results"]) == 10 and all(r["runs"] == 3 for r in saved["results"])
     assert not (out / "bleu_vs_speed.png").exists()
     check_plots(out / "speedup.png")
 
@@ -63,7 +67,7 @@ def test_checkpoint_reports_bleu_and_its_plot(tmp_path, synthetic_model):
     out = tmp_path / "out"
     args = ["--checkpoint", str(synthetic_model.checkpoint), "--data", str(synthetic_model.data), "--methods",
             "greedy,beam5,nar-T10-l3,spec", "--sentences", "12", "--b1-sentences", "3", "--batch-sizes", "1,12",
-            "--repeats", "2", "--out", str(out)]  # fmt: skip
+            "--rounds", "3", "--out", str(out)]  # fmt: skip
     rows = decode_speed.main(args)
     assert all(r["bleu"] is not None for r in rows)
     for r in rows:
@@ -92,3 +96,16 @@ def test_a_missing_matplotlib_is_said_once_and_json_still_written(tmp_path, caps
     printed = capsys.readouterr().out
     assert printed.count(harness.PLOT_MISSING) == 1 and "pip install" in harness.PLOT_MISSING
     assert json.loads((tmp_path / "r.json").read_text()) == {"ok": 1} and not (tmp_path / "p.png").exists()
+
+
+def test_interleaved_rounds_take_turns_and_keep_three_runs():
+    import harness
+
+    calls: list[str] = []
+    fns = [lambda k=k: calls.append(k) for k in "abc"]
+    times = harness.interleaved(fns, torch.device("cpu"), rounds=4, budget_s=0.0)
+    assert calls == list("abc" "cba" "abc")  # the budget ends it after the three rounds it cannot skip
+    assert [len(t) for t in times] == [3, 3, 3] and all(x >= 0 for t in times for x in t)
+    assert len(harness.interleaved(fns, torch.device("cpu"), rounds=4)[0]) == 4
+    with pytest.raises(ValueError, match="rounds=2"):
+        harness.interleaved(fns, torch.device("cpu"), rounds=2)
