@@ -165,6 +165,11 @@ class TrainConfig:
     log_interval: int = _doc("updates between log lines", default=100)
     validate_interval: int = _doc("updates between validations (0 = once per epoch)", default=1000)
     save_interval: int = _doc("updates between checkpoints (0 = once per epoch)", default=1000)
+    save_interval_minutes: float = _doc(
+        "also write a checkpoint once this many minutes of wall time passed since the last one (0 = off), "
+        "so that an interrupted run loses at most that much",
+        default=10.0,
+    )
     keep_last: int = _doc("checkpoints kept besides the best", default=5)
     max_valid_batches: int = _doc("cap on validation batches (0 = whole split)", default=0)
     progress: bool = _doc("show a tqdm progress bar", default=True)

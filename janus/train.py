@@ -116,6 +116,11 @@ def amp_context(cfg: TrainConfig, device: torch.device) -> tuple[Any, Optional[t
     return (lambda: torch.autocast("cuda", dtype=dtype)), dtype
 
 
+
+def precision_name(dtype: Optional[torch.dtype]) -> str:
+    """How a run computes, for its log: "fp32", "bf16" or "fp16" (autocast)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
 # -- input pipeline -------------------------------------------------------------------------------
 class Prefetch:
     """Iterate ``source`` in a background thread, at most ``depth`` items ahead.
@@ -229,8 +234,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step, self.epoch, self.update_in_epoch = 0, 1, 0
         self.best_valid: Optional[float] = None
+        self.saved_at = (0, time.monotonic())  # (step, monotonic time) of the last checkpoint or start
         if self.ckpt is not None:
             self._restore(self.ckpt)
+            self.saved_at = (self.step, time.monotonic())
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _restore(self, ckpt: Any) -> None:
@@ -245,6 +252,7 @@ class Trainer:
         self.log(dict(event="resume", checkpoint=str(ckpt.path), step=self.step, epoch=self.epoch))
 
     def save(self, is_best: bool = False) -> None:
+        self.saved_at = (self.step, time.monotonic())
         if not self.env.main:
             return
         state = dict(
@@ -276,6 +284,39 @@ class Trainer:
         )
 
     # -- logging --------------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        """One line for the person running the training (main process only)."""
+        if self.env.main:
+            print(text, flush=True)
+
+    def banner(self) -> None:
+        """What this run is: objective, model, data, device and precision, budget, where it saves."""
+        cfg, env, m = self.cfg, self.env, self.model_cfg
+        train = self.manifest["splits"]["train"]
+        valid = self.manifest["splits"].get("valid")
+        budget = [f"{cfg.max_steps:,} updates" if cfg.max_steps > 0 else "",
+                  f"{cfg.max_epochs} epochs" if cfg.max_epochs > 0 else ""]  # fmt: skip
+        per_update = cfg.max_tokens * cfg.update_freq * env.world
+        n = torch.get_num_threads()
+        threads = f", {n} thread{'s' * (n != 1)}" if env.device.type == "cpu" else ""
+        every = [f"{cfg.save_interval} updates" if cfg.save_interval > 0 else "epoch",
+                 f"{cfg.save_interval_minutes:g} min" if cfg.save_interval_minutes > 0 else ""]  # fmt: skip
+        self.say("\n".join([
+            f"janus train: objective {cfg.objective}, preset {cfg.preset} ({m.encoder_layers}+{m.decoder_layers} "
+            f"layers of {m.d_model}, {self.model.num_parameters():,} parameters, vocabulary {m.vocab_size:,})",
+            f"  data {cfg.data}: train {train['kept']:,} pairs ({train['tgt_tokens']:,} target tokens)"
+            + (f", valid {valid['kept']:,} pairs" if valid else ", no valid split"),
+            f"  device {env.device}{threads}, {env.world} process(es), precision {precision_name(self.amp_dtype)}",
+            f"  budget {' or '.join(b for b in budget if b) or 'no limit'}, at most {per_update:,} tokens per update "
+            f"(max_tokens {cfg.max_tokens} x update_freq {cfg.update_freq} x {env.world} process(es))",
+            f"  saving to {self.save_dir} every {' or '.join(e for e in every if e)}, keeping "
+            + (f"the last {cfg.keep_last} and the best" if cfg.keep_last > 0 else "every checkpoint"),
+        ]))  # fmt: skip
+        if self.ckpt is not None:
+            self.say(f"resuming from step {self.step} (checkpoint {self.ckpt.path})")
+        else:
+            self.say("starting from scratch")
+
     def log(self, record: dict[str, Any]) -> None:
         if not self.env.main:
             return
@@ -394,6 +435,13 @@ class Trainer:
         bar.write(f"step {self.step} valid {shown}")
         return v, is_best
 
+    def _save_clock_due(self) -> bool:
+        """Whether save_interval_minutes of wall time passed since the last checkpoint (or the start).
+
+        Only the main process writes checkpoints, so the processes need not agree on it."""
+        minutes = self.cfg.save_interval_minutes
+        return minutes > 0 and time.monotonic() - self.saved_at[1] >= 60 * minutes
+
     def _due(self, interval: int, epoch_end: bool) -> bool:
         """An every-``interval``-updates event (interval 0: at the end of each epoch) or the last update."""
         return (interval > 0 and self.step % interval == 0) or (interval == 0 and epoch_end) or self._done()
@@ -407,7 +455,11 @@ class Trainer:
                       cpu_allocator=allocator_state(), world_size=env.world, objective=cfg.objective,
                       model=self.model_cfg.to_dict(), train=dataclasses.asdict(cfg)))  # fmt: skip
         last_valid: dict[str, Any] = {}
-        saved_at = self.step
+        self.banner()
+        if self._done():
+            self.say(f"already finished at step {self.step} (max_steps {cfg.max_steps}, max_epochs {cfg.max_epochs}): "
+                     "nothing to do; raise --max-steps or --max-epochs to train on")  # fmt: skip
+            return last_valid
         window = _Window(torch.zeros(len(LOG_TERMS), device=env.device))
         while not self._done():
             per_epoch = num_updates(self.train_set, cfg.max_tokens, seed=cfg.seed, epoch=self.epoch,
@@ -436,17 +488,17 @@ class Trainer:
                     if self._due(cfg.validate_interval, epoch_end):
                         v, is_best = self._validate_and_log(bar)
                         last_valid = v or last_valid
-                    if self._due(cfg.save_interval, epoch_end) or is_best:
+                    if self._due(cfg.save_interval, epoch_end) or is_best or self._save_clock_due():
                         self.save(is_best=is_best)
-                        saved_at = self.step
                     if self._done() or epoch_end:
                         break
             finally:
                 updates.close()
                 bar.close()
-        if saved_at != self.step:
+        if self.saved_at[0] != self.step:
             self.save()
         self.log(dict(event="end", step=self.step, epoch=self.epoch))
+        self.say(f"finished at step {self.step}: checkpoints in {self.save_dir}")
         return last_valid
 
 

@@ -118,7 +118,9 @@ def test_training_lowers_validation_loss_of_all_three_distributions(data_bin, tm
 def test_resume_after_kill_continues_the_same_trajectory(data_bin, tmp_path):
     steps = 30
     ref = tmp_path / "ref"
-    janus(*train_args(data_bin, ref, max_steps=steps, save_interval=1, dropout=0.2))
+    first = janus(*train_args(data_bin, ref, max_steps=steps, save_interval=1, dropout=0.2))
+    assert first.stdout.startswith("janus train: objective janus, preset tiny")
+    assert "starting from scratch" in first.stdout
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "janus", *train_args(data_bin, killed, max_steps=steps, save_interval=1, dropout=0.2)]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -129,13 +131,30 @@ def test_resume_after_kill_continues_the_same_trajectory(data_bin, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
     assert 3 <= latest_step(killed) < steps
-    janus(*train_args(data_bin, killed, max_steps=steps, save_interval=1, dropout=0.2))
+    again = janus(*train_args(data_bin, killed, max_steps=steps, save_interval=1, dropout=0.2))
     resumes = log_events(killed, "resume")
     assert len(resumes) == 1 and 3 <= resumes[0]["step"] < steps
+    step = resumes[0]["step"]
+    assert f"resuming from step {step} (checkpoint {killed / f'checkpoint_{step:08d}'})" in again.stdout
+    assert "starting from scratch" not in again.stdout
+    done = janus(*train_args(data_bin, killed, max_steps=steps, save_interval=1, dropout=0.2))
+    assert f"already finished at step {steps}" in done.stdout and len(log_events(killed, "resume")) == 2
     a, b = final_weights(ref, steps), final_weights(killed, steps)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoints_by_wall_time(data_bin, tmp_path):
+    # Updates are far apart in minutes here: every update passes the clock, none the update interval.
+    save = tmp_path / "clock"
+    r = janus(*train_args(data_bin, save, max_steps=4, save_interval=1000, save_interval_minutes=1e-5,
+                          validate_interval=0, keep_last=0))  # fmt: skip
+    assert sorted(p.name for p in save.glob("checkpoint_*")) == [f"checkpoint_{i:08d}" for i in (1, 2, 3, 4)]
+    assert "every 1000 updates or 1e-05 min" in r.stdout
+    off = tmp_path / "off"
+    janus(*train_args(data_bin, off, max_steps=4, save_interval=1000, save_interval_minutes=0, validate_interval=0))
+    assert [p.name for p in off.glob("checkpoint_*")] == ["checkpoint_00000004"]  # the end of training only
 
 
 def free_port() -> int:
