@@ -349,7 +349,7 @@ class Check:
         The command gets its own process group, so that a timeout kills what it started too (pytest's
         subprocesses, a compiler)."""
         timeout = self.step_left()
-        if timeout <= 1:
+        if timeout <= 0:
             raise StepTimeout(f"no time left in the step for {' '.join(argv[:3])} ...")
         shown = " ".join("<snippet>" if i and argv[i - 1] == "-c" else a for i, a in enumerate(argv))
         self.log(f"$ {shown}   (at most {timeout:.0f} s)")
