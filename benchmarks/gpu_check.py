@@ -939,6 +939,10 @@ def main(argv: Optional[Sequence[str]] = None, start: Optional[float] = None) ->
     args.out = args.out or str(REPO / ("runs/gpu_check_dry_run" if args.cpu_dry_run else "benchmarks/results/gpu"))
     # Outside the output folder, which is committed; runs/ is ignored by git.
     args.work = args.work or str(REPO / ("runs/gpu_check_dry_run.work" if args.cpu_dry_run else "runs/gpu_check.work"))
+    # The commands run in the repository root: every path they get is absolute.
+    for option in ("out", "work", "corpus", "checkpoint"):
+        if getattr(args, option):
+            setattr(args, option, str(Path(getattr(args, option)).resolve()))
     for option in ("steps", "redo"):
         unknown = set(filter(None, getattr(args, option).split(","))) - set(STEP_NAMES)
         if unknown:
