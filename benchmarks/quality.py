@@ -137,7 +137,8 @@ def time_batch1(decodes: list[tuple[Generator, DecodeConfig]], sentences: list[s
     for gen, one in ones:  # warm-up
         gen.generate(sentences[:1], one)
     runs = [functools.partial(gen.generate, [s], one) for s in sentences for gen, one in ones]
-    ms = interleaved(runs, ones[0][0].device, rounds=rounds)
+    # Each median is over sentences x rounds runs, so one round is already many samples.
+    ms = interleaved(runs, ones[0][0].device, rounds=rounds, min_rounds=1)
     # runs are sentence-major: decode d's times are every len(ones)-th list, from d on
     return [[t / 1e3 for per_run in ms[d :: len(ones)] for t in per_run] for d in range(len(ones))]
 
