@@ -159,7 +159,11 @@ class TrainConfig:
     label_smoothing: float = _doc("epsilon of the label-smoothed CE", default=0.1)
     dropout: float = _doc("override the preset's dropout (-1 = keep)", default=-1.0)
     seed: int = _doc("seed of data order, masking, init and dropout", default=1)
-    amp: str = _doc("auto (bf16 on GPUs that have it, else fp16; none on CPU), bf16, fp16, none", default="auto")
+    amp: str = _doc(
+        "autocast: auto (GPU: bf16 where it has it, else fp16; CPU: bf16 with AVX512_BF16 or AMX, else none), "
+        "bf16, fp16 (GPU), none",
+        default="auto",
+    )
     device: str = _doc("auto, cpu, cuda or cuda:N", default="auto")
     threads: int = _doc("torch CPU threads (0 = default)", default=0)
     log_interval: int = _doc("updates between log lines", default=100)

@@ -102,24 +102,44 @@ def all_reduce(t: torch.Tensor, env: Env) -> torch.Tensor:
 
 
 def amp_context(cfg: TrainConfig, device: torch.device) -> tuple[Any, Optional[torch.dtype]]:
-    """(autocast context factory, dtype) from cfg.amp; CPU trains in fp32."""
+    """(autocast context factory, dtype or None for fp32) from cfg.amp on ``device``.
+
+    CUDA: ``auto`` is bf16 where the GPU has it, else fp16 (with loss scaling). CPU: ``auto`` is bf16
+    where the CPU computes it natively (``janus.info.cpu_bf16_support``: AVX512_BF16 or AMX), else
+    fp32; ``bf16`` is honoured anywhere (emulated bf16 is slower than fp32); fp16 is CUDA only. Under
+    autocast the GEMMs run in the low precision (attention too on GPUs; on CPUs it stays fp32, see
+    ``janus.model._sdpa``) while the weights, their gradients, the Adam states and the checkpoints
+    stay fp32, and the loss terms (softmax statistics, SKL) are computed in fp32.
+    """
     mode = cfg.amp
     if mode not in ("auto", "bf16", "fp16", "none"):
         raise ValueError(f"amp={mode!r}: choose auto, bf16, fp16 or none")
-    if device.type != "cuda" or mode == "none":
-        if mode in ("bf16", "fp16") and device.type != "cuda":
-            raise ValueError(f"amp={mode} needs a CUDA device; this run is on {device}")
+    if mode == "none":
         return contextlib.nullcontext, None
-    if mode == "auto":
-        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    return (lambda: torch.autocast("cuda", dtype=dtype)), dtype
+    if device.type == "cuda":
+        if mode == "auto":
+            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    elif device.type == "cpu":
+        if mode == "fp16":
+            raise ValueError(f"amp=fp16 needs a CUDA device; this run is on {device}: use --amp bf16 or none")
+        if mode == "auto":
+            from janus.info import cpu_bf16_support
 
+            if not cpu_bf16_support()[0]:
+                return contextlib.nullcontext, None
+            mode = "bf16"
+    elif mode == "auto":
+        return contextlib.nullcontext, None
+    else:
+        raise ValueError(f"amp={mode} needs a CUDA or CPU device; this run is on {device}: use --amp none")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
 
 
 def precision_name(dtype: Optional[torch.dtype]) -> str:
     """How a run computes, for its log: "fp32", "bf16" or "fp16" (autocast)."""
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
 
 # -- input pipeline -------------------------------------------------------------------------------
 class Prefetch:
@@ -452,6 +472,7 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         self.log(dict(event="start", step=self.step, params=self.model.num_parameters(), device=str(env.device),
+                      precision=precision_name(self.amp_dtype),
                       cpu_allocator=allocator_state(), world_size=env.world, objective=cfg.objective,
                       model=self.model_cfg.to_dict(), train=dataclasses.asdict(cfg)))  # fmt: skip
         last_valid: dict[str, Any] = {}

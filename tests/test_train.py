@@ -115,14 +115,18 @@ def test_training_lowers_validation_loss_of_all_three_distributions(data_bin, tm
     assert (save / "best.json").is_file() and (save / "latest.json").is_file()
 
 
-def test_resume_after_kill_continues_the_same_trajectory(data_bin, tmp_path):
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_resume_after_kill_continues_the_same_trajectory(data_bin, tmp_path, amp):
+    """fp32 and bf16 autocast (native on CPUs with AVX512_BF16 or AMX, emulated elsewhere) alike."""
     steps = 30
+    kw = dict(max_steps=steps, save_interval=1, dropout=0.2, amp=amp)
     ref = tmp_path / "ref"
-    first = janus(*train_args(data_bin, ref, max_steps=steps, save_interval=1, dropout=0.2))
+    first = janus(*train_args(data_bin, ref, **kw))
     assert first.stdout.startswith("janus train: objective janus, preset tiny")
     assert "starting from scratch" in first.stdout
+    assert log_events(ref, "start")[0]["precision"] == {"none": "fp32", "bf16": "bf16"}[amp]
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "janus", *train_args(data_bin, killed, max_steps=steps, save_interval=1, dropout=0.2)]
+    cmd = [sys.executable, "-m", "janus", *train_args(data_bin, killed, **kw)]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and latest_step(killed) < 3:
@@ -131,13 +135,13 @@ def test_resume_after_kill_continues_the_same_trajectory(data_bin, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
     assert 3 <= latest_step(killed) < steps
-    again = janus(*train_args(data_bin, killed, max_steps=steps, save_interval=1, dropout=0.2))
+    again = janus(*train_args(data_bin, killed, **kw))
     resumes = log_events(killed, "resume")
     assert len(resumes) == 1 and 3 <= resumes[0]["step"] < steps
     step = resumes[0]["step"]
     assert f"resuming from step {step} (checkpoint {killed / f'checkpoint_{step:08d}'})" in again.stdout
     assert "starting from scratch" not in again.stdout
-    done = janus(*train_args(data_bin, killed, max_steps=steps, save_interval=1, dropout=0.2))
+    done = janus(*train_args(data_bin, killed, **kw))
     assert f"already finished at step {steps}" in done.stdout and len(log_events(killed, "resume")) == 2
     a, b = final_weights(ref, steps), final_weights(killed, steps)
     assert a.keys() == b.keys()

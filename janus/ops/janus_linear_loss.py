@@ -14,11 +14,19 @@ is what training runs where the fused path does not apply.
   turns them into d loss / d logits in place) and folds them into the gradients of
   the states and of W (W's accumulated in fp32). The (rows, V) logits are never
   materialised. CUDA tensors, pair_index without repeats;
+- "cpu": ``ChunkedLinearJanusLoss``, the same chunked scheme in PyTorch for CPU tensors:
+  per chunk of AR rows and their paired masked rows, one GEMM forms the chunk's logits
+  in the compute dtype, the loss terms and d loss / d logits are computed in fp32 in
+  closed form (softmax statistics once per row, no autograd graph over [rows x V]),
+  then one GEMM each gives the chunk's d states and adds its share of d W (fp32
+  accumulator). A chunk's fp32 buffers stay in the cache, where the reference streams
+  several [rows x V] fp32 tensors through memory in forward and backward. Takes any
+  pair_index (repeats too);
 - "reference": ``janus_linear_loss_ref``.
 
-Under torch.autocast both compute in the autocast dtype (as F.linear would); the
-gradient of W comes back in W's dtype. Force a backend with
-``JANUS_BACKEND_JANUS_LINEAR_LOSS=triton|reference``.
+Under torch.autocast every backend computes the projection in the autocast dtype (as
+F.linear would) and the loss in fp32; the gradient of W comes back in W's dtype. Force
+a backend with ``JANUS_BACKEND_JANUS_LINEAR_LOSS=triton|cpu|reference``.
 """
 
 from __future__ import annotations
@@ -30,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from janus.ops._dispatch import Backend, register_op, triton_available
+from janus.ops._dispatch import Backend, Verdict, all_on_cpu, register_op, triton_available
 from janus.ops.janus_loss import (
+    TERMS,
     LossScales,
     MaskedTokenLoss,
     fits_triton_loss_kernel,
@@ -112,7 +121,7 @@ class FusedLinearJanusLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, grad_sums: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        return (*scale_precomputed_grads(ctx, grad_loss, "janus_linear_loss"), *([None] * 8))
+        return (*scale_precomputed_grads(ctx, grad_loss, "janus_linear_loss (triton)"), *([None] * 8))
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -161,10 +170,305 @@ def _janus_linear_loss_triton(*args: Any, **kwargs: Any) -> MaskedTokenLoss:
         return janus_linear_loss_ref(*args, **kwargs)
 
 
+# -- the CPU backend ------------------------------------------------------------------------------
+def cpu_chunk_rows(vocab: int, rows_per_lead: float, budget: int = 1 << 24) -> int:
+    """Lead rows (AR rows, else masked rows) per chunk of the CPU path: about ``budget`` logits over
+    the chunk's rows of every stream (64 MB in fp32), at least 32 rows.
+
+    Large on purpose: every elementwise op of a chunk is one parallel region, and on a busy 2-core
+    machine each region waits for its slowest thread, so many small chunks cost more than the
+    cache misses of a few large ones (measured: 4 chunks of a small-preset janus batch took 1.3-1.7x
+    the time of one chunk at 2 threads, about the same at 1 thread). Memory stays bounded by the
+    budget, not by the batch."""
+    return max(32, int(budget / max(1.0, vocab * rows_per_lead)))
+
+
+def _chunk_terms(
+    logits: Tensor,
+    counts: tuple[int, int, int],
+    targets: Tensor,
+    keep: Tensor,
+    pairs: Optional[Tensor],
+    eps: float,
+    scales: LossScales,
+    need_grad: bool,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Every term of one chunk and d loss / d logits, in fp32 (or fp64 for fp64 logits), in closed form.
+
+    Args:
+        logits: (r + m_b + m_c, V) the chunk's logits, rows of a (AR), b (P_NAR), c (P_AUX) stacked.
+        counts: (r, m_b, m_c) rows of each stream in ``logits`` (0 for an absent one; m_b and m_c are
+            equal when both are present).
+        targets: (rows,) int64 target of every row (ignored rows clamped to 0); keep: (rows,) 0/1 mask
+            of the rows whose target is not ignored (float of the accumulation dtype).
+        pairs: (m,) int64, AR row within the chunk of each masked row (None without an AR stream).
+    Returns:
+        (sums (9,) in TERMS order, d loss / d logits (rows, V) for a loss gradient of 1, or None).
+
+    With p = softmax(z), l = log p and D = l_x - l_y (JANUS.md section 3):
+        d ls / d z        = p - (1 - eps) onehot(y) - eps / V
+        d SKL(x, y) / d z_x = (p_x (D - KL(x || y)) + p_x - p_y) / 2,  symmetrically for z_y.
+    """
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    lp = torch.log_softmax(logits, dim=-1, dtype=acc)  # (rows, V)
+    prob = lp.exp()
+    V = lp.shape[1]
+    r, mb, mc = counts
+    bounds = (0, r, r + mb, r + mb + mc)
+    view = lambda x, k: x[bounds[k] : bounds[k + 1]] if bounds[k + 1] > bounds[k] else None  # noqa: E731
+
+    # 1. Label-smoothed CE and NLL of every row, summed per stream.
+    nll = -lp.gather(1, targets[:, None]).squeeze(1)
+    ls = (1.0 - eps) * nll - eps * lp.mean(1)
+    row_scale = torch.cat([
+        torch.full((n,), w, dtype=acc) for n, w in zip(counts, (scales.ar, scales.nar, scales.aux))
+    ]) * keep  # fmt: skip
+    sums = torch.zeros(len(TERMS), dtype=acc)
+    for k, (n, name) in enumerate(zip(counts, ("ar", "nar", "aux"))):
+        if n:
+            sums[TERMS.index(name)] = (ls[bounds[k] : bounds[k + 1]] * keep[bounds[k] : bounds[k + 1]]).sum()
+            sums[TERMS.index(name + "_nll")] = (nll[bounds[k] : bounds[k + 1]] * keep[bounds[k] : bounds[k + 1]]).sum()
+    grad = prob * row_scale[:, None] if need_grad else None
+
+    # 2. The SKL terms of each masked row with its AR row and with the other masked stream.
+    mkeep = keep[r:r + max(mb, mc)]
+    sides = {k: (view(lp, k), view(prob, k), view(grad, k) if need_grad else None) for k in range(3)}
+    if r and pairs is not None:
+        a_lp, a_p = sides[0][0].index_select(0, pairs), sides[0][1].index_select(0, pairs)
+        paired_a = (a_lp, a_p, None)
+    for name, x, y in (("skl_ar_nar", 0, 1), ("skl_ar_aux", 0, 2), ("skl_nar_aux", 1, 2)):
+        if not (counts[x] and counts[y]) or (x == 0 and pairs is None):
+            continue
+        lx, px, gx = paired_a if x == 0 else sides[x]
+        ly, py, gy = sides[y]
+        diff = lx - ly  # (m, V): log p_x - log p_y
+        kl_xy = (px * diff).sum(1)
+        kl_yx = -(py * diff).sum(1)
+        sums[TERMS.index(name)] = (0.5 * (kl_xy + kl_yx) * mkeep).sum()
+        if not need_grad:
+            continue
+        w = (0.5 * getattr(scales, name)) * mkeep[:, None]
+        d_y = (-diff).sub_(kl_yx[:, None] - 1.0).mul_(py).sub_(px).mul_(w)  # (p_y (D' - KL(y||x)) + p_y - p_x) / 2
+        d_x = diff.sub_(kl_xy[:, None] - 1.0).mul_(px).sub_(py).mul_(w)
+        gy += d_y
+        if x == 0:
+            sides[0][2].index_add_(0, pairs, d_x)
+        else:
+            gx += d_x
+    if need_grad:
+        grad.sub_((eps / V) * row_scale[:, None])
+        # One element per row: a flat index_add_ (scatter_add_ along dim 1 walks far more slowly).
+        flat = torch.arange(grad.shape[0]) * V + targets
+        grad.view(-1).index_add_(0, flat, -(1.0 - eps) * row_scale)
+    return sums, grad
+
+
+def janus_linear_loss_cpu_forward(
+    hidden_ar: Optional[Tensor],
+    hidden_nar: Optional[Tensor],
+    hidden_aux: Optional[Tensor],
+    weight: Tensor,
+    ar_targets: Optional[Tensor],
+    masked_targets: Optional[Tensor],
+    pair_index: Optional[Tensor],
+    eps: float,
+    scales: LossScales,
+    ignore_index: int,
+    *,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+    compute_dtype: torch.dtype,
+    chunk_rows: Optional[int] = None,
+) -> tuple[Tensor, Tensor, tuple[Optional[Tensor], ...], Optional[Tensor]]:
+    """The loss from decoder states and the shared projection, chunk by chunk, with its gradients (CPU).
+
+    1. Masked rows are ordered by their AR row (training rows already are), so that the masked rows
+       of a chunk of AR rows are one contiguous range.
+    2. Per chunk: logits = [h_ar; h_nar; h_aux] @ weight.T in ``compute_dtype`` (one GEMM), the terms
+       and d loss / d logits in fp32 (``_chunk_terms``), then d h = g @ weight and
+       d weight += g.T @ h with g rounded to ``compute_dtype`` (fp32 accumulator).
+
+    Returns:
+        (loss () fp32, sums (9,) fp32, (d hidden_ar, d hidden_nar, d hidden_aux) in the states'
+        dtypes or None, d weight fp32 or None), gradients for a loss gradient of 1.
+    """
+    hs = [hidden_ar, hidden_nar, hidden_aux]
+    if hs[1] is not None and hs[1].shape[0] == 0:
+        hs[1] = None
+    if hs[2] is not None and hs[2].shape[0] == 0:
+        hs[2] = None
+    acc = torch.promote_types(compute_dtype, torch.float32)
+    device = weight.device
+    has_a, has_m = hs[0] is not None, hs[1] is not None or hs[2] is not None
+    empty_m = not has_m and any(h is not None for h in (hidden_nar, hidden_aux))
+    need_grad = need_hidden_grad or need_weight_grad
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=device) if need_weight_grad else None
+    # Every row belongs to exactly one chunk, which writes its gradient: no zero fill is needed.
+    grads_h: list[Optional[Tensor]] = [
+        torch.empty_like(h) if h is not None and need_hidden_grad else None
+        for h in (hidden_ar, hidden_nar, hidden_aux)
+    ]  # fmt: skip
+    total = torch.zeros((), dtype=acc, device=device)
+    sums = torch.zeros(len(TERMS), dtype=acc, device=device)
+    if not has_a and not has_m:
+        if empty_m:  # only empty masked streams: nothing to compute
+            return total.float(), sums.float(), tuple(grads_h), grad_w.zero_() if grad_w is not None else None
+        raise ValueError("janus_linear_loss: no decoder states given")
+    w = weight.to(compute_dtype)
+    V = weight.shape[0]
+    m_rows = next((h.shape[0] for h in hs[1:] if h is not None), 0)
+    mtarget = masked_targets if has_m else None
+
+    # 1. Masked rows in the order of their AR rows.
+    order = None
+    pairs = pair_index if has_a and has_m else None
+    if pairs is not None:
+        if pairs.shape[0] > 1 and not bool((pairs[1:] >= pairs[:-1]).all()):
+            order = torch.argsort(pairs, stable=True)
+            pairs = pairs.index_select(0, order)
+            hs = [hs[0]] + [h.index_select(0, order) if h is not None else None for h in hs[1:]]
+            mtarget = mtarget.index_select(0, order)
+    lead_rows = hs[0].shape[0] if has_a else m_rows
+    streams = sum(h is not None for h in hs)
+    per_lead = 1.0 + (streams - 1) * m_rows / max(lead_rows, 1) if has_a else float(streams)
+    step = chunk_rows or cpu_chunk_rows(V, per_lead)
+    starts = list(range(0, lead_rows, step))
+    if pairs is not None:
+        bounds = torch.tensor([*starts, lead_rows], dtype=pairs.dtype, device=device)
+        edges = torch.searchsorted(pairs, bounds).tolist()  # one pass for every chunk's masked range
+    # Gradients of the masked rows in chunk order (the caller's order when no reordering was needed).
+    d_masked = [
+        None if h is None or not need_hidden_grad else grads_h[k] if order is None else torch.empty_like(h)
+        for k, h in enumerate(hs)
+    ]  # fmt: skip
+    sc = astuple(scales)
+
+    # 2. Chunk by chunk.
+    for i, start in enumerate(starts):
+        end = min(start + step, lead_rows)
+        if has_a:
+            lo, hi = (edges[i], edges[i + 1]) if pairs is not None else (0, 0)
+            a_part = [hs[0][start:end]]
+            local = pairs[lo:hi] - start if pairs is not None else None
+            targets = [ar_targets[start:end]]
+        else:
+            lo, hi, local = start, end, None
+            a_part, targets = [], []
+        m_part = [h[lo:hi] for h in hs[1:] if h is not None]
+        if m_part:
+            targets += [mtarget[lo:hi]] * len(m_part)
+        counts = (end - start if has_a else 0, hi - lo if hs[1] is not None else 0, hi - lo if hs[2] is not None else 0)
+        h_chunk = torch.cat([x.to(compute_dtype) for x in a_part + m_part])  # (rows, D)
+        logits = h_chunk @ w.T  # (rows, V)
+        y = torch.cat(targets)
+        keep = (y != ignore_index).to(acc)
+        part, g = _chunk_terms(logits, counts, y.clamp_min(0), keep, local, eps, LossScales(*sc), need_grad)
+        sums += part
+        if g is None:
+            continue
+        g = g.to(compute_dtype)
+        if need_hidden_grad:
+            dh = g @ w  # (rows, D)
+            if has_a:
+                grads_h[0][start:end] = dh[: end - start]
+            offset = counts[0]
+            for k in (1, 2):
+                if counts[k]:
+                    d_masked[k][lo:hi] = dh[offset : offset + counts[k]]
+                    offset += counts[k]
+        if grad_w is not None:
+            if compute_dtype == acc:
+                grad_w.addmm_(g.T, h_chunk)
+            else:
+                grad_w += (g.T @ h_chunk).to(acc)
+    if need_hidden_grad and order is not None:
+        for k in (1, 2):
+            if d_masked[k] is not None:
+                grads_h[k].index_copy_(0, order, d_masked[k])
+    for k, name in enumerate(("ar", "nar", "aux", "skl_ar_nar", "skl_ar_aux", "skl_nar_aux")):
+        total = total + sc[k] * sums[TERMS.index(name)]
+    out_dtype = torch.promote_types(acc, torch.float32)
+    return total.to(out_dtype), sums.to(out_dtype), tuple(grads_h), grad_w
+
+
+class ChunkedLinearJanusLoss(torch.autograd.Function):
+    """The chunked CPU path as an autograd.Function: gradients are computed in the forward (for a loss
+    gradient of 1) and scaled in the backward, in place, so it runs once per forward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden_ar: Optional[Tensor],
+        hidden_nar: Optional[Tensor],
+        hidden_aux: Optional[Tensor],
+        weight: Tensor,
+        ar_targets: Optional[Tensor],
+        masked_targets: Optional[Tensor],
+        pair_index: Optional[Tensor],
+        eps: float,
+        scales: tuple[float, ...],
+        ignore_index: int,
+        compute_dtype: torch.dtype,
+        chunk_rows: Optional[int],
+    ) -> tuple[Tensor, Tensor]:
+        need_h = any(ctx.needs_input_grad[:3])
+        loss, sums, grads_h, grad_w = janus_linear_loss_cpu_forward(
+            hidden_ar, hidden_nar, hidden_aux, weight, ar_targets, masked_targets, pair_index, eps,
+            LossScales(*scales), ignore_index, need_hidden_grad=need_h, need_weight_grad=ctx.needs_input_grad[3],
+            compute_dtype=compute_dtype, chunk_rows=chunk_rows,
+        )  # fmt: skip
+        ctx.grads = (*grads_h, grad_w.to(weight.dtype) if grad_w is not None else None)
+        ctx.mark_non_differentiable(sums)
+        return loss, sums
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, grad_sums: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        return (*scale_precomputed_grads(ctx, grad_loss, "janus_linear_loss (cpu)"), *([None] * 8))
+
+
+def janus_linear_loss_cpu(
+    hidden_ar: Optional[Tensor],
+    hidden_nar: Optional[Tensor],
+    hidden_aux: Optional[Tensor],
+    weight: Tensor,
+    ar_targets: Optional[Tensor],
+    masked_targets: Optional[Tensor],
+    pair_index: Optional[Tensor],
+    eps: float,
+    scales: LossScales,
+    ignore_index: int = -100,
+    chunk_rows: Optional[int] = None,
+) -> MaskedTokenLoss:
+    """The chunked CPU path (see the module docstring); ``chunk_rows`` overrides the chunk size (tests).
+
+    Same arguments and result as ``janus_linear_loss_ref``; CPU tensors.
+    """
+    first = next((h for h in (hidden_ar, hidden_nar, hidden_aux) if h is not None), None)
+    if first is None:
+        raise ValueError("janus_linear_loss: no decoder states given")
+    if hidden_ar is not None and any(h is not None and h.shape[0] for h in (hidden_nar, hidden_aux)):
+        if pair_index is None:
+            raise ValueError("pair_index is required for the SKL terms between P_AR and the masked rows")
+    dtype = _compute_dtype(first, weight)
+    with torch.autocast(first.device.type, enabled=False):
+        loss, sums = ChunkedLinearJanusLoss.apply(
+            hidden_ar, hidden_nar, hidden_aux, weight, ar_targets, masked_targets, pair_index, eps,
+            astuple(scales), ignore_index, dtype, chunk_rows,
+        )  # fmt: skip
+    return MaskedTokenLoss(loss, sums)
+
+
+def fits_cpu_path(*args: Any, **kwargs: Any) -> Verdict:
+    """``supports`` of the CPU path: CPU tensors (any float dtype; the terms are computed in fp32, or
+    in fp64 for fp64 inputs)."""
+    return all_on_cpu(*args, **kwargs)
+
+
 JANUS_LINEAR_LOSS = register_op(
     "janus_linear_loss",
     [
         Backend("triton", _janus_linear_loss_triton, available=triton_available, supports=fits_triton_loss_kernel),
+        Backend("cpu", janus_linear_loss_cpu, supports=fits_cpu_path),
         Backend("reference", janus_linear_loss_ref),
     ],
 )

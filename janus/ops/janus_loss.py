@@ -184,7 +184,7 @@ class FusedJanusLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, grad_sums: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        return (*scale_precomputed_grads(ctx, grad_loss, "janus_loss"), *([None] * 7))
+        return (*scale_precomputed_grads(ctx, grad_loss, "janus_loss (triton)"), *([None] * 7))
 
 
 def _janus_loss_triton(
@@ -239,7 +239,7 @@ def scale_precomputed_grads(ctx: Any, grad_loss: Tensor, op: str) -> tuple[Optio
     """Backward of a Function whose forward left its input gradients (for a loss gradient of 1) in
     ``ctx.grads``: scale them by ``grad_loss`` in place, once."""
     if ctx.grads is None:
-        raise RuntimeError(f"{op} (triton): backward ran twice; its gradients are scaled in place")
+        raise RuntimeError(f"{op}: backward ran twice; its gradients are scaled in place")
     grads, ctx.grads = ctx.grads, None
     return tuple(g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in grads)
 
