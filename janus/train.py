@@ -5,7 +5,8 @@
     torchrun --nproc-per-node 8 -m janus train --data data-bin --save-dir ckpt   # data parallel
 
 Adam with the inverse-sqrt schedule, label smoothing, gradient clipping and
-accumulation, bf16/fp16 autocast on GPU, validation loss, a tqdm bar with
+accumulation, bf16/fp16 autocast on GPU and bf16 autocast on CPUs with native bf16 (``amp_context``),
+validation loss, a tqdm bar with
 tokens/s and a JSONL log (``save_dir/train.jsonl``). A run whose ``save_dir``
 holds a checkpoint resumes from it and continues the same trajectory: data
 order, masks, dropout and optimizer state all come back.
@@ -101,8 +102,14 @@ def all_reduce(t: torch.Tensor, env: Env) -> torch.Tensor:
     return t
 
 
-def amp_context(cfg: TrainConfig, device: torch.device) -> tuple[Any, Optional[torch.dtype]]:
+def amp_context(
+    cfg: TrainConfig, device: torch.device, resumed: Optional[str] = None
+) -> tuple[Any, Optional[torch.dtype]]:
     """(autocast context factory, dtype or None for fp32) from cfg.amp on ``device``.
+
+    ``resumed``: the precision ("fp32", "bf16", "fp16") of the run being resumed, which ``auto``
+    keeps, so that a resumed run continues its trajectory even where ``auto`` would now choose
+    otherwise (e.g. a CPU run started in fp32 before CPU autocast existed).
 
     CUDA: ``auto`` is bf16 where the GPU has it, else fp16 (with loss scaling). CPU: ``auto`` is bf16
     where the CPU computes it natively (``janus.info.cpu_bf16_support``: AVX512_BF16 or AMX), else
@@ -114,6 +121,10 @@ def amp_context(cfg: TrainConfig, device: torch.device) -> tuple[Any, Optional[t
     mode = cfg.amp
     if mode not in ("auto", "bf16", "fp16", "none"):
         raise ValueError(f"amp={mode!r}: choose auto, bf16, fp16 or none")
+    if mode == "auto" and resumed is not None:
+        if resumed not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"resumed precision {resumed!r}: expected fp32, bf16 or fp16")
+        mode = "none" if resumed == "fp32" else resumed
     if mode == "none":
         return contextlib.nullcontext, None
     if device.type == "cuda":
@@ -250,7 +261,12 @@ class Trainer:
             eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay,
         )
-        self.autocast, self.amp_dtype = amp_context(cfg, self.env.device)
+        resumed = None
+        if self.ckpt is not None:
+            # `auto` keeps the precision a run started with; one started before CPU autocast existed
+            # (no record) trained in fp32 on a CPU.
+            resumed = self.ckpt.state.get("precision", "fp32" if self.env.device.type == "cpu" else None)
+        self.autocast, self.amp_dtype = amp_context(cfg, self.env.device, resumed)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step, self.epoch, self.update_in_epoch = 0, 1, 0
         self.best_valid: Optional[float] = None
@@ -282,6 +298,7 @@ class Trainer:
             best_valid=self.best_valid,
             rng=capture_rng(),
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            precision=precision_name(self.amp_dtype),
         )
         config = dict(
             model=self.model_cfg.to_dict(),

@@ -256,3 +256,19 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "janus", "train", "--data", str(tmp_path / "none")],
                        env=env(), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "janus prepare" in r.stderr and "manifest.json" in r.stderr
+
+
+def test_amp_auto_on_cpu_follows_native_bf16_and_keeps_a_resumed_runs_precision():
+    from janus.info import cpu_bf16_support
+    from janus.train import amp_context, precision_name
+
+    cpu = torch.device("cpu")
+    _, dtype = amp_context(TrainConfig(amp="auto"), cpu)
+    assert precision_name(dtype) == ("bf16" if cpu_bf16_support()[0] else "fp32")
+    assert amp_context(TrainConfig(amp="bf16"), cpu)[1] == torch.bfloat16
+    assert amp_context(TrainConfig(amp="none"), cpu)[1] is None
+    assert amp_context(TrainConfig(amp="auto"), cpu, resumed="fp32")[1] is None
+    assert amp_context(TrainConfig(amp="auto"), cpu, resumed="bf16")[1] == torch.bfloat16
+    assert amp_context(TrainConfig(amp="none"), cpu, resumed="bf16")[1] is None  # an explicit choice wins
+    with pytest.raises(ValueError, match="amp=fp16 needs a CUDA device"):
+        amp_context(TrainConfig(amp="fp16"), cpu)
