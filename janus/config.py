@@ -228,6 +228,13 @@ class DecodeConfig:
     max_batch_size: int = _doc("sentences per batch", default=64)
     max_batch_tokens: int = _doc("source tokens (padded) per batch; 0 = no limit", default=0)
     max_source_len: int = _doc("longer sources are truncated with a warning; 0 = the model's limit", default=0)
+    repeat_ngram: int = _doc(
+        "ar, spec: degenerate-repetition guard: a hypothesis whose last n tokens, for some n in "
+        "1 .. repeat_ngram, occurred repeat_times times back to back must end (only eos remains); "
+        "0 = off. spec applies it exactly as greedy search does, so it still equals greedy",
+        default=0,
+    )
+    repeat_times: int = _doc("ar, spec: see repeat_ngram (>= 2)", default=4)
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -245,3 +252,5 @@ class DecodeConfig:
         check(self.max_batch_size >= 1, f"max_batch_size={self.max_batch_size} must be >= 1")
         check(self.max_batch_tokens >= 0, f"max_batch_tokens={self.max_batch_tokens} must be >= 0")
         check(self.max_source_len >= 0, f"max_source_len={self.max_source_len} must be >= 0")
+        check(self.repeat_ngram >= 0, f"repeat_ngram={self.repeat_ngram} must be >= 0 (0 = off)")
+        check(self.repeat_times >= 2, f"repeat_times={self.repeat_times} must be >= 2")

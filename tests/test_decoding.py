@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from janus.config import preset
 from janus.decoding import beam_search, greedy_search, mask_predict, speculative_decode
 from janus.decoding.beam_search import next_token_logprobs
+from janus.decoding.common import repeating, repeating_tail
 from janus.decoding.mask_predict import ar_mean_logprob, remask_counts
 from janus.model import JanusModel, KVCache
 from janus.ops import length_beam_init
@@ -254,6 +255,72 @@ def test_ar_mean_logprob_matches_per_sequence_scoring():
         words = tuple(t for t in tokens[r].tolist() if t not in (PAD, BOS, EOS))
         want = sequence_logprob(m, src[r // 2 : r // 2 + 1], words) / (len(words) + 1)
         assert math.isclose(float(got[r]), want, rel_tol=1e-5)
+
+
+# ------------------------------------------------------------------------- repetition guard
+
+
+def test_repeating_finds_every_period_up_to_ngram():
+    B, P = BOS, PAD
+    rows = torch.tensor(
+        [
+            [B, 7, 5, 5, 5, 5, P, P],  # period 1, 4 copies at the end
+            [B, 5, 6, 5, 6, 5, P, P],  # period 2: 5 6 5 6 5 -> the last 2-gram (6 5) twice, not 3 times
+            [B, 5, 6, 7, 5, 6, 7, P],  # period 3, twice
+            [B, 9, 5, 6, 5, 6, 5, 6],  # period 2, 3 copies
+            [B, 5, 5, 5, 6, 7, 8, P],  # a run that does not reach the end
+        ]
+    )
+    L = rows.shape[1]
+    last = torch.tensor([5, 5, 6, 7, 6])[:, None]
+    assert repeating(rows, last, 1, 3).squeeze(1).tolist() == [True, False, False, False, False]
+    assert repeating(rows, last, 2, 3).squeeze(1).tolist() == [True, False, False, True, False]
+    assert repeating(rows, last, 3, 2).squeeze(1).tolist() == [True, True, True, True, False]
+    assert repeating(rows, last, 0, 2).squeeze(1).tolist() == [False] * 5  # off
+    # every end position at once (as speculative verification asks): row 0 repeats 3 times from position 4 on
+    ends = torch.arange(L)[None, :].expand(5, L)
+    assert repeating(rows, ends, 1, 3)[0].tolist() == [False, False, False, False, True, True, False, False]
+    assert repeating(rows, ends, 1, 3)[4].tolist() == [False, False, False, True, False, False, False, False]
+    # a window too short to hold the copies never repeats; bos never joins a run
+    assert not repeating(rows[:, :3], torch.full((5, 1), 2), 1, 3).any()
+    assert repeating_tail(rows, 5, 1, 4).tolist() == [True, False, False, False, False]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_repetition_guard_ends_loops_and_speculative_still_equals_greedy(seed):
+    m = random_model(seed, eos_bias=-1e4)  # eos unlikely: greedy outputs loop up to the length limit
+    src = random_sources(seed, 5, lo=6, hi=10)
+    limits = dict(max_len_a=3.0, max_len_b=10)
+    free = greedy_search(m, src, **limits)
+    assert all(repeating_tail(torch.tensor([[BOS, *h.ids]]), len(h.ids), 3, 3) for h in free)  # the stub loops
+    guard = dict(repeat_ngram=3, repeat_times=3)
+    g = greedy_search(m, src, **limits, **guard)
+    for decode in (greedy_search, beam_search, speculative_decode):
+        hyps = g if decode is greedy_search else decode(m, src, **limits, **guard)
+        for h, f in zip(hyps, free, strict=True):
+            # a repeating prefix can only be followed by eos: no shorter prefix repeats
+            seq = torch.tensor([[BOS, *h.ids]])
+            assert not any(repeating_tail(seq, k, 3, 3) for k in range(len(h.ids)))
+            if decode is not beam_search:  # (beam search may prefer a longer hypothesis that never repeats)
+                assert len(h.ids) < len(f.ids) and repeating_tail(seq, len(h.ids), 3, 3)
+    s = speculative_decode(m, src, **limits, **guard)
+    assert [h.ids for h in s] == [h.ids for h in g]
+    assert all(math.isclose(a.score, b.score, rel_tol=1e-5, abs_tol=1e-5) for a, b in zip(s, g, strict=True))
+    # on models that end on their own, the guard (off or rarely hit) leaves spec == greedy too
+    v, vsrc = varied_model(seed), random_sources(seed + 30, 8)
+    for kw in ({}, dict(repeat_ngram=2, repeat_times=2)):
+        a = greedy_search(v, vsrc, max_len_a=1.0, max_len_b=6, **kw)
+        b = speculative_decode(v, vsrc, max_len_a=1.0, max_len_b=6, **kw)
+        assert [h.ids for h in a] == [h.ids for h in b]
+
+
+def test_repetition_guard_waits_for_min_len():
+    m = random_model(0, eos_bias=-1e4)
+    src = random_sources(0, 3, lo=6, hi=10)
+    for decode in (greedy_search, beam_search, speculative_decode):
+        hyps = decode(m, src, max_len_a=3.0, max_len_b=10, min_len=7, repeat_ngram=1, repeat_times=2)
+        # greedy and spec loop from the start, so they end exactly at min_len (beam may avoid the loop)
+        assert all(len(h.ids) == 7 if decode is not beam_search else len(h.ids) >= 7 for h in hyps), decode
 
 
 # ---------------------------------------------------------------------------- speculative

@@ -38,10 +38,11 @@ def decode_batch(
     """
     o = options
     limits = dict(max_len_a=o.max_len_a, max_len_b=o.max_len_b, min_len=o.min_len, target_lengths=target_lengths)
+    guard = dict(repeat_ngram=o.repeat_ngram, repeat_times=o.repeat_times)
     if o.mode == "ar":
         if o.beam_size == 1:
-            return greedy_search(model, src, length_penalty=o.length_penalty, **limits)
-        return beam_search(model, src, beam=o.beam_size, length_penalty=o.length_penalty, **limits)
+            return greedy_search(model, src, length_penalty=o.length_penalty, **limits, **guard)
+        return beam_search(model, src, beam=o.beam_size, length_penalty=o.length_penalty, **limits, **guard)
     if o.mode == "nar":
         return mask_predict(
             model,
@@ -53,7 +54,7 @@ def decode_batch(
             **limits,
         )
     spec = dict(draft_iterations=o.draft_iterations, length_penalty=o.length_penalty)
-    return speculative_decode(model, src, **spec, **limits)
+    return speculative_decode(model, src, **spec, **limits, **guard)
 
 
 __all__ = [

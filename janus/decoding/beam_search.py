@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from janus.decoding.common import constrain_ar, inference, normalized, token_limits
+from janus.decoding.common import constrain_ar, inference, normalized, repeating_tail, token_limits
 from janus.decoding.types import Hypothesis
 from janus.model import EncoderOut, JanusModel, KVCache
 from janus.streams import build_ar_step_rows, build_training_rows
@@ -58,6 +58,8 @@ def greedy_search(
     max_len_b: int = 10,
     min_len: int = 1,
     target_lengths: Optional[Tensor] = None,
+    repeat_ngram: int = 0,
+    repeat_times: int = 4,
     use_cache: bool = True,
 ) -> list[Hypothesis]:
     """Greedy AR decoding of a batch.
@@ -67,6 +69,7 @@ def greedy_search(
         src: int64 (B, S) source ids + eos, right-padded.
         length_penalty, max_len_a, max_len_b, min_len: as in ``DecodeConfig``.
         target_lengths: int64 (B,) token counts to force (eos exactly there), or None.
+        repeat_ngram, repeat_times: the degenerate-repetition guard, as in ``DecodeConfig``.
         use_cache: False recomputes the whole prefix every step (slow; for testing).
     Returns:
         B hypotheses in batch order.
@@ -87,7 +90,8 @@ def greedy_search(
         out: list[Optional[Hypothesis]] = [None] * B
         for step in range(steps):
             logp = next_token_logprobs(model, enc, tokens, step, cache)  # (N, V)
-            constrain_ar(logp, torch.tensor(step, device=src.device), min_lens[alive], max_lens[alive], sp)
+            stop = repeating_tail(tokens, step, repeat_ngram, repeat_times) if repeat_ngram else None
+            constrain_ar(logp, torch.tensor(step, device=src.device), min_lens[alive], max_lens[alive], sp, stop)
             best, tok = logp.max(-1)
             tokens[:, step + 1] = tok
             sums += best.double()
@@ -121,6 +125,8 @@ def beam_search(
     max_len_b: int = 10,
     min_len: int = 1,
     target_lengths: Optional[Tensor] = None,
+    repeat_ngram: int = 0,
+    repeat_times: int = 4,
     use_cache: bool = True,
 ) -> list[Hypothesis]:
     """Beam search over P_AR (see the module docstring); beam 1 equals ``greedy_search``.
@@ -131,6 +137,7 @@ def beam_search(
         beam: live hypotheses per sentence.
         length_penalty, max_len_a, max_len_b, min_len: as in ``DecodeConfig``.
         target_lengths: int64 (B,) token counts to force (eos exactly there), or None.
+        repeat_ngram, repeat_times: the degenerate-repetition guard, as in ``DecodeConfig``.
         use_cache: False recomputes the whole prefix every step (slow; for testing).
     Returns:
         B hypotheses in batch order, each the best finished one of its sentence.
@@ -161,7 +168,9 @@ def beam_search(
             logp = next_token_logprobs(model, enc, tokens, step, cache)  # (nb*K, V)
             V = logp.shape[-1]
             per_hyp = torch.arange(nb * K, device=dev) // K
-            constrain_ar(logp, torch.tensor(step, device=dev), min_lens[alive][per_hyp], max_lens[alive][per_hyp], sp)
+            stop = repeating_tail(tokens, step, repeat_ngram, repeat_times) if repeat_ngram else None
+            words = torch.tensor(step, device=dev)
+            constrain_ar(logp, words, min_lens[alive][per_hyp], max_lens[alive][per_hyp], sp, stop)
             cand = (sums[:, None] + logp.double()).view(nb, K * V)
             top, idx = cand.topk(min(2 * K, K * V), dim=1)  # (nb, 2K), best first
             src_beam, tok = idx // V, idx % V

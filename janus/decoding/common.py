@@ -84,23 +84,82 @@ def canvas_banned_ids(sp: SpecialIds) -> list[int]:
     return [sp.pad, sp.bos, sp.eos, sp.mask]
 
 
-def constrain_ar(logp: Tensor, words: Tensor, min_lens: Tensor, max_lens: Tensor, sp: SpecialIds) -> Tensor:
+def repeating(tokens: Tensor, ends: Tensor, ngram: int, times: int) -> Tensor:
+    """Which prefixes end in a degenerate repetition: for some n in 1 .. ``ngram``, the last n
+    tokens up to and including position ``ends`` occurred ``times`` times back to back.
+
+    Positions before the start of ``tokens`` never count: a window too short to hold ``times``
+    copies is not repeating. Bos is never a generated token, so a run never reaches past it.
+
+    Args:
+        tokens: int64 (N, L) token rows ([bos, y_1, ...] or a tail of one).
+        ends: int64 (N, Q): per query, the position in ``tokens`` of the last known token.
+        ngram: longest period checked (0 = none: all False).
+        times: copies that make a repetition (>= 2).
+    Returns:
+        bool (N, Q).
+    """
+    N, L = tokens.shape
+    out = torch.zeros(ends.shape, dtype=torch.bool, device=tokens.device)
+    for n in range(1, ngram + 1):
+        span = n * times  # tokens the run covers
+        if span > L:
+            break
+        # same[:, e] (e >= n): tokens[e] == tokens[e - n]; a run of period n and span n * times
+        # ending at e is n * (times - 1) consecutive such equalities ending at e.
+        same = torch.zeros(N, L, dtype=torch.int32, device=tokens.device)
+        same[:, n:] = (tokens[:, n:] == tokens[:, :-n]).int()
+        count = torch.cat([torch.zeros_like(same[:, :1]), same.cumsum(1)], 1)  # count[:, e + 1] = sum(same[:, :e+1])
+        need = n * (times - 1)
+        valid = ends - span + 1 >= 0
+        e = ends.clamp(0, L - 1)
+        hits = count.gather(1, e + 1) - count.gather(1, (e + 1 - need).clamp_min(0))
+        out |= valid & (hits == need)
+    return out
+
+
+def repeating_tail(tokens: Tensor, step: int, ngram: int, times: int) -> Tensor:
+    """``repeating`` for one query per row whose last known token is at ``step``: bool (N,).
+
+    Only the last ``ngram * times`` tokens are looked at, so a step costs the same at any length.
+
+    Args:
+        tokens: int64 (N, >= step + 1) rows [bos, y_1 .. y_step, ...].
+    """
+    start = max(0, step + 1 - ngram * times)
+    tail = tokens[:, start : step + 1]
+    ends = torch.full((tokens.shape[0], 1), step - start, dtype=torch.long, device=tokens.device)
+    return repeating(tail, ends, ngram, times).squeeze(1)
+
+
+def constrain_ar(
+    logp: Tensor,
+    words: Tensor,
+    min_lens: Tensor,
+    max_lens: Tensor,
+    sp: SpecialIds,
+    stop: Optional[Tensor] = None,
+) -> Tensor:
     """Apply the AR next-token rules to log-probabilities, in place.
 
     Pad, bos and <mask> are never chosen; eos is banned while fewer than ``min_lens`` tokens
-    were generated; once ``max_lens`` tokens were generated, only eos remains. The
-    log-probabilities themselves stay normalised over the whole vocabulary.
+    were generated; once ``max_lens`` tokens were generated, or where ``stop`` is set (and
+    ``min_lens`` allows eos), only eos remains. The log-probabilities themselves stay
+    normalised over the whole vocabulary.
 
     Args:
         logp: (N, ..., V) fp32 log-probabilities of the next token.
         words: int64 broadcastable to logp.shape[:-1]: tokens generated before this one.
         min_lens, max_lens: int64 broadcastable likewise.
+        stop: bool broadcastable likewise: hypotheses that must end now (``repeating``), or None.
     """
     neg = float("-inf")
     logp[..., banned_ids(sp)] = neg
     too_short = (words < min_lens).expand(logp.shape[:-1])
     logp[..., sp.eos].masked_fill_(too_short, neg)
     at_max = (words >= max_lens).expand(logp.shape[:-1])
+    if stop is not None:
+        at_max = at_max | (stop & ~too_short)
     if bool(at_max.any()):
         eos = logp[..., sp.eos].clone()
         logp.masked_fill_(at_max[..., None], neg)

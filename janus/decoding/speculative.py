@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from janus.decoding.common import constrain_ar, inference, normalized, token_limits
+from janus.decoding.common import constrain_ar, inference, normalized, repeating, token_limits
 from janus.decoding.mask_predict import refine
 from janus.decoding.types import Hypothesis
 from janus.model import JanusModel, KVCache
@@ -51,8 +51,12 @@ def speculative_decode(
     max_len_b: int = 10,
     min_len: int = 1,
     target_lengths: Optional[Tensor] = None,
+    repeat_ngram: int = 0,
+    repeat_times: int = 4,
 ) -> list[Hypothesis]:
-    """Self-speculative decoding of a batch; the output equals ``greedy_search``.
+    """Self-speculative decoding of a batch; the output equals ``greedy_search`` (with the same
+    repetition guard: it is applied to every verification query on its own drafted prefix, so an
+    accepted token is greedy's choice under the guard).
 
     Args:
         model: a JanusModel (put in eval mode for the call).
@@ -60,6 +64,7 @@ def speculative_decode(
         draft_iterations: mask-predict passes per draft.
         length_penalty, max_len_a, max_len_b, min_len: as in ``DecodeConfig``.
         target_lengths: int64 (B,) token counts to force (eos exactly there), or None.
+        repeat_ngram, repeat_times: the degenerate-repetition guard, as in ``DecodeConfig``.
     Returns:
         B hypotheses in batch order; ``passes`` counts draft and verification passes.
     """
@@ -107,7 +112,10 @@ def speculative_decode(
             hidden = model.decode(rows, enc, cache)[:, rows.num_content :]  # (N, C, D): queries at p + j
             logp = F.log_softmax(model.project(hidden).float(), dim=-1)  # (N, C, V)
             j = torch.arange(rows.num_content, device=dev)[None, :]
-            constrain_ar(logp, p[:, None] + j - 1, min_lens[:, None], max_lens[:, None], sp)
+            stop = None
+            if repeat_ngram:  # query p + j sees canvas[0 .. p + j - 1]: the accepted prefix, then the draft
+                stop = repeating(canvas, (p[:, None] + j - 1).clamp_max(L - 1), repeat_ngram, repeat_times)
+            constrain_ar(logp, p[:, None] + j - 1, min_lens[:, None], max_lens[:, None], sp, stop)
             best, ar_tok = logp.max(-1)  # (N, C)
             passes += 1
             # 3. Accept the AR's tokens up to and including the first disagreement.
