@@ -9,7 +9,18 @@
     ar = gen.generate(sentences, janus.DecodeConfig(mode="ar", beam_size=5))
 
 Sources are sorted by length into batches (``DecodeConfig.max_batch_size``,
-``max_batch_tokens``) and the results come back in input order.
+``max_batch_tokens``) and the results come back in input order. ``generate_iter`` yields
+them one by one as soon as every earlier one is ready (``generate`` collects it):
+
+    for i, hyp in enumerate(gen.generate_iter(sentences, mode="spec")):
+        print(hyp.text, flush=True)
+
+Order of work: the input is cut into windows of ``DecodeConfig.window`` sentences, taken in
+input order. Within a window, sentences are sorted by length into batches (little padding),
+and the batches run in the order of their earliest sentence, so the first lines come out
+after one batch and a window's lines are all out when the window ends. A larger window
+gives fuller batches of closer lengths (throughput) but holds finished lines longer before
+the ones ahead of them are done (latency); ``window=0`` sorts the whole input at once.
 """
 
 from __future__ import annotations
@@ -18,8 +29,9 @@ import dataclasses
 import functools
 import logging
 import os
+import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Optional, Union
 
@@ -190,46 +202,94 @@ class Generator:
         Args:
             target_lengths: per source, the target token count to force (benchmarks with random
                 weights), or None.
-            progress: show a tqdm bar over sentences.
+            progress: show a tqdm bar over sentences (and generated tokens per second).
         Returns:
             One Hypothesis per source, in input order; an empty source gives an empty hypothesis
             without running the model. Sources longer than the limit are truncated with a warning.
         """
+        ids, options = self._prepare(sources, options, target_lengths, overrides)
+        return list(self._decode(ids, options, target_lengths, progress))
+
+    def generate_iter(
+        self,
+        sources: Sources,
+        options: Optional[DecodeConfig] = None,
+        *,
+        target_lengths: Optional[Sequence[int]] = None,
+        progress: bool = False,
+        **overrides,
+    ) -> Iterator[Hypothesis]:
+        """Like ``generate``, but an iterator: hypothesis i comes as soon as hypotheses 0 .. i are
+        decoded (see the module docstring for the order of work).
+
+        The input is encoded, checked and truncated (with warnings) when this is called, so bad
+        input raises here, not at the first ``next``.
+        """
+        ids, options = self._prepare(sources, options, target_lengths, overrides)
+        return self._decode(ids, options, target_lengths, progress)
+
+    def _prepare(
+        self, sources: Sources, options: Optional[DecodeConfig], target_lengths: Optional[Sequence[int]], overrides
+    ) -> tuple[list[list[int]], DecodeConfig]:
         options = dataclasses.replace(options or DecodeConfig(), **overrides)
 
         def report(i: int, n: int, limit: int) -> None:
-            warnings.warn(f"source {i} has {n} tokens; truncated to the first {limit}", stacklevel=4)
+            # report <- truncate <- _prepare <- generate(_iter) <- the caller
+            warnings.warn(f"source {i} has {n} tokens; truncated to the first {limit}", stacklevel=5)
 
         ids = self.truncate(self.encode(sources), options, report)
         if target_lengths is not None and len(target_lengths) != len(ids):
             raise ValueError(f"{len(target_lengths)} target_lengths for {len(ids)} sources")
-        results: list[Optional[Hypothesis]] = [None] * len(ids)
-        todo = []
-        for i, s in enumerate(ids):
-            if s:
-                todo.append(i)
-            else:
-                results[i] = Hypothesis(ids=[], score=0.0, passes=0, text="" if self.vocab is not None else None)
+        return ids, options
+
+    def _decode(
+        self, ids: list[list[int]], options: DecodeConfig, target_lengths: Optional[Sequence[int]], progress: bool
+    ) -> Iterator[Hypothesis]:
+        """Hypotheses of ``ids`` (already checked and truncated) in input order, window by window."""
         sp = self.model.cfg.specials
+        empty_text = "" if self.vocab is not None else None
+        step = options.window or max(len(ids), 1)
+        tokens, start = 0, time.perf_counter()
         with tqdm(total=len(ids), disable=not progress, unit="sent", desc=f"decode {options.mode}") as bar:
-            bar.update(len(ids) - len(todo))
-            for batch in make_decode_batches([len(ids[i]) + 1 for i in todo], options):
-                index = [todo[j] for j in batch]
-                width = max(len(ids[i]) for i in index) + 1
-                src = torch.full((len(index), width), sp.pad, dtype=torch.long)
-                for row, i in enumerate(index):
-                    src[row, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
-                    src[row, len(ids[i])] = sp.eos
-                forced = None
-                if target_lengths is not None:
-                    forced = torch.tensor([int(target_lengths[i]) for i in index], device=self.device)
-                hyps = decode_batch(self.model, src.to(self.device), options, forced)
-                for i, h in zip(index, hyps, strict=True):
-                    if self.vocab is not None:
-                        h.text = self.vocab.decode(h.ids)
-                    results[i] = h
-                bar.update(len(index))
-        return results  # type: ignore[return-value]
+            for first in range(0, len(ids), step):
+                last = min(first + step, len(ids))
+                ready: dict[int, Hypothesis] = {}
+                todo = [i for i in range(first, last) if ids[i]]
+                batches = [[todo[j] for j in b] for b in make_decode_batches([len(ids[i]) + 1 for i in todo], options)]
+                batches.sort(key=min)  # the batch holding the earliest sentence first: output starts sooner
+                done = first  # sentences before this one were yielded
+                for index in [None, *batches]:
+                    if index is not None:
+                        width = max(len(ids[i]) for i in index) + 1
+                        src = torch.full((len(index), width), sp.pad, dtype=torch.long)
+                        for row, i in enumerate(index):
+                            src[row, : len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
+                            src[row, len(ids[i])] = sp.eos
+                        forced = None
+                        if target_lengths is not None:
+                            forced = torch.tensor([int(target_lengths[i]) for i in index], device=self.device)
+                        hyps = decode_batch(self.model, src.to(self.device), options, forced)
+                        for i, h in zip(index, hyps, strict=True):
+                            if self.vocab is not None:
+                                h.text = self.vocab.decode(h.ids)
+                            ready[i] = h
+                            tokens += len(h.ids)
+                    while done < last and (done in ready or not ids[done]):
+                        h = ready.pop(done, None)
+                        bar.update(1)
+                        done += 1
+                        yield h if h is not None else Hypothesis(ids=[], score=0.0, passes=0, text=empty_text)
+                    if progress:
+                        rate = tokens / max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
+
+
+# A sentence joins a batch whose widest sentence is longer than _SPLIT_WIDTH tokens only if it is at
+# least 1 / _SPLIT_RATIO as long: a pathological line (thousands of tokens, truncated to the model's
+# limit) is decoded with its peers, not with 63 short lines that would wait for it and share its
+# padded width (mask-predict canvases, cross-attention). Ordinary lines never reach the width.
+_SPLIT_WIDTH = 64
+_SPLIT_RATIO = 2
 
 
 def make_decode_batches(lengths: Sequence[int], options: DecodeConfig) -> list[list[int]]:
@@ -237,6 +297,8 @@ def make_decode_batches(lengths: Sequence[int], options: DecodeConfig) -> list[l
 
     A batch holds at most ``max_batch_size`` sentences and, when ``max_batch_tokens`` > 0, at
     most that many padded source tokens (a single longer sentence still gets its own batch).
+    Sentences under half the length of a batch's widest one, when that is over 64 tokens, start
+    a new batch, so that long sentences do not hold short ones up.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
@@ -245,7 +307,8 @@ def make_decode_batches(lengths: Sequence[int], options: DecodeConfig) -> list[l
         widest = lengths[current[0]] if current else lengths[i]
         too_many = len(current) >= options.max_batch_size
         too_wide = options.max_batch_tokens > 0 and (len(current) + 1) * widest > options.max_batch_tokens
-        if current and (too_many or too_wide):
+        too_uneven = widest > _SPLIT_WIDTH and lengths[i] * _SPLIT_RATIO < widest
+        if current and (too_many or too_wide or too_uneven):
             batches.append(current)
             current = []
         current.append(i)

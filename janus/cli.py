@@ -94,10 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(xp)
     xp.add_argument("--input", default="-", help="UTF-8 text, one sentence per line (default: -, stdin)")
-    xp.add_argument("--output", default="-", help="hypotheses, one per line (default: -, stdout)")
     xp.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=False, help="tqdm bar on stderr (default: off)"
+        "--output",
+        default="-",
+        help="hypotheses, one per line, written (and flushed) as soon as every earlier line is done; an "
+        "interrupted run leaves the finished lines (default: -, stdout)",
     )
+    xp.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue --output FILE after its last complete line (a partial last line is cut off); "
+        "give the same input and options as the interrupted run",
+    )
+    _add_run_args(xp)
     add_dataclass_args(xp.add_argument_group("decoding"), DecodeConfig)
 
     ep = sub.add_parser(
@@ -112,9 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--modes", default="ar,nar", help="comma-separated modes from ar, nar, spec (default: ar,nar)")
     ep.add_argument("--output-json", default=None, help="write the scores, settings and timings to this JSON file")
     ep.add_argument("--hyp-prefix", default=None, help="write the hypotheses of each mode to PREFIX.<mode>")
-    ep.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=False, help="tqdm bar on stderr (default: off)"
-    )
+    _add_run_args(ep)
     add_dataclass_args(ep.add_argument_group("decoding (every mode)"), DecodeConfig, exclude=frozenset({"mode"}))
     return p
 
@@ -129,6 +136,22 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tqdm bar on stderr: sentences and generated tokens/s (default: on when stderr is a terminal)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads; 0 = the CPUs this process may use minus those the 1-minute load average "
+        "says are busy, at least 1 (default: 0)",
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``janus`` command; returns the exit status.
 
@@ -137,6 +160,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     args = build_parser().parse_args(argv)
     keep_freed_memory()
+    if args.command in ("translate", "evaluate") and "torch" not in sys.modules:
+        # Idle OpenMP threads sleep instead of spinning (read when torch loads libgomp): on a busy
+        # machine spinning threads steal the cores the working ones wait for (README: CPU threads).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"janus {args.command}: warning: {message}", file=sys.stderr)
@@ -189,6 +216,39 @@ def _run(args: argparse.Namespace) -> int:
 _MODES = ("ar", "nar", "spec")
 
 
+def auto_threads() -> tuple[int, str]:
+    """(threads, why): the CPUs this process may use minus those busy with other work.
+
+    Busy CPUs are the 1-minute load average, rounded. OpenMP threads wait for each other at
+    every parallel region, so one thread that loses its core to another process stalls them
+    all: on 2 busy cores, 2 threads decoded 40x slower than alone while 1 thread kept its pace.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = int(load + 0.5)
+    return max(1, min(cpus, cpus - busy)), f"{cpus} CPUs, 1-minute load {load:.1f}"
+
+
+def _set_threads(args: argparse.Namespace, command: str) -> int:
+    """Set torch's CPU threads from ``--threads`` (0 = ``auto_threads``) and say so on stderr."""
+    import torch
+
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads}: give a positive count, or 0 to choose from the load")
+    if args.threads:
+        n, why = args.threads, "--threads"
+    else:
+        n, why = auto_threads()
+        why = f"auto: {why}; --threads N to choose"
+    torch.set_num_threads(n)
+    print(f"janus {command}: {n} CPU thread{'s' * (n != 1)} ({why})", file=sys.stderr)
+    return n
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() if args.progress is None else args.progress
+
+
 def _load_generator(args: argparse.Namespace) -> Any:
     from janus.api import Generator
 
@@ -198,16 +258,19 @@ def _load_generator(args: argparse.Namespace) -> Any:
     return gen
 
 
-def _encode_lines(gen: Any, lines: Sequence[str], options: DecodeConfig, name: str, command: str) -> list[list[int]]:
+def _encode_lines(
+    gen: Any, lines: Sequence[str], options: DecodeConfig, name: str, command: str, first: int = 0
+) -> list[list[int]]:
     """Source ids per line: empty for empty or whitespace-only lines (never decoded), truncated to
-    ``gen.source_limit(options)`` tokens with a warning on stderr naming the line."""
+    ``gen.source_limit(options)`` tokens with a warning on stderr naming the line (``lines[0]`` is
+    line ``first + 1`` of ``name``)."""
     index = [i for i, line in enumerate(lines) if line.strip()]
     ids: list[list[int]] = [[] for _ in lines]
     for i, encoded in zip(index, gen.encode([lines[i] for i in index]) if index else []):
         ids[i] = encoded
 
     def report(i: int, n: int, limit: int) -> None:
-        print(f"janus {command}: warning: {name}: line {i + 1} has {n} tokens; truncated to the first {limit}",
+        print(f"janus {command}: warning: {name}: line {first + i + 1} has {n} tokens; truncated to the first {limit}",
               file=sys.stderr)  # fmt: skip
 
     gen.truncate(ids, options, report)
@@ -219,25 +282,62 @@ def _one_line(text: Optional[str]) -> str:
     return (text or "").replace("\r", " ").replace("\n", " ")
 
 
+def complete_lines(path: Path) -> int:
+    """Newline-terminated lines at the start of ``path`` (0 if it does not exist); bytes after the
+    last newline (a line cut by a kill) are removed from the file, so appending continues cleanly."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        print(f"janus translate: {path}: removing a partial last line ({len(data) - keep} bytes)", file=sys.stderr)
+        os.truncate(path, keep)
+    return data.count(b"\n", 0, keep)
+
+
+# An output file is fsynced at most this often (and at the end): a kill loses nothing that was
+# written (the kernel has it), a machine crash at most this many seconds of lines.
+_FSYNC_SECONDS = 10.0
+
+
 def _translate(args: argparse.Namespace) -> None:
-    from janus.data import atomic_write, read_lines, split_lines
+    from janus.data import read_lines, split_lines
 
     options = dataclass_from_args(DecodeConfig, args)
+    if args.resume and args.output == "-":
+        raise ValueError("--resume needs --output FILE: it continues that file after its last complete line")
     lines = None
     if args.input != "-":
         lines = read_lines(args.input)[0]  # bad input fails before the model is loaded
     gen = _load_generator(args)
+    _set_threads(args, "translate")
     if lines is None:
         lines = split_lines(sys.stdin.buffer.read(), "<stdin>")
     name = "<stdin>" if args.input == "-" else args.input
-    ids = _encode_lines(gen, lines, options, name, "translate")
-    hyps = gen.generate(ids, options, progress=args.progress) if ids else []
-    out = [_one_line(h.text) for h in hyps]
-    if args.output == "-":
-        if out:
-            print("\n".join(out))
-    else:
-        atomic_write(args.output, "".join(line + "\n" for line in out))
+    done = 0
+    if args.resume:
+        done = complete_lines(Path(args.output))
+        if done > len(lines):
+            raise ValueError(f"--resume: {args.output} has {done} lines but {name} only {len(lines)}; "
+                             "it is not the output of this input")  # fmt: skip
+        print(f"janus translate: {args.output}: {done} of {len(lines)} lines done; continuing", file=sys.stderr)
+    ids = _encode_lines(gen, lines[done:], options, name, "translate", first=done)
+    to_file = args.output != "-"
+    out = open(args.output, "ab" if args.resume else "wb") if to_file else sys.stdout.buffer  # noqa: SIM115
+    synced = time.monotonic()
+    try:
+        for h in gen.generate_iter(ids, options, progress=_show_progress(args)) if ids else []:
+            # One write per line, flushed: a reader (or a later --resume) sees whole lines as they come.
+            out.write((_one_line(h.text) + "\n").encode("utf-8"))
+            out.flush()
+            if to_file and time.monotonic() - synced > _FSYNC_SECONDS:
+                os.fsync(out.fileno())
+                synced = time.monotonic()
+        if to_file:
+            os.fsync(out.fileno())
+    finally:
+        if to_file:
+            out.close()
 
 
 def _parse_modes(text: str) -> list[str]:
@@ -278,8 +378,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     if not src:
         raise ValueError(f"{args.src} is empty: nothing to evaluate")
     gen = _load_generator(args)
+    _set_threads(args, "evaluate")
     ids = _encode_lines(gen, src, base, args.src, "evaluate")
     warmup = [s for s in ids if s][:1]
+    progress = _show_progress(args)
 
     results: dict[str, dict[str, Any]] = {}
     signatures: dict[str, str] = {}
@@ -288,8 +390,10 @@ def _evaluate(args: argparse.Namespace) -> None:
         if warmup:  # first-call costs (allocations, kernel selection) stay out of the timing
             gen.generate(warmup, options)
         start = time.perf_counter()
-        hyps = gen.generate(ids, options, progress=args.progress)
+        hyps = gen.generate(ids, options, progress=progress)
         seconds = time.perf_counter() - start
+        print(f"janus evaluate: {mode}: {len(hyps)} sentences in {seconds:.2f} s ({len(hyps) / max(seconds, 1e-9):.1f}"
+              f" sent/s, {sum(len(h.ids) for h in hyps) / max(seconds, 1e-9):.0f} tok/s)", file=sys.stderr)  # fmt: skip
         texts = [_one_line(h.text) for h in hyps]
         bleu, chrf = BLEU(), CHRF()
         bleu_score = bleu.corpus_score(texts, [ref])

@@ -228,6 +228,13 @@ class DecodeConfig:
     max_batch_size: int = _doc("sentences per batch", default=64)
     max_batch_tokens: int = _doc("source tokens (padded) per batch; 0 = no limit", default=0)
     max_source_len: int = _doc("longer sources are truncated with a warning; 0 = the model's limit", default=0)
+    window: int = _doc(
+        "sentences sorted by length together: the input is decoded in windows of this many sentences, in "
+        "input order, and within a window batches of similar length are decoded in the order of their first "
+        "sentence, so results come out in input order while the run goes; larger = fuller batches, "
+        "output later; 0 = the whole input in one window",
+        default=1024,
+    )
     repeat_ngram: int = _doc(
         "ar, spec: degenerate-repetition guard: a hypothesis whose last n tokens, for some n in "
         "1 .. repeat_ngram, occurred repeat_times times back to back must end (only eos remains); "
@@ -252,5 +259,6 @@ class DecodeConfig:
         check(self.max_batch_size >= 1, f"max_batch_size={self.max_batch_size} must be >= 1")
         check(self.max_batch_tokens >= 0, f"max_batch_tokens={self.max_batch_tokens} must be >= 0")
         check(self.max_source_len >= 0, f"max_source_len={self.max_source_len} must be >= 0")
+        check(self.window >= 0, f"window={self.window} must be >= 0 (0 = the whole input)")
         check(self.repeat_ngram >= 0, f"repeat_ngram={self.repeat_ngram} must be >= 0 (0 = off)")
         check(self.repeat_times >= 2, f"repeat_times={self.repeat_times} must be >= 2")

@@ -87,6 +87,42 @@ def test_batches_respect_size_and_token_limits():
     assert all(len(b) * max(lengths[i] for i in b) <= 18 or len(b) == 1 for b in tight)
 
 
+def test_long_sentences_get_their_own_batches():
+    lengths = [12, 1000, 30, 800, 9, 200, 130]
+    batches = make_decode_batches(lengths, DecodeConfig(max_batch_size=64))
+    assert [[lengths[i] for i in b] for b in batches] == [[1000, 800], [200, 130], [30, 12, 9]]
+    ordinary = [40, 12, 60, 5]  # under 64 tokens nothing is split
+    assert len(make_decode_batches(ordinary, DecodeConfig(max_batch_size=64))) == 1
+
+
+def test_generate_iter_yields_in_input_order_as_batches_finish(synthetic_model, monkeypatch):
+    import janus.api
+
+    gen = Generator.from_checkpoint(synthetic_model.checkpoint, device="cpu")
+    src = ["", *synthetic_model.test_src[:20], "  ", synthetic_model.test_src[20]]
+    opts = DecodeConfig(mode="ar", beam_size=1, max_batch_size=4, window=8)
+    whole = gen.generate(src, dataclasses.replace(opts, window=0))
+    assert [h.text for h in gen.generate(src, opts)] == [h.text for h in whole]
+    calls = []
+    real = janus.api.decode_batch
+
+    def counting(model, src_ids, options, forced=None):
+        calls.append(src_ids.shape[0])
+        return real(model, src_ids, options, forced)
+
+    monkeypatch.setattr(janus.api, "decode_batch", counting)
+    it = gen.generate_iter(src, opts)
+    assert calls == []  # nothing decoded before the first next()
+    first, second = next(it), next(it)
+    assert first.ids == [] and first.passes == 0 and second.text == whole[1].text
+    assert len(calls) == 1  # line 1 came out after one batch (the one holding it), not after the window
+    rest = list(it)
+    assert [h.text for h in [first, second, *rest]] == [h.text for h in whole]
+    assert sum(calls) == 21 and max(calls) <= 4
+    with pytest.raises(ValueError, match="outside the vocabulary"):  # bad input fails at the call
+        gen.generate_iter([[5], [10**6]], opts)
+
+
 def test_dtype_and_device_resolution():
     from janus.api import resolve_device, resolve_dtype
 

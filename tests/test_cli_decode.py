@@ -33,7 +33,7 @@ def test_translate_file_and_stdin_give_the_references(synthetic_model, capsys, m
     out = capsys.readouterr()
     assert out.out.endswith("\n") and out.out.count("\n") == n
     assert out.out.splitlines() == synthetic_model.test_ref
-    assert out.err == ""
+    assert re.fullmatch(r"janus translate: \d+ CPU threads? \(auto: \d+ CPUs, 1-minute load [\d.]+; .*\)\n", out.err)
 
     _stdin(monkeypatch, (synthetic_model.raw / "test.src").read_bytes())
     assert main(["translate", "--checkpoint", ckpt, *AR_GREEDY]) == 0  # --input defaults to stdin
@@ -72,10 +72,12 @@ def test_translate_truncates_long_lines_with_a_warning(synthetic_model, tmp_path
     assert len(ids) > 5
     inp = _write(tmp_path / "long.txt", [short[0][0], long, short[1][0]])
     ckpt = str(synthetic_model.checkpoint)
-    assert main(["translate", "--checkpoint", ckpt, "--input", str(inp), "--max-source-len", "5", *AR_GREEDY]) == 0
+    argv = ["translate", "--checkpoint", ckpt, "--input", str(inp), "--max-source-len", "5", "--threads", "1"]
+    assert main([*argv, *AR_GREEDY]) == 0
     out = capsys.readouterr()
+    assert out.err.splitlines()[0] == "janus translate: 1 CPU thread (--threads)"
     assert f"{inp}: line 2 has {len(ids)} tokens; truncated to the first 5" in out.err
-    assert out.err.count("\n") == 1  # one warning: only the long line
+    assert out.err.count("\n") == 2  # the threads, and one warning: only the long line
     # the short lines are untouched; the long one is the translation of its first 5 tokens
     expected = gen.generate([ids[:5]], mode="ar", beam_size=1)[0].text
     assert expected and len(expected.split()) <= 5
@@ -115,7 +117,11 @@ def test_evaluate_every_mode(synthetic_model, tmp_path, capsys):
             "--ref", str(raw / "test.tgt"), "--modes", "ar,nar,spec", "--iterations", "4", "--length-beam", "3",
             "--rerank", "--device", "cpu", "--output-json", str(report), "--hyp-prefix", str(prefix)]  # fmt: skip
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    for mode in ("ar", "nar", "spec"):  # each mode's wall time as soon as it is done
+        timing = rf"^janus evaluate: {mode}: 100 sentences in [\d.]+ s \([\d.]+ sent/s, \d+ tok/s\)$"
+        assert re.search(timing, err, re.M)
+    assert re.match(r"janus evaluate: \d+ CPU threads? \(auto", err)
     lines = out.splitlines()
     assert lines[0].split() == ["mode", "settings", "BLEU", "chrF", "passes/sent", "seconds", "sent/s"]
     rows = {}
@@ -172,3 +178,77 @@ def test_python_m_janus_translate_reads_stdin(synthetic_model):
     )
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().splitlines() == synthetic_model.test_ref[:20]
+
+
+def _big_input(synthetic_model, tmp_path: Path, n: int) -> Path:
+    lines = [synthetic_model.test_src[i % 100] if i % 37 else "" for i in range(n)]
+    return _write(tmp_path / "big.txt", lines)
+
+
+def _janus(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "janus", *args], cwd=REPO, stderr=subprocess.PIPE, **kw)
+
+
+def test_translate_streams_lines_while_it_runs(synthetic_model, tmp_path):
+    n = 3000
+    inp = _big_input(synthetic_model, tmp_path, n)
+    ckpt = str(synthetic_model.checkpoint)
+    opts = ["--window", "64", "--max-batch-size", "8", "--threads", "1"]
+    proc = _janus("translate", "--checkpoint", ckpt, "--input", str(inp), *AR_GREEDY, *opts, stdout=subprocess.PIPE)
+    try:
+        first = [proc.stdout.readline() for _ in range(10)]
+        running = proc.poll() is None  # ten lines read while the other 2990 are still being decoded
+        rest, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert running
+    out = (b"".join(first) + rest).decode().splitlines()
+    expected = [synthetic_model.test_ref[i % 100] if i % 37 else "" for i in range(n)]
+    assert out == expected
+
+
+def test_translate_resume_after_kill_gives_the_uninterrupted_file(synthetic_model, tmp_path, capsys):
+    import os
+    import signal
+    import time
+
+    n = 2000
+    inp = _big_input(synthetic_model, tmp_path, n)
+    ckpt = str(synthetic_model.checkpoint)
+    opts = ["--window", "64", "--max-batch-size", "8", "--threads", "1", *AR_GREEDY]
+    whole, part = tmp_path / "whole.txt", tmp_path / "part.txt"
+    assert main(["translate", "--checkpoint", ckpt, "--input", str(inp), "--output", str(whole), *opts]) == 0
+    assert whole.read_bytes().count(b"\n") == n
+
+    proc = _janus("translate", "--checkpoint", ckpt, "--input", str(inp), "--output", str(part), *opts)
+    try:
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            if part.exists() and part.read_bytes().count(b"\n") >= n // 4:
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    done = part.read_bytes()
+    lines_done = done.count(b"\n")
+    assert n // 4 <= done.count(b"\n") < n, "the run ended before it could be killed midway"
+    assert whole.read_bytes().startswith(done)
+    with part.open("ab") as f:
+        f.write("half a li".encode())  # what a kill in the middle of a write could leave
+    argv = ["translate", "--checkpoint", ckpt, "--input", str(inp), "--output", str(part), "--resume", *opts]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "removing a partial last line (9 bytes)" in err
+    assert f"{lines_done} of {n} lines done; continuing" in err
+    assert part.read_bytes() == whole.read_bytes()
+
+    assert main(argv) == 0  # resuming a finished file decodes nothing and changes nothing
+    assert part.read_bytes() == whole.read_bytes()
+    short = _write(tmp_path / "short.txt", synthetic_model.test_src[:3])
+    assert main(["translate", "--checkpoint", ckpt, "--input", str(short), "--output", str(part), "--resume"]) == 2
+    assert f"{part} has {n} lines but {short} only 3" in capsys.readouterr().err
+    assert main(["translate", "--checkpoint", ckpt, "--input", str(short), "--resume"]) == 2
+    assert "--resume needs --output FILE" in capsys.readouterr().err
