@@ -1,35 +1,59 @@
-"""Training throughput: target tokens per second of one full update (forward, backward, AdamW).
+"""Training throughput: target tokens per second of one full update (forward, backward, AdamW),
+for every precision and loss path side by side in one run.
 
-    python benchmarks/train_speed.py                          # iwslt preset, all three objectives, CPU
-    python benchmarks/train_speed.py --preset tiny --objective janus --device cuda
+    python benchmarks/train_speed.py                          # small and iwslt, all three objectives, CPU
+    python benchmarks/train_speed.py --preset tiny --objective janus --device cuda --variants fp32,bf16
 
 Random weights and synthetic batches: every sentence has ``--tgt-len`` target tokens
 (n, incl. bos/eos) and ``--src-len`` source tokens, as many sentences as fit
-``--max-tokens`` (fairseq-style padded budget), span masking at ratio 0.7. The table also
-shows how many decoder rows exist and how many of them reach the vocabulary projection,
-and times that projection (forward + backward) for the used rows against all rows.
+``--max-tokens`` (fairseq-style padded budget), span masking at ratio 0.7 (uniform for
+cmlm). Variants (``--variants``):
+
+- ``fp32-ref``: fp32, the linear + loss through its pure-PyTorch reference (the training
+  path before the chunked CPU backend and CPU autocast existed);
+- ``fp32``: fp32, the dispatched linear + loss (on a CPU: the chunked "cpu" backend);
+- ``bf16``: bf16 autocast (what ``--amp auto`` picks on CPUs with AVX512_BF16 or AMX), dispatched;
+- ``bf16-ref``: bf16 autocast with the reference linear + loss.
+
+Per preset and objective, one model and one batch; the variants take turns for ``--rounds``
+rounds (harness.interleaved: order reversed every other round), so a shared machine's
+drift spreads over all of them. Seconds per update p50/p90, target tokens/s at the p50,
+the speedup over the first variant, and the peak RSS of a fresh process that runs two
+updates of that variant alone (``--no-rss`` skips it). JSON rows carry device, versions
+and git commit.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import itertools
-from dataclasses import dataclass
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from harness import environment, measure, print_table, write_json
+from harness import environment, interleaved, percentile, print_table, write_json
 
 from janus.config import LossWeights, preset
 from janus.data import span_mask, uniform_mask
 from janus.losses import Criterion, Streams
-from janus.model import JanusModel
+from janus.memory import keep_freed_memory
 from janus.streams import RowKind, build_training_rows
 
 PAD, BOS, EOS = 0, 1, 2
+VARIANTS = {  # name -> (autocast dtype or None, forced linear + loss backend or None for the dispatch)
+    "fp32-ref": (None, "reference"),
+    "fp32": (None, None),
+    "bf16": (torch.bfloat16, None),
+    "bf16-ref": (torch.bfloat16, "reference"),
+}
+BACKEND_VAR = "JANUS_BACKEND_JANUS_LINEAR_LOSS"
 
 
 @dataclass(frozen=True)
@@ -53,86 +77,119 @@ def make_batch(exp: Experiment, vocab: int, mask_id: int, seed: int = 0):
     return src, tgt, masked
 
 
-def run(exp: Experiment, vocab: int, device: torch.device, repeats: int) -> dict:
-    torch.manual_seed(0)
-    model = JanusModel(preset(exp.preset, vocab_size=vocab)).to(device)
-    crit = Criterion(model, exp.objective, LossWeights.for_objective(exp.objective), 0.1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=1e-4)
-    src, tgt, masked = (t.to(device) for t in make_batch(exp, vocab, model.cfg.specials.mask))
+class Setup:
+    """One model, optimizer and batch of an experiment; ``step(variant)`` runs one update."""
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss, _ = crit(src, tgt, masked)
-        loss.backward()
-        opt.step()
+    def __init__(self, exp: Experiment, vocab: int, device: torch.device) -> None:
+        from janus.model import JanusModel
 
-    t = measure(step, device, warmup=1, repeats=repeats)
+        torch.manual_seed(0)
+        self.device = device
+        self.model = JanusModel(preset(exp.preset, vocab_size=vocab)).to(device)
+        self.crit = Criterion(self.model, exp.objective, LossWeights.for_objective(exp.objective), 0.1)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=1e-4)
+        self.batch = tuple(t.to(device) for t in make_batch(exp, vocab, self.model.cfg.specials.mask))
+
+    def step(self, variant: str) -> None:
+        dtype, backend = VARIANTS[variant]
+        before = os.environ.get(BACKEND_VAR)
+        if backend:
+            os.environ[BACKEND_VAR] = backend
+        else:
+            os.environ.pop(BACKEND_VAR, None)
+        try:
+            self.opt.zero_grad(set_to_none=True)
+            ctx = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+            with ctx:
+                loss, _ = self.crit(*self.batch)
+            loss.backward()
+            self.opt.step()
+        finally:
+            if before is None:
+                os.environ.pop(BACKEND_VAR, None)
+            else:
+                os.environ[BACKEND_VAR] = before
+
+
+def peak_rss_mb(exp: Experiment, variant: str, args: argparse.Namespace) -> float:
+    """Peak RSS (MB) of a fresh process that builds this experiment and runs two updates of ``variant``."""
+    cmd = [sys.executable, __file__, "--probe", json.dumps(asdict(exp)), variant, "--vocab", str(args.vocab),
+           "--device", args.device, "--threads", str(args.threads)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def probe(spec: str, variant: str, vocab: int, device: torch.device) -> None:
+    setup = Setup(Experiment(**json.loads(spec)), vocab, device)
+    for _ in range(2):
+        setup.step(variant)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KB
+
+
+def run(exp: Experiment, variants: list[str], args: argparse.Namespace, device: torch.device) -> list[dict]:
+    setup = Setup(exp, args.vocab, device)
+    for v in variants:  # warm-up: first-touch of every buffer, autocast caches, lazy inits
+        setup.step(v)
+    times = interleaved([lambda v=v: setup.step(v) for v in variants], device, rounds=args.rounds)
+    src, tgt, masked = setup.batch
     tokens = int((tgt != PAD).sum())
-    # Rows: how many exist, how many are projected, and what projecting all of them would cost.
     st = Streams.of(exp.objective)
-    rows = build_training_rows(tgt, masked, pad=PAD, mask=model.cfg.specials.mask, ar=st.ar, nar=st.nar, aux=st.aux)
+    rows = build_training_rows(tgt, masked, pad=PAD, mask=setup.model.cfg.specials.mask, ar=st.ar, nar=st.nar,
+                               aux=st.aux)  # fmt: skip
     real_rows = int((rows.kinds != RowKind.PAD).sum())
     used = sum(r.numel() for r in (rows.ar_rows, rows.p_rows, rows.q_rows) if r is not None)
-    hidden = torch.randn(real_rows, model.cfg.d_model, device=device, requires_grad=True)
-
-    def project(n: int):
-        logits = model.project(hidden[:n])
-        F.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device=device)).backward()
-
-    t_used = measure(lambda: project(used), device, warmup=1, repeats=repeats)
-    t_all = measure(lambda: project(real_rows), device, warmup=1, repeats=repeats)
-    return dict(
-        **dataclasses.asdict(exp),
-        sentences=src.shape[0],
-        tgt_tokens=tokens,
-        update_ms_p50=t.p50_ms,
-        update_ms_p90=t.p90_ms,
-        tokens_per_s=tokens / (t.p50_ms / 1e3),
-        decoder_rows=real_rows,
-        projected_rows=used,
-        projection_ms_used=t_used.p50_ms,
-        projection_ms_all=t_all.p50_ms,
-        params=model.num_parameters(),
-    )
+    out = []
+    base = percentile(times[0], 0.5)
+    for v, t in zip(variants, times):
+        p50 = percentile(t, 0.5) / 1e3
+        out.append(dict(
+            **asdict(exp), variant=v, sentences=src.shape[0], tgt_tokens=tokens, rounds=len(t),
+            update_s_p50=p50, update_s_p90=percentile(t, 0.9) / 1e3, tokens_per_s=tokens / p50,
+            speedup=base / 1e3 / p50, peak_rss_mb=None if args.no_rss else peak_rss_mb(exp, v, args),
+            decoder_rows=real_rows, projected_rows=used, params=setup.model.num_parameters(),
+            times_ms=[round(x, 1) for x in t],
+        ))  # fmt: skip
+        print(f"{exp.preset} {exp.objective} {v}: {p50:.3f} s/update p50, {tokens / p50:,.0f} tokens/s", flush=True)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", nargs="+", default=["iwslt"])
+    p.add_argument("--preset", nargs="+", default=["small", "iwslt"])
     p.add_argument("--objective", nargs="+", default=["janus", "ar", "cmlm"])
-    p.add_argument("--max-tokens", nargs="+", type=int, default=[4096])
+    p.add_argument("--variants", default="fp32-ref,fp32,bf16", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--src-len", type=int, default=26)
     p.add_argument("--tgt-len", type=int, default=26)
     p.add_argument("--vocab", type=int, default=8000)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probe processes")
+    p.add_argument("--probe", nargs=2, metavar=("EXPERIMENT", "VARIANT"), help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results/train_speed.json")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    exps = [
-        Experiment(pr, ob, mt, a.src_len, a.tgt_len)
-        for pr, ob, mt in itertools.product(a.preset, a.objective, a.max_tokens)
-    ]
-    rows = [run(e, a.vocab, device, a.repeats) for e in exps]
-    print_table(
-        rows,
-        [
-            "preset",
-            "objective",
-            "max_tokens",
-            "sentences",
-            "update_ms_p50",
-            "tokens_per_s",
-            "decoder_rows",
-            "projected_rows",
-            "projection_ms_used",
-            "projection_ms_all",
-        ],
-    )
-    write_json(Path(a.out), {"benchmark": "train_speed", "environment": environment(device), "results": rows})
+    if device.type == "cpu":
+        keep_freed_memory()  # as `janus train` does: no per-step page faults on the large buffers
+    if a.probe:
+        probe(*a.probe, a.vocab, device)
+        return
+    variants = a.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    rows = []
+    for pr, ob in itertools.product(a.preset, a.objective):
+        rows += run(Experiment(pr, ob, a.max_tokens, a.src_len, a.tgt_len), variants, a, device)
+    print_table(rows, ["preset", "objective", "variant", "sentences", "tgt_tokens", "update_s_p50", "update_s_p90",
+                       "tokens_per_s", "speedup", "peak_rss_mb", "decoder_rows", "projected_rows"])  # fmt: skip
+    settings = dict(variants=variants, rounds=a.rounds, threads=torch.get_num_threads(), max_tokens=a.max_tokens,
+                    src_len=a.src_len, tgt_len=a.tgt_len, vocab=a.vocab)  # fmt: skip
+    write_json(Path(a.out), {"benchmark": "train_speed", "environment": environment(device), "settings": settings,
+                             "results": rows})  # fmt: skip
 
 
 if __name__ == "__main__":
