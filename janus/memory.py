@@ -51,3 +51,20 @@ def keep_freed_memory() -> str:
 def allocator_state() -> str:
     """What keep_freed_memory did in this process ("unchanged" when it was not called)."""
     return _state
+
+
+# oneDNN keeps up to 1024 compiled primitives (one per GEMM shape and dtype) with their buffers.
+ONEDNN_CACHE_CAPACITY = 64
+
+
+def bound_onednn_cache() -> str:
+    """Cap oneDNN's primitive cache at ``ONEDNN_CACHE_CAPACITY`` entries unless the user set
+    ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``; returns the capacity in effect, for logs.
+
+    bf16 GEMMs on the CPU go through oneDNN, which caches one primitive per shape. Length-bucketed
+    training batches bring hundreds of shapes, so with the default capacity a bf16 CPU training run
+    grew by about 1.4 GB over its first 100 updates (small preset, 2048 tokens; fp32 stayed flat), and
+    further as new shapes came. Capped at 64 it grew by a third as much at the same speed. oneDNN reads
+    the variable when it first builds a primitive: call this before the first bf16 GEMM.
+    """
+    return os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))

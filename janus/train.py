@@ -47,7 +47,7 @@ from janus.checkpoint import (
 from janus.config import ModelConfig, TrainConfig, preset
 from janus.data import Dataset, Masking, iterate_batches, iterate_updates, load_manifest, num_updates
 from janus.losses import LOG_TERMS, Counts, Criterion, summarize, training_rows
-from janus.memory import allocator_state, keep_freed_memory
+from janus.memory import allocator_state, bound_onednn_cache, keep_freed_memory
 from janus.model import JanusModel
 from janus.streams import DecoderRows
 from janus.vocab import Vocab
@@ -90,6 +90,7 @@ def setup_env(cfg: TrainConfig) -> Env:
         torch.cuda.set_device(device)
     else:
         keep_freed_memory()
+        bound_onednn_cache()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Env(device, rank, world)

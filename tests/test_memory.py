@@ -35,3 +35,16 @@ def test_keep_freed_memory_serves_large_buffers_from_the_heap(keep):
         assert what == "glibc: freed memory kept for reuse" and int(mmapped) == 0
     else:
         assert what.startswith("unchanged") and int(mmapped) >= 64 << 20
+
+
+def test_training_bounds_the_onednn_primitive_cache_unless_the_user_set_it(monkeypatch):
+    from janus.config import TrainConfig
+    from janus.memory import ONEDNN_CACHE_CAPACITY
+    from janus.train import setup_env
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    setup_env(TrainConfig(device="cpu"))
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE_CAPACITY)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    setup_env(TrainConfig(device="cpu"))
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
