@@ -132,6 +132,37 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def _apply_chunked(
+    function: type[torch.autograd.Function],
+    hidden_ar: Optional[Tensor],
+    hidden_nar: Optional[Tensor],
+    hidden_aux: Optional[Tensor],
+    weight: Tensor,
+    ar_targets: Optional[Tensor],
+    masked_targets: Optional[Tensor],
+    pair_index: Optional[Tensor],
+    eps: float,
+    scales: LossScales,
+    ignore_index: int,
+    chunk_rows: Optional[int],
+) -> MaskedTokenLoss:
+    """Check the arguments shared by both chunked paths and run ``function`` (FusedLinearJanusLoss or
+    ChunkedLinearJanusLoss) in the dtype F.linear would compute in, autocast off inside."""
+    first = next((h for h in (hidden_ar, hidden_nar, hidden_aux) if h is not None), None)
+    if first is None:
+        raise ValueError("janus_linear_loss: no decoder states given")
+    if hidden_ar is not None and any(h is not None and h.shape[0] for h in (hidden_nar, hidden_aux)):
+        if pair_index is None:
+            raise ValueError("pair_index is required for the SKL terms between P_AR and the masked rows")
+    dtype = _compute_dtype(first, weight)
+    with torch.autocast(first.device.type, enabled=False):
+        loss, sums = function.apply(
+            hidden_ar, hidden_nar, hidden_aux, weight, ar_targets, masked_targets, pair_index, eps,
+            astuple(scales), ignore_index, dtype, chunk_rows,
+        )  # fmt: skip
+    return MaskedTokenLoss(loss, sums)
+
+
 def janus_linear_loss_triton(
     hidden_ar: Optional[Tensor],
     hidden_nar: Optional[Tensor],
@@ -146,19 +177,8 @@ def janus_linear_loss_triton(
     chunk_rows: Optional[int] = None,
 ) -> MaskedTokenLoss:
     """The fused path (see the module docstring); ``chunk_rows`` overrides the chunk size (tests)."""
-    first = next((h for h in (hidden_ar, hidden_nar, hidden_aux) if h is not None), None)
-    if first is None:
-        raise ValueError("janus_linear_loss: no decoder states given")
-    if hidden_ar is not None and any(h is not None and h.shape[0] for h in (hidden_nar, hidden_aux)):
-        if pair_index is None:
-            raise ValueError("pair_index is required for the SKL terms between P_AR and the masked rows")
-    dtype = _compute_dtype(first, weight)
-    with torch.autocast(first.device.type, enabled=False):
-        loss, sums = FusedLinearJanusLoss.apply(
-            hidden_ar, hidden_nar, hidden_aux, weight, ar_targets, masked_targets, pair_index, eps,
-            astuple(scales), ignore_index, dtype, chunk_rows,
-        )  # fmt: skip
-    return MaskedTokenLoss(loss, sums)
+    return _apply_chunked(FusedLinearJanusLoss, hidden_ar, hidden_nar, hidden_aux, weight, ar_targets,
+                          masked_targets, pair_index, eps, scales, ignore_index, chunk_rows)  # fmt: skip
 
 
 def _janus_linear_loss_triton(*args: Any, **kwargs: Any) -> MaskedTokenLoss:
@@ -443,19 +463,8 @@ def janus_linear_loss_cpu(
 
     Same arguments and result as ``janus_linear_loss_ref``; CPU tensors.
     """
-    first = next((h for h in (hidden_ar, hidden_nar, hidden_aux) if h is not None), None)
-    if first is None:
-        raise ValueError("janus_linear_loss: no decoder states given")
-    if hidden_ar is not None and any(h is not None and h.shape[0] for h in (hidden_nar, hidden_aux)):
-        if pair_index is None:
-            raise ValueError("pair_index is required for the SKL terms between P_AR and the masked rows")
-    dtype = _compute_dtype(first, weight)
-    with torch.autocast(first.device.type, enabled=False):
-        loss, sums = ChunkedLinearJanusLoss.apply(
-            hidden_ar, hidden_nar, hidden_aux, weight, ar_targets, masked_targets, pair_index, eps,
-            astuple(scales), ignore_index, dtype, chunk_rows,
-        )  # fmt: skip
-    return MaskedTokenLoss(loss, sums)
+    return _apply_chunked(ChunkedLinearJanusLoss, hidden_ar, hidden_nar, hidden_aux, weight, ar_targets,
+                          masked_targets, pair_index, eps, scales, ignore_index, chunk_rows)  # fmt: skip
 
 
 def fits_cpu_path(*args: Any, **kwargs: Any) -> Verdict:
