@@ -194,14 +194,20 @@ def test_translate_streams_lines_while_it_runs(synthetic_model, tmp_path):
     inp = _big_input(synthetic_model, tmp_path, n)
     ckpt = str(synthetic_model.checkpoint)
     opts = ["--window", "64", "--max-batch-size", "8", "--threads", "1"]
-    proc = _janus("translate", "--checkpoint", ckpt, "--input", str(inp), *AR_GREEDY, *opts, stdout=subprocess.PIPE)
-    try:
-        first = [proc.stdout.readline() for _ in range(10)]
-        running = proc.poll() is None  # ten lines read while the other 2990 are still being decoded
-        rest, err = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err.decode()
+    # stderr to a file, and the rest of stdout through the same buffered reader: communicate() reads
+    # the raw pipe and would lose whatever readline() had already buffered past the tenth line.
+    with open(tmp_path / "stderr", "wb") as errors:
+        proc = subprocess.Popen([sys.executable, "-m", "janus", "translate", "--checkpoint", ckpt, "--input", str(inp),
+                                 *AR_GREEDY, *opts], cwd=REPO, stdout=subprocess.PIPE, stderr=errors)  # fmt: skip
+        try:
+            first = [proc.stdout.readline() for _ in range(10)]
+            running = proc.poll() is None  # ten lines read while the other 2990 are still being decoded
+            rest = proc.stdout.read()
+            proc.wait(timeout=600)
+        finally:
+            proc.kill()
+            proc.stdout.close()
+    assert proc.returncode == 0, (tmp_path / "stderr").read_text()
     assert running
     out = (b"".join(first) + rest).decode().splitlines()
     expected = [synthetic_model.test_ref[i % 100] if i % 37 else "" for i in range(n)]
