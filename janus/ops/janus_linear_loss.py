@@ -8,13 +8,13 @@ is what training runs where the fused path does not apply.
 
 ``janus_linear_loss`` dispatches (janus.ops._dispatch) between:
 
-- "triton": ``FusedLinearJanusLoss``, an autograd.Function over
+- "triton": ``ChunkedLinearJanusLoss`` (an autograd.Function) over
   kernels/janus_loss.py's chunked driver: per chunk of AR rows and the masked rows
   paired with them it forms that chunk's logits, runs the fused loss kernel (which
   turns them into d loss / d logits in place) and folds them into the gradients of
   the states and of W (W's accumulated in fp32). The (rows, V) logits are never
   materialised. CUDA tensors, pair_index without repeats;
-- "cpu": ``ChunkedLinearJanusLoss``, the same chunked scheme in PyTorch for CPU tensors:
+- "cpu": the same Function over the same chunked scheme in PyTorch for CPU tensors:
   per chunk of AR rows and their paired masked rows, one GEMM forms the chunk's logits
   in the compute dtype, the loss terms and d loss / d logits are computed in fp32 in
   closed form (softmax statistics once per row, no autograd graph over [rows x V]),
@@ -87,13 +87,16 @@ def janus_linear_loss_ref(
     return janus_loss_ref(out[0], ar_targets, out[1], out[2], masked_targets, pair_index, eps, scales, ignore_index)
 
 
-class FusedLinearJanusLoss(torch.autograd.Function):
-    """The chunked fused path as an autograd.Function: gradients are computed in the forward (for a
-    loss gradient of 1) and scaled in the backward, in place, so it runs once per forward."""
+class ChunkedLinearJanusLoss(torch.autograd.Function):
+    """Either chunked path as an autograd.Function: ``driver`` (the Triton driver or the CPU one)
+    computes the gradients in the forward (for a loss gradient of 1); the backward scales them in
+    place, so each runs once per forward. ``label`` names the path in errors."""
 
     @staticmethod
     def forward(
         ctx: Any,
+        driver: Any,
+        label: str,
         hidden_ar: Optional[Tensor],
         hidden_nar: Optional[Tensor],
         hidden_aux: Optional[Tensor],
@@ -107,21 +110,31 @@ class FusedLinearJanusLoss(torch.autograd.Function):
         compute_dtype: torch.dtype,
         chunk_rows: Optional[int],
     ) -> tuple[Tensor, Tensor]:
-        from janus.kernels.janus_loss import janus_linear_loss_forward
-
-        need_h = any(ctx.needs_input_grad[:3])
-        loss, sums, grads_h, grad_w = janus_linear_loss_forward(
+        need_h = any(ctx.needs_input_grad[2:5])
+        loss, sums, grads_h, grad_w = driver(
             hidden_ar, hidden_nar, hidden_aux, weight, ar_targets, masked_targets, pair_index, eps, scales,
-            ignore_index, need_hidden_grad=need_h, need_weight_grad=ctx.needs_input_grad[3],
+            ignore_index, need_hidden_grad=need_h, need_weight_grad=ctx.needs_input_grad[5],
             compute_dtype=compute_dtype, chunk_rows=chunk_rows,
         )  # fmt: skip
         ctx.grads = (*grads_h, grad_w.to(weight.dtype) if grad_w is not None else None)
+        ctx.label = label
         ctx.mark_non_differentiable(sums)
         return loss, sums
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, grad_sums: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        return (*scale_precomputed_grads(ctx, grad_loss, "janus_linear_loss (triton)"), *([None] * 8))
+        return (None, None, *scale_precomputed_grads(ctx, grad_loss, ctx.label), *([None] * 8))
+
+
+def _triton_driver(*args: Any, **kwargs: Any) -> Any:
+    from janus.kernels.janus_loss import janus_linear_loss_forward
+
+    return janus_linear_loss_forward(*args, **kwargs)
+
+
+def _cpu_driver(*args: Any, **kwargs: Any) -> Any:
+    *head, scales, ignore_index = args
+    return janus_linear_loss_cpu_forward(*head, LossScales(*scales), ignore_index, **kwargs)
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -133,7 +146,8 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
 
 
 def _apply_chunked(
-    function: type[torch.autograd.Function],
+    driver: Any,
+    label: str,
     hidden_ar: Optional[Tensor],
     hidden_nar: Optional[Tensor],
     hidden_aux: Optional[Tensor],
@@ -146,8 +160,8 @@ def _apply_chunked(
     ignore_index: int,
     chunk_rows: Optional[int],
 ) -> MaskedTokenLoss:
-    """Check the arguments shared by both chunked paths and run ``function`` (FusedLinearJanusLoss or
-    ChunkedLinearJanusLoss) in the dtype F.linear would compute in, autocast off inside."""
+    """Check the arguments shared by both chunked paths and run ``driver`` through
+    ChunkedLinearJanusLoss in the dtype F.linear would compute in, autocast off inside."""
     first = next((h for h in (hidden_ar, hidden_nar, hidden_aux) if h is not None), None)
     if first is None:
         raise ValueError("janus_linear_loss: no decoder states given")
@@ -156,8 +170,8 @@ def _apply_chunked(
             raise ValueError("pair_index is required for the SKL terms between P_AR and the masked rows")
     dtype = _compute_dtype(first, weight)
     with torch.autocast(first.device.type, enabled=False):
-        loss, sums = function.apply(
-            hidden_ar, hidden_nar, hidden_aux, weight, ar_targets, masked_targets, pair_index, eps,
+        loss, sums = ChunkedLinearJanusLoss.apply(
+            driver, label, hidden_ar, hidden_nar, hidden_aux, weight, ar_targets, masked_targets, pair_index, eps,
             astuple(scales), ignore_index, dtype, chunk_rows,
         )  # fmt: skip
     return MaskedTokenLoss(loss, sums)
@@ -177,8 +191,8 @@ def janus_linear_loss_triton(
     chunk_rows: Optional[int] = None,
 ) -> MaskedTokenLoss:
     """The fused path (see the module docstring); ``chunk_rows`` overrides the chunk size (tests)."""
-    return _apply_chunked(FusedLinearJanusLoss, hidden_ar, hidden_nar, hidden_aux, weight, ar_targets,
-                          masked_targets, pair_index, eps, scales, ignore_index, chunk_rows)  # fmt: skip
+    return _apply_chunked(_triton_driver, "janus_linear_loss (triton)", hidden_ar, hidden_nar, hidden_aux, weight,
+                          ar_targets, masked_targets, pair_index, eps, scales, ignore_index, chunk_rows)  # fmt: skip
 
 
 def _janus_linear_loss_triton(*args: Any, **kwargs: Any) -> MaskedTokenLoss:
@@ -411,41 +425,6 @@ def janus_linear_loss_cpu_forward(
     return total.to(out_dtype), sums.to(out_dtype), tuple(grads_h), grad_w
 
 
-class ChunkedLinearJanusLoss(torch.autograd.Function):
-    """The chunked CPU path as an autograd.Function: gradients are computed in the forward (for a loss
-    gradient of 1) and scaled in the backward, in place, so it runs once per forward."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden_ar: Optional[Tensor],
-        hidden_nar: Optional[Tensor],
-        hidden_aux: Optional[Tensor],
-        weight: Tensor,
-        ar_targets: Optional[Tensor],
-        masked_targets: Optional[Tensor],
-        pair_index: Optional[Tensor],
-        eps: float,
-        scales: tuple[float, ...],
-        ignore_index: int,
-        compute_dtype: torch.dtype,
-        chunk_rows: Optional[int],
-    ) -> tuple[Tensor, Tensor]:
-        need_h = any(ctx.needs_input_grad[:3])
-        loss, sums, grads_h, grad_w = janus_linear_loss_cpu_forward(
-            hidden_ar, hidden_nar, hidden_aux, weight, ar_targets, masked_targets, pair_index, eps,
-            LossScales(*scales), ignore_index, need_hidden_grad=need_h, need_weight_grad=ctx.needs_input_grad[3],
-            compute_dtype=compute_dtype, chunk_rows=chunk_rows,
-        )  # fmt: skip
-        ctx.grads = (*grads_h, grad_w.to(weight.dtype) if grad_w is not None else None)
-        ctx.mark_non_differentiable(sums)
-        return loss, sums
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor, grad_sums: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-        return (*scale_precomputed_grads(ctx, grad_loss, "janus_linear_loss (cpu)"), *([None] * 8))
-
-
 def janus_linear_loss_cpu(
     hidden_ar: Optional[Tensor],
     hidden_nar: Optional[Tensor],
@@ -463,8 +442,8 @@ def janus_linear_loss_cpu(
 
     Same arguments and result as ``janus_linear_loss_ref``; CPU tensors.
     """
-    return _apply_chunked(ChunkedLinearJanusLoss, hidden_ar, hidden_nar, hidden_aux, weight, ar_targets,
-                          masked_targets, pair_index, eps, scales, ignore_index, chunk_rows)  # fmt: skip
+    return _apply_chunked(_cpu_driver, "janus_linear_loss (cpu)", hidden_ar, hidden_nar, hidden_aux, weight,
+                          ar_targets, masked_targets, pair_index, eps, scales, ignore_index, chunk_rows)  # fmt: skip
 
 
 def fits_cpu_path(*args: Any, **kwargs: Any) -> Verdict:
