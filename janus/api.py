@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from janus.checkpoint import MODEL_FILE, latest_checkpoint, load_model_state
+from janus.checkpoint import MODEL_FILE, load_model_state
+from janus.checkpoint import resolve_model_path as _model_file
 from janus.config import DecodeConfig, ModelConfig
 from janus.decoding import Hypothesis, decode_batch
 from janus.model import JanusModel
@@ -69,22 +70,6 @@ def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def _model_file(path: Path) -> Path:
-    """A checkpoint folder, an averaged folder, a .safetensors file, or a training folder (its latest).
-
-    Raises FileNotFoundError naming ``path`` (the message the ``janus`` commands print) when it is none.
-    """
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a .safetensors file (it does not exist)")
-    if path.is_dir() and not (path / MODEL_FILE).is_file():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise FileNotFoundError(f"{path} holds no {MODEL_FILE} and no checkpoint_* folder")
-        log.info("%s is a training folder; using its latest checkpoint %s", path, latest.name)
-        return latest
-    return path
 
 
 class Generator:

@@ -803,6 +803,24 @@ def load_model_state(
 # --------------------------------------------------------------------------- average
 
 
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """The model file or folder that ``path`` names: a checkpoint folder, an averaged folder or a
+    .safetensors file as it is, a training folder as its latest checkpoint.
+
+    Raises FileNotFoundError naming ``path`` (the message the ``janus`` commands print) when it is none.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a .safetensors file (it does not exist)")
+    if path.is_dir() and not (path / MODEL_FILE).is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path} holds no {MODEL_FILE} and no checkpoint_* folder")
+        log.info("%s is a training folder; using its latest checkpoint %s", path, latest.name)
+        return latest
+    return path
+
+
 def average_checkpoints(paths: list[str | os.PathLike], output: str | os.PathLike) -> Path:
     """Write the mean of the model weights of ``paths`` to the folder ``output``, atomically.
 

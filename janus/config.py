@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 Objective = Literal["janus", "ar", "cmlm"]
 Masking = Literal["span", "uniform"]
+# TrainConfig.skl_stop_grad: "" (the published objective) or "ar".
+SKL_STOP_GRAD = ("", "ar")
 
 
 def _doc(text: str, **kwargs: Any) -> Any:
@@ -114,6 +116,14 @@ class LossWeights:
             return cls(ar=0, nar=1.0, aux=0, length=0.1, skl_ar_nar=0, skl_ar_aux=0, skl_nar_aux=0)
         raise ValueError(f"unknown objective {objective!r}; choose janus, ar or cmlm")
 
+    def scaled_except_ar(self, factor: float) -> "LossWeights":
+        """These weights with every one but ``ar`` multiplied by ``factor``."""
+        if factor == 1.0:
+            return self
+        return dataclasses.replace(
+            self, **{f.name: getattr(self, f.name) * factor for f in dataclasses.fields(self) if f.name != "ar"}
+        )
+
 
 @dataclass(frozen=True)
 class PrepareConfig:
@@ -184,12 +194,55 @@ class TrainConfig:
     w_skl_ar_nar: float = _doc("weight of SKL(P_AR, P_NAR) (-1 = objective default)", default=-1.0)
     w_skl_ar_aux: float = _doc("weight of SKL(P_AR, P_AUX) (-1 = objective default)", default=-1.0)
     w_skl_nar_aux: float = _doc("weight of SKL(P_NAR, P_AUX) (-1 = objective default)", default=-1.0)
+    joint_start: int = _doc(
+        "janus: updates trained on the P_AR term alone (and only its rows) before the other terms start "
+        "(0 = every term from the first update, the published objective)",
+        default=0,
+    )
+    joint_ramp: int = _doc(
+        "janus: updates over which the weights of every term but P_AR rise linearly from 0 to their values, "
+        "after joint_start (0 = at once)",
+        default=0,
+    )
+    skl_stop_grad: str = _doc(
+        "which side of the SKL terms gets no gradient from them: '' (none: gradients into both sides, the "
+        "published objective) or 'ar' (P_AR is a fixed teacher in SKL(P_AR, P_NAR) and SKL(P_AR, P_AUX))",
+        default="",
+    )
+    init_from: str = _doc(
+        "start from the weights of this checkpoint (a checkpoint or averaged folder, a training folder, or a "
+        ".safetensors file of the same vocabulary and shapes) with a fresh optimizer, schedule and update "
+        "count; ignored when save_dir holds a checkpoint to resume",
+        default="",
+    )
 
-    def loss_weights(self) -> LossWeights:
-        """The objective's default weights with the w_* overrides applied."""
+    def __post_init__(self) -> None:
+        if self.skl_stop_grad not in SKL_STOP_GRAD:
+            raise ValueError(f"skl_stop_grad={self.skl_stop_grad!r}: choose one of {SKL_STOP_GRAD}")
+        if self.joint_start < 0 or self.joint_ramp < 0:
+            raise ValueError(f"joint_start={self.joint_start}, joint_ramp={self.joint_ramp}: must be >= 0")
+        if (self.joint_start or self.joint_ramp) and self.objective != "janus":
+            raise ValueError(
+                f"joint_start/joint_ramp schedule the non-AR terms of --objective janus; "
+                f"this run's objective is {self.objective}"
+            )
+
+    def joint_factor(self, step: int) -> float:
+        """Factor on every weight but P_AR's at update ``step`` (1-based): 0 for the first joint_start
+        updates, then a linear ramp to 1 over joint_ramp updates."""
+        if step <= self.joint_start:
+            return 0.0
+        if self.joint_ramp <= 0:
+            return 1.0
+        return min(1.0, (step - self.joint_start) / self.joint_ramp)
+
+    def loss_weights(self, step: int | None = None) -> LossWeights:
+        """The objective's default weights with the w_* overrides applied; with ``step`` (1-based), those of
+        that update under the joint_start / joint_ramp schedule (``joint_factor``)."""
         base = LossWeights.for_objective(self.objective)  # type: ignore[arg-type]
         over = {f.name: getattr(self, "w_" + f.name) for f in dataclasses.fields(LossWeights)}
-        return dataclasses.replace(base, **{k: v for k, v in over.items() if v >= 0})
+        weights = dataclasses.replace(base, **{k: v for k, v in over.items() if v >= 0})
+        return weights if step is None else weights.scaled_except_ar(self.joint_factor(step))
 
     def masking_kind(self) -> str:
         """The masking scheme in effect ("span" or "uniform")."""

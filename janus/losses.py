@@ -92,8 +92,11 @@ class LossOutput:
     counts: Counts  # the counts the terms were normalised by (this batch's own when none were given)
 
 
-def scales_for(weights: LossWeights, counts: Counts, multiplier: float = 1.0) -> tuple[LossScales, float]:
-    """Per-term scales (weight * multiplier / count) and the length scale for update-wide counts."""
+def scales_for(
+    weights: LossWeights, counts: Counts, multiplier: float = 1.0, skl_grad_ar: float = 1.0
+) -> tuple[LossScales, float]:
+    """Per-term scales (weight * multiplier / count) and the length scale for update-wide counts;
+    ``skl_grad_ar`` is passed through (``LossScales.skl_grad_ar``)."""
 
     def s(w: float, n: int) -> float:
         return w * multiplier / n if n > 0 else 0.0
@@ -106,6 +109,7 @@ def scales_for(weights: LossWeights, counts: Counts, multiplier: float = 1.0) ->
             skl_ar_nar=s(weights.skl_ar_nar, counts.masked_tokens),
             skl_ar_aux=s(weights.skl_ar_aux, counts.masked_tokens),
             skl_nar_aux=s(weights.skl_nar_aux, counts.masked_tokens),
+            skl_grad_ar=skl_grad_ar,
         ),
         s(weights.length, counts.sentences),
     )
@@ -139,6 +143,7 @@ def compute_loss(
     norm: Optional[Counts] = None,
     multiplier: float = 1.0,
     rows: Optional[DecoderRows] = None,
+    skl_grad_ar: float = 1.0,
 ) -> LossOutput:
     """Run the teacher-forced passes of ``objective`` and return its loss.
 
@@ -150,6 +155,8 @@ def compute_loss(
         multiplier: extra factor on every term (e.g. world size under DDP's gradient averaging).
         rows: ``training_rows(tgt, masked, objective, ...)`` built ahead (e.g. on the CPU while
             the previous step runs); built here when None.
+        skl_grad_ar: factor on the gradient the SKL terms send into P_AR (1: the published objective;
+            0: a stop-gradient, ``TrainConfig.skl_stop_grad="ar"``).
     Returns:
         LossOutput with ``loss = sum_t scale_t * sum_t``.
     """
@@ -160,7 +167,7 @@ def compute_loss(
         masked = torch.zeros_like(tgt, dtype=torch.bool)
     # Counting this batch's tokens syncs with the device: only done when no counts are given.
     counts = norm if norm is not None else Counts.of_batch(tgt_lengths, masked)
-    scales, length_scale = scales_for(weights, counts, multiplier)
+    scales, length_scale = scales_for(weights, counts, multiplier, skl_grad_ar)
 
     if rows is None:
         rows = training_rows(tgt, masked, objective, pad=specials.pad, mask=specials.mask)
@@ -186,13 +193,17 @@ def compute_loss(
 class Criterion(nn.Module):
     """The model plus its objective as one module, so that data parallelism wraps a single forward.
 
-    ``forward`` returns ``(loss, sums)`` tensors (see ``compute_loss``).
+    ``forward`` returns ``(loss, sums)`` tensors (see ``compute_loss``). ``objective`` and ``weights``
+    may change between updates (the joint_start / joint_ramp schedule of ``TrainConfig``).
     """
 
-    def __init__(self, model: JanusModel, objective: str, weights: LossWeights, label_smoothing: float) -> None:
+    def __init__(
+        self, model: JanusModel, objective: str, weights: LossWeights, label_smoothing: float, skl_grad_ar: float = 1.0
+    ) -> None:
         super().__init__()
         Streams.of(objective)  # validates the name
         self.model, self.objective, self.weights, self.eps = model, objective, weights, label_smoothing
+        self.skl_grad_ar = skl_grad_ar
 
     def forward(
         self,
@@ -205,7 +216,7 @@ class Criterion(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         out = compute_loss(
             self.model, src, tgt, masked, objective=self.objective, weights=self.weights,
-            label_smoothing=self.eps, norm=norm, multiplier=multiplier, rows=rows,
+            label_smoothing=self.eps, norm=norm, multiplier=multiplier, rows=rows, skl_grad_ar=self.skl_grad_ar,
         )  # fmt: skip
         return out.loss, out.sums
 

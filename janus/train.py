@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
+import itertools
 import json
 import math
 import os
@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,8 @@ from janus.checkpoint import (
     capture_rng,
     latest_checkpoint,
     load_checkpoint,
+    load_model_state,
+    resolve_model_path,
     restore_optimizer,
     restore_rng,
     save_checkpoint,
@@ -247,13 +249,15 @@ class Trainer:
         self.model = JanusModel(model_cfg).to(self.env.device)
         # Validation calls the plain module: ranks see different numbers of validation batches,
         # and a DDP forward may run collectives.
-        self.loss_module = Criterion(self.model, cfg.objective, self.weights, cfg.label_smoothing)
+        self.loss_module = Criterion(self.model, cfg.objective, self.weights, cfg.label_smoothing,
+                                     skl_grad_ar=0.0 if cfg.skl_stop_grad == "ar" else 1.0)  # fmt: skip
         self.criterion: nn.Module = self.loss_module
         if self.env.world > 1:
             self.criterion = nn.parallel.DistributedDataParallel(
                 self.loss_module,
                 device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
-                find_unused_parameters=self.weights.length == 0,  # the length head sits idle for `ar`
+                # the length head sits idle for `ar`, and during the AR-only updates of joint_start
+                find_unused_parameters=self.weights.length == 0 or cfg.joint_start > 0,
             )
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -272,9 +276,12 @@ class Trainer:
         self.step, self.epoch, self.update_in_epoch = 0, 1, 0
         self.best_valid: Optional[float] = None
         self.saved_at = (0, time.monotonic())  # (step, monotonic time) of the last checkpoint or start
+        self.init_source: Optional[dict[str, Any]] = None
         if self.ckpt is not None:
             self._restore(self.ckpt)
             self.saved_at = (self.step, time.monotonic())
+        elif cfg.init_from:
+            self.init_source = self._init_from(cfg.init_from)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _restore(self, ckpt: Any) -> None:
@@ -287,6 +294,40 @@ class Trainer:
             self.scaler.load_state_dict(st["scaler"])
         restore_rng(st["rng"])
         self.log(dict(event="resume", checkpoint=str(ckpt.path), step=self.step, epoch=self.epoch))
+
+    def _init_from(self, source: str) -> dict[str, Any]:
+        """Load the weights of checkpoint ``source`` (``TrainConfig.init_from``) into the fresh model, after
+        checking that its vocabulary and architecture are this run's; the optimizer, schedule and update
+        count stay fresh. Returns what was loaded (path, its update count and objective) for the log."""
+        path = resolve_model_path(source)
+        state, config = load_model_state(path)
+        if "model" not in config:
+            raise ValueError(f"--init-from {path}: its config has no 'model' entry; was it written by janus train?")
+        folder = path if path.is_dir() else path.parent
+        spm = folder / config.get("vocab", "spm.model")
+        if not spm.is_file():
+            raise ValueError(f"--init-from {path}: no vocabulary beside it ({spm}) to check against {self.cfg.data}")
+        if spm.read_bytes() != self.vocab_bytes:
+            raise ValueError(
+                f"--init-from {path} was trained with another vocabulary than {self.cfg.data} ({spm} differs "
+                f"from {Path(self.cfg.data) / self.manifest['vocab']}): prepare the data with that model's vocabulary"
+            )
+        theirs = ModelConfig.from_dict(config["model"]).to_dict()
+        ours = self.model_cfg.to_dict()
+        training_only = {"dropout", "attention_dropout", "activation_dropout"}  # not shapes: this run's apply
+        differ = [f"{k} {theirs[k]} (checkpoint) vs {ours[k]} (this run)" for k in ours
+                  if k not in training_only and theirs.get(k) != ours[k]]  # fmt: skip
+        if differ:
+            raise ValueError(
+                f"--init-from {path}: its model differs from this run's (preset {self.cfg.preset}): "
+                f"{'; '.join(differ)}. Pass the --preset (and model flags) it was trained with"
+            )
+        self.model.load_state_dict({k: v.to(self.env.device) for k, v in state.items()})
+        train_cfg = config.get("train", {})
+        step = config.get("step")
+        if step is None and path.name.startswith("checkpoint_"):
+            step = int(path.name.rsplit("_", 1)[-1])
+        return dict(path=str(path), step=step, objective=train_cfg.get("objective"))
 
     def save(self, is_best: bool = False) -> None:
         self.saved_at = (self.step, time.monotonic())
@@ -350,8 +391,19 @@ class Trainer:
             f"  saving to {self.save_dir} every {' or '.join(e for e in every if e)}, keeping "
             + (f"the last {cfg.keep_last} and the best" if cfg.keep_last > 0 else "every checkpoint"),
         ]))  # fmt: skip
+        if cfg.joint_start or cfg.joint_ramp:
+            self.say(f"  schedule: P_AR alone for {cfg.joint_start:,} updates, then the other terms ramped in over "
+                     f"{cfg.joint_ramp:,} updates")  # fmt: skip
+        if cfg.skl_stop_grad:
+            self.say(f"  SKL terms: no gradient into P_{cfg.skl_stop_grad.upper()} (skl_stop_grad={cfg.skl_stop_grad})")
         if self.ckpt is not None:
-            self.say(f"resuming from step {self.step} (checkpoint {self.ckpt.path})")
+            extra = f" (--init-from {cfg.init_from} applies to fresh runs only)" if cfg.init_from else ""
+            self.say(f"resuming from step {self.step} (checkpoint {self.ckpt.path}){extra}")
+        elif self.init_source is not None:
+            src = self.init_source
+            after = f" after {src['step']:,} updates" if src.get("step") is not None else ""
+            of = f" of objective {src['objective']}" if src.get("objective") else ""
+            self.say(f"starting from the weights of {src['path']}{of}{after}, with a fresh optimizer and schedule")
         else:
             self.say("starting from scratch")
 
@@ -364,14 +416,29 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     # -- one update -----------------------------------------------------------------------------
-    def _with_rows(self, batches: list, pin: bool = False) -> list[tuple[Any, DecoderRows]]:
-        """Pair each batch with its decoder rows, built on the CPU (in the prefetch thread)."""
+    def _objective_at(self, step: int) -> str:
+        """The objective whose rows update ``step`` (1-based) trains: ``ar`` while the joint_start schedule
+        holds every other term at 0 (so that those updates cost what an ``ar`` update costs)."""
+        return "ar" if self.cfg.joint_factor(step) == 0.0 else self.cfg.objective
+
+    def _with_rows(
+        self, batches: list, pin: bool = False, objective: Optional[str] = None
+    ) -> list[tuple[Any, DecoderRows]]:
+        """Pair each batch with its decoder rows for ``objective`` (default: the run's), built on the CPU
+        (in the prefetch thread)."""
         sp = self.model_cfg.specials
         out = []
         for b in batches:
-            rows = training_rows(b.tgt, b.masked, self.cfg.objective, pad=sp.pad, mask=sp.mask)
+            rows = training_rows(b.tgt, b.masked, objective or self.cfg.objective, pad=sp.pad, mask=sp.mask)
             out.append((b.pin_memory(), rows.pin_memory()) if pin else (b, rows))
         return out
+
+    def _rows_transform(self) -> Callable[[list], list[tuple[Any, DecoderRows]]]:
+        """The prefetch transform from this update on: each update's batches with their rows, for the
+        objective of its step (``_objective_at``), in order."""
+        steps = itertools.count(self.step + 1)
+        pin = self.env.device.type == "cuda"
+        return lambda batches: self._with_rows(batches, pin, self._objective_at(next(steps)))
 
     def train_update(self, items: list[tuple[Any, DecoderRows]]) -> tuple[torch.Tensor, Counts, float]:
         """Forward/backward over this process's micro-batches (with their rows), then one optimizer step.
@@ -384,6 +451,10 @@ class Trainer:
         local = sum((Counts.of_batch(b.tgt_lengths, b.masked) for b, _ in items), Counts())
         norm = Counts.from_tensor(all_reduce(local.as_tensor().to(env.device), env).cpu())
         sums = torch.zeros(len(LOG_TERMS), device=env.device)
+        # The schedule of the non-AR terms (TrainConfig.joint_start / joint_ramp); the rows of ``items``
+        # were built for the same objective (_objective_at).
+        self.loss_module.weights = self.cfg.loss_weights(self.step + 1)
+        self.loss_module.objective = self._objective_at(self.step + 1)
         lr = inverse_sqrt_lr(self.step + 1, self.cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -414,6 +485,8 @@ class Trainer:
             return None
         env = self.env
         self.loss_module.eval()
+        # Always the full objective, whatever the schedule: validations stay comparable along a run.
+        self.loss_module.weights, self.loss_module.objective = self.weights, self.cfg.objective
         sums = torch.zeros(len(LOG_TERMS), device=env.device)
         counts = Counts()
         batches = iterate_batches(self.valid_set, self.cfg.max_tokens, self.masking, seed=self.cfg.seed)
@@ -456,8 +529,10 @@ class Trainer:
         tps = window.tokens / max(time.perf_counter() - window.start, 1e-9)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tps:,.0f}")
         lr = self.optimizer.param_groups[0]["lr"]
+        scheduled = self.cfg.joint_start or self.cfg.joint_ramp
+        joint = {"joint_factor": round(self.cfg.joint_factor(self.step), 6)} if scheduled else {}
         self.log(dict(event="train", step=self.step, epoch=self.epoch, lr=lr, gnorm=round(gnorm, 6),
-                      tokens_per_s=round(tps, 1), **_rounded(stats)))  # fmt: skip
+                      tokens_per_s=round(tps, 1), **joint, **_rounded(stats)))  # fmt: skip
         window.reset()
 
     def _validate_and_log(self, bar: Any) -> tuple[Optional[dict[str, float]], bool]:
@@ -492,7 +567,8 @@ class Trainer:
         self.log(dict(event="start", step=self.step, params=self.model.num_parameters(), device=str(env.device),
                       precision=precision_name(self.amp_dtype),
                       cpu_allocator=allocator_state(), world_size=env.world, objective=cfg.objective,
-                      model=self.model_cfg.to_dict(), train=dataclasses.asdict(cfg)))  # fmt: skip
+                      model=self.model_cfg.to_dict(), train=dataclasses.asdict(cfg),
+                      **({"init_from": self.init_source} if self.init_source and self.step == 0 else {})))  # fmt: skip
         last_valid: dict[str, Any] = {}
         self.banner()
         if self._done():
@@ -510,8 +586,7 @@ class Trainer:
                 )
             bar = tqdm(total=per_epoch, initial=self.update_in_epoch, desc=f"epoch {self.epoch}",
                        disable=not (env.main and cfg.progress), mininterval=1.0, dynamic_ncols=True)  # fmt: skip
-            prepare_rows = functools.partial(self._with_rows, pin=env.device.type == "cuda")
-            updates = Prefetch(self._updates(), transform=prepare_rows)
+            updates = Prefetch(self._updates(), transform=self._rows_transform())
             try:
                 for batches in updates:
                     sums, norm, gnorm = self.train_update(batches)

@@ -22,7 +22,9 @@ it (``partner[n]``, -1 when none), or a masked row alone when there is no AR str
    p = exp(z - lse) and D_XY = log p_X - log p_Y:
        d ls(X) / d z_X      = p_X - (1 - eps) onehot(y) - eps / V
        d SKL(X, Y) / d z_X  = (p_X (D_XY - KL(X || Y)) + p_X - p_Y) / 2
-   into gradient buffers of the logits' dtype (which may be the logits themselves).
+   into gradient buffers of the logits' dtype (which may be the logits themselves). The
+   SKL terms' share of d / d z_a is multiplied by g_a (1: both sides, the objective as
+   published; 0: a stop-gradient into P_AR).
 
 All arithmetic is fp32 whatever the logits' dtype; row offsets are 64-bit. Rows whose
 target is ``ignore_index`` contribute nothing and get a zero gradient (an ignored AR
@@ -76,7 +78,7 @@ def janus_loss_kernel(
     b_ptr, b_stride, gb_ptr, gb_stride,
     c_ptr, c_stride, gc_ptr, gc_stride,
     y_ptr, partner_ptr, part_ptr,
-    V, eps, s_ar, s_nar, s_aux, s_an, s_ac, s_nc, ignore_index,
+    V, eps, s_ar, s_nar, s_aux, s_an, s_ac, s_nc, g_a, ignore_index,
     HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_C: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
@@ -228,9 +230,9 @@ def janus_loss_kernel(
             if HAS_A:
                 ga = tl.where(keep_a, s_ar, 0.0) * (pa - smooth - tl.where(cols == y_a, 1.0 - eps, 0.0))
                 if HAS_B:
-                    ga += tl.where(keep_m, s_an * _skl_grad(pa, lpa, kl_ab, pb, lpb), 0.0)
+                    ga += tl.where(keep_m, g_a * s_an * _skl_grad(pa, lpa, kl_ab, pb, lpb), 0.0)
                 if HAS_C:
-                    ga += tl.where(keep_m, s_ac * _skl_grad(pa, lpa, kl_ac, pc, lpc), 0.0)
+                    ga += tl.where(keep_m, g_a * s_ac * _skl_grad(pa, lpa, kl_ac, pc, lpc), 0.0)
                 ga = tl.where(in_v, ga, 0.0)
                 tl.store(ga_ptr + unit * ga_stride + cols, ga.to(ga_ptr.dtype.element_ty), mask=in_v)
             if HAS_B:
@@ -272,7 +274,7 @@ def janus_loss_forward(
     masked_targets: Optional[Tensor],
     pair_index: Optional[Tensor],
     eps: float,
-    scales: tuple[float, float, float, float, float, float],
+    scales: tuple[float, ...],
     ignore_index: int,
     grads: Optional[tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]] = None,
     partner: Optional[Tensor] = None,
@@ -285,7 +287,9 @@ def janus_loss_forward(
         ar_targets: int64 (N,); masked_targets: int64 (M,); pair_index: int64 (M,), distinct entries,
             required when AR and a masked stream are both given.
         partner: ``partners(pair_index, N)`` when already computed.
-        scales: (ar, nar, aux, skl_ar_nar, skl_ar_aux, skl_nar_aux) multipliers of the summed terms.
+        scales: (ar, nar, aux, skl_ar_nar, skl_ar_aux, skl_nar_aux) multipliers of the summed terms, then
+            skl_grad_ar, the factor on the gradient the SKL terms send into the AR logits
+            (``janus.ops.janus_loss.LossScales``).
         grads: when given, (d_ar, d_nar, d_aux) buffers shaped like the logits (None for absent ones;
             a logits tensor itself for in place) that receive d loss / d logits.
     """
@@ -362,7 +366,7 @@ def janus_linear_loss_forward(
     masked_targets: Optional[Tensor],
     pair_index: Optional[Tensor],
     eps: float,
-    scales: tuple[float, float, float, float, float, float],
+    scales: tuple[float, ...],
     ignore_index: int,
     *,
     need_hidden_grad: bool,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -103,6 +104,28 @@ def test_skl_gradient_matches_closed_form_into_both_sides():
 
     torch.testing.assert_close(a.grad, closed_form(a.detach(), b.detach()))
     torch.testing.assert_close(b.grad, closed_form(b.detach(), a.detach()))
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.5])
+def test_skl_grad_ar_scales_only_the_skl_gradient_into_p_ar(factor):
+    """LossScales.skl_grad_ar: the value is the objective's; the gradient of the P_AR logits is the CE's
+    plus ``factor`` times the SKL terms' share; P_NAR and P_AUX get their full gradients."""
+
+    def grads(scales):
+        xs = [t.double().requires_grad_() for t in (a, b, c)]
+        out = janus_loss_ref(xs[0], ya, xs[1], xs[2], yb, pair, 0.1, scales)
+        out.loss.backward()
+        return out.loss.detach(), [x.grad for x in xs]
+
+    a, ya, b, c, yb, pair = random_case(N=6, M=4, V=17)
+    full_loss, full = grads(SCALES)
+    no_skl_ar = dataclasses.replace(SCALES, skl_ar_nar=0.0, skl_ar_aux=0.0)
+    _, ce_only = grads(no_skl_ar)
+    loss, got = grads(dataclasses.replace(SCALES, skl_grad_ar=factor))
+    torch.testing.assert_close(loss, full_loss)
+    torch.testing.assert_close(got[0], ce_only[0] + factor * (full[0] - ce_only[0]))
+    torch.testing.assert_close(got[1], full[1])
+    torch.testing.assert_close(got[2], full[2])
 
 
 def test_full_loss_gradcheck_float64():

@@ -9,6 +9,7 @@ and the training loss of every objective through the dispatched path.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from functools import partial
 
@@ -39,23 +40,23 @@ def problem(N: int, M: int, seed: int, streams: str = "abc", shuffled: bool = Tr
     return hidden, weight, ya, y, pair
 
 
-def run(fn, hidden, weight, ya, y, pair, dtype, **kwargs):
+def run(fn, hidden, weight, ya, y, pair, dtype, scales=SCALES, **kwargs):
     """(loss, sums, grads of the a/b/c states and of the weight) with inputs cast to dtype; loss x 1.5."""
     hs = {k: (v.to(dtype, copy=True).requires_grad_() if v is not None else None) for k, v in hidden.items()}
     w = weight.to(dtype, copy=True).requires_grad_()
-    out = fn(hs["a"], hs["b"], hs["c"], w, ya, y, pair, EPS, SCALES, **kwargs)
+    out = fn(hs["a"], hs["b"], hs["c"], w, ya, y, pair, EPS, scales, **kwargs)
     (out.loss * 1.5).backward()
     grads = {k: (h.grad if h is not None else None) for k, h in hs.items()} | {"w": w.grad}
     return out.loss.detach(), out.sums, grads
 
 
-def check(hidden, weight, ya, y, pair, dtype=torch.float32, **kwargs):
+def check(hidden, weight, ya, y, pair, dtype=torch.float32, scales=SCALES, **kwargs):
     """CPU path vs an fp64 reference from the same rounded inputs, within 2x the fp32/low-precision
     reference's own error (plus a small atol)."""
     exact = run(janus_linear_loss_ref, {k: v.to(dtype).double() if v is not None else None for k, v in hidden.items()},
-                weight.to(dtype).double(), ya, y, pair, torch.float64)  # fmt: skip
-    baseline = run(janus_linear_loss_ref, hidden, weight, ya, y, pair, dtype)
-    got = run(janus_linear_loss_cpu, hidden, weight, ya, y, pair, dtype, **kwargs)
+                weight.to(dtype).double(), ya, y, pair, torch.float64, scales)  # fmt: skip
+    baseline = run(janus_linear_loss_ref, hidden, weight, ya, y, pair, dtype, scales)
+    got = run(janus_linear_loss_cpu, hidden, weight, ya, y, pair, dtype, scales, **kwargs)
     atol = 1e-5 if dtype == torch.float32 else 2e-3
     ulp = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
     assert_within_baseline(got[0], exact[0], baseline[0], atol=10 * atol, name="loss")
@@ -83,6 +84,23 @@ def test_fp64_equals_the_reference_exactly_enough():
                 assert (got[2][k] is None) == (want[2][k] is None), (streams, k)
                 if got[2][k] is not None:
                     torch.testing.assert_close(got[2][k], want[2][k], rtol=1e-10, atol=1e-12, msg=(streams, k))
+
+
+@pytest.mark.parametrize("skl_grad_ar", [0.0, 0.5])
+@pytest.mark.parametrize("shuffled", [False, True], ids=["sorted", "shuffled"])
+def test_skl_gradient_into_p_ar_scaled_or_stopped_like_the_reference(skl_grad_ar, shuffled):
+    """LossScales.skl_grad_ar (TrainConfig.skl_stop_grad): the same values, the SKL terms' gradient into
+    the AR rows scaled (0: none), in fp64 to rounding and in fp32 by the usual rule."""
+    scales = dataclasses.replace(SCALES, skl_grad_ar=skl_grad_ar)
+    hidden, weight, ya, y, pair = problem(13, 6, seed=7, shuffled=shuffled)
+    want = run(janus_linear_loss_ref, hidden, weight, ya, y, pair, torch.float64, scales)
+    got = run(partial(janus_linear_loss_cpu, chunk_rows=3), hidden, weight, ya, y, pair, torch.float64, scales)
+    full = run(janus_linear_loss_ref, hidden, weight, ya, y, pair, torch.float64)
+    torch.testing.assert_close(got[0], full[0], rtol=1e-12, atol=1e-12)  # the value does not change
+    for k in got[2]:
+        torch.testing.assert_close(got[2][k], want[2][k], rtol=1e-10, atol=1e-12, msg=k)
+    assert not torch.allclose(got[2]["a"], full[2]["a"])  # ... the AR side's gradient does
+    check(hidden, weight, ya, y, pair, scales=scales, chunk_rows=4)
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 4, 1000])

@@ -8,6 +8,8 @@ and that no chunk ever forms more logits than its own rows.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tolerances import assert_within_baseline
@@ -45,22 +47,22 @@ def problem(N: int, M: int, seed: int, streams: str = "abc", shuffled: bool = Tr
     return hidden, weight, ya, y, pair
 
 
-def run(fn, hidden, weight, ya, y, pair, dtype, **kwargs):
+def run(fn, hidden, weight, ya, y, pair, dtype, scales=SCALES, **kwargs):
     """(loss, sums, grads of the a/b/c states and of the weight) with inputs cast to dtype; loss x 1.5."""
     # Fresh leaves every run (``to`` alone would return the caller's tensor and pool the gradients).
     hs = {k: (v.to(dtype, copy=True).requires_grad_() if v is not None else None) for k, v in hidden.items()}
     w = weight.to(dtype, copy=True).requires_grad_()
-    out = fn(hs["a"], hs["b"], hs["c"], w, ya, y, pair, EPS, SCALES, **kwargs)
+    out = fn(hs["a"], hs["b"], hs["c"], w, ya, y, pair, EPS, scales, **kwargs)
     (out.loss * 1.5).backward()
     grads = {k: (h.grad if h is not None else None) for k, h in hs.items()} | {"w": w.grad}
     return out.loss.detach(), out.sums, grads
 
 
-def check(hidden, weight, ya, y, pair, dtype=torch.float32, **kwargs):
+def check(hidden, weight, ya, y, pair, dtype=torch.float32, scales=SCALES, **kwargs):
     exact = run(janus_linear_loss_ref, {k: v.to(dtype).double() if v is not None else None for k, v in hidden.items()},
-                weight.to(dtype).double(), ya, y, pair, torch.float64)  # fmt: skip
-    baseline = run(janus_linear_loss_ref, hidden, weight, ya, y, pair, dtype)
-    got = run(janus_linear_loss_triton, hidden, weight, ya, y, pair, dtype, **kwargs)
+                weight.to(dtype).double(), ya, y, pair, torch.float64, scales)  # fmt: skip
+    baseline = run(janus_linear_loss_ref, hidden, weight, ya, y, pair, dtype, scales)
+    got = run(janus_linear_loss_triton, hidden, weight, ya, y, pair, dtype, scales, **kwargs)
     atol = 1e-4 if dtype == torch.float32 else 2e-3
     ulp = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
     assert_within_baseline(got[0], exact[0], baseline[0], atol=10 * atol, name="loss")
@@ -78,6 +80,12 @@ def check(hidden, weight, ya, y, pair, dtype=torch.float32, **kwargs):
 def test_chunks_of_any_size_match_the_reference(chunk_rows):
     hidden, weight, ya, y, pair = problem(13, 6, seed=chunk_rows)
     check(hidden, weight, ya, y, pair, chunk_rows=chunk_rows)
+
+
+def test_skl_gradient_into_p_ar_stopped():
+    """LossScales.skl_grad_ar = 0 (TrainConfig.skl_stop_grad="ar") through the chunked driver."""
+    hidden, weight, ya, y, pair = problem(13, 6, seed=5)
+    check(hidden, weight, ya, y, pair, scales=dataclasses.replace(SCALES, skl_grad_ar=0.0), chunk_rows=4)
 
 
 @pytest.mark.parametrize("streams", ["a", "b", "bc", "ab"])

@@ -9,6 +9,7 @@ with AR rows in any order, and the reference's fallback for repeated pairs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -53,23 +54,23 @@ def problem(N: int, M: int, seed: int, streams: str = "abc", ignored: float = 0.
     return logits, ya, y, pair
 
 
-def run(fn, logits, ya, y, pair, dtype, grad_scale=2.5, device=DEVICE):
+def run(fn, logits, ya, y, pair, dtype, grad_scale=2.5, device=DEVICE, scales=SCALES):
     """fn's (loss, sums, grads) for logits cast to ``dtype``; the loss is backpropagated times grad_scale."""
     # Fresh leaves every run (``to`` alone would return the caller's tensor and pool the gradients).
     xs = {k: (v.to(device, dtype, copy=True).requires_grad_() if v is not None else None) for k, v in logits.items()}
     dev = lambda t: t.to(device) if t is not None else None  # noqa: E731
-    out = fn(xs["a"], dev(ya), xs["b"], xs["c"], dev(y), dev(pair), EPS, SCALES)
+    out = fn(xs["a"], dev(ya), xs["b"], xs["c"], dev(y), dev(pair), EPS, scales)
     (out.loss * grad_scale).backward()
     grads = {k: (x.grad if x is not None else None) for k, x in xs.items()}
     return out.loss.detach().cpu(), out.sums.cpu(), {k: (v.cpu() if v is not None else None) for k, v in grads.items()}
 
 
-def check(fused, logits, ya, y, pair, dtype=torch.float32):
+def check(fused, logits, ya, y, pair, dtype=torch.float32, scales=SCALES):
     """Kernel vs the fp64 reference on the same rounded inputs, within 2x PyTorch's own error in dtype."""
     rounded = {k: (v.to(dtype).double() if v is not None else None) for k, v in logits.items()}
-    exact = run(janus_loss_ref, rounded, ya, y, pair, torch.float64, device="cpu")
-    baseline = run(janus_loss_ref, logits, ya, y, pair, dtype, device="cpu")
-    got = run(fused, logits, ya, y, pair, dtype)
+    exact = run(janus_loss_ref, rounded, ya, y, pair, torch.float64, device="cpu", scales=scales)
+    baseline = run(janus_loss_ref, logits, ya, y, pair, dtype, device="cpu", scales=scales)
+    got = run(fused, logits, ya, y, pair, dtype, scales=scales)
     atol = 1e-4 if dtype == torch.float32 else 2e-3
     assert_within_baseline(got[0], exact[0], baseline[0], atol=atol * 10, name="loss")
     assert_within_baseline(got[1], exact[1], baseline[1], atol=atol * 10, name="sums")
@@ -101,6 +102,14 @@ def test_every_stream_layout_matches_the_reference(fused, streams):
         used.add("skl_nar_aux")
     for name, value in zip(TERMS, sums.tolist()):
         assert (value != 0) == (name in used), (name, value)  # absent terms are exactly 0
+
+
+@pytest.mark.parametrize("skl_grad_ar", [0.0, 0.5])
+def test_skl_gradient_into_p_ar_scaled_or_stopped(fused, skl_grad_ar):
+    """LossScales.skl_grad_ar (TrainConfig.skl_stop_grad): the kernel scales the SKL terms' share of the
+    AR logits' gradient like the reference does."""
+    logits, ya, y, pair = problem(9, 5, seed=11)
+    check(fused, logits, ya, y, pair, scales=dataclasses.replace(SCALES, skl_grad_ar=skl_grad_ar))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -283,8 +283,12 @@ def _chunk_terms(
             continue
         w = (0.5 * getattr(scales, name)) * mkeep[:, None]
         d_y = (-diff).sub_(kl_yx[:, None] - 1.0).mul_(py).sub_(px).mul_(w)  # (p_y (D' - KL(y||x)) + p_y - p_x) / 2
-        d_x = diff.sub_(kl_xy[:, None] - 1.0).mul_(px).sub_(py).mul_(w)
         gy += d_y
+        if x == 0 and scales.skl_grad_ar != 1.0:  # the share that reaches P_AR (0: a stop-gradient)
+            if not scales.skl_grad_ar:
+                continue
+            w = w * scales.skl_grad_ar
+        d_x = diff.sub_(kl_xy[:, None] - 1.0).mul_(px).sub_(py).mul_(w)
         if x == 0:
             sides[0][2].index_add_(0, pairs, d_x)
         else:
@@ -420,7 +424,7 @@ def janus_linear_loss_cpu_forward(
             if d_masked[k] is not None:
                 grads_h[k].index_copy_(0, order, d_masked[k])
     for k, name in enumerate(("ar", "nar", "aux", "skl_ar_nar", "skl_ar_aux", "skl_nar_aux")):
-        total = total + sc[k] * sums[TERMS.index(name)]
+        total = total + sc[k] * sums[TERMS.index(name)]  # sc[6], skl_grad_ar, only shapes gradients
     out_dtype = torch.promote_types(acc, torch.float32)
     return total.to(out_dtype), sums.to(out_dtype), tuple(grads_h), grad_w
 
@@ -481,7 +485,7 @@ def janus_linear_loss(
         hidden_nar, hidden_aux: (M, D) states of the P / Q rows, or None.
         weight: (V, D) output projection (the shared embedding).
         ar_targets: int64 (N,); masked_targets: int64 (M,); pair_index: int64 (M,) AR row of each
-            masked row; eps: label smoothing; scales: the six term multipliers; ignore_index.
+            masked row; eps: label smoothing; scales: the term multipliers (``LossScales``); ignore_index.
     Returns:
         MaskedTokenLoss(loss () fp32, sums (9,) fp32 in TERMS order).
     """

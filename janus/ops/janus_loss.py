@@ -15,8 +15,8 @@ The six scales s_* carry both the weights of the objective and the
 normalisation (weight / number of tokens of that term), so the same function
 serves a mean over one batch or over a whole distributed update. Everything is
 computed in fp32 whatever the logits' dtype, with gradients into both sides of
-every SKL (no stop-gradient). Rows whose target is ``ignore_index`` contribute
-nothing.
+every SKL (no stop-gradient) unless ``LossScales.skl_grad_ar`` scales the share that
+reaches P_AR. Rows whose target is ``ignore_index`` contribute nothing.
 
 ``janus_loss_ref`` is the specification, the CPU fallback and the oracle of the
 fused kernel; ``janus_loss`` dispatches (janus.ops._dispatch) between:
@@ -60,6 +60,10 @@ class LossScales:
     skl_ar_nar: float = 0.0
     skl_ar_aux: float = 0.0
     skl_nar_aux: float = 0.0
+    # Factor on the gradient that the SKL terms send into the AR logits: 1 is the published objective
+    # (gradients into both sides); 0 a stop-gradient, P_AR a fixed teacher of P_NAR and P_AUX. The loss
+    # value does not depend on it.
+    skl_grad_ar: float = 1.0
 
 
 @dataclass
@@ -141,6 +145,9 @@ def janus_loss_ref(
             if pair_index is None:
                 raise ValueError("pair_index is required for the SKL terms between P_AR and the masked rows")
             la_paired = la.index_select(0, pair_index)
+            if scales.skl_grad_ar != 1.0:  # same value, gradient scaled by skl_grad_ar
+                frozen = la_paired.detach()
+                la_paired = frozen + scales.skl_grad_ar * (la_paired - frozen) if scales.skl_grad_ar else frozen
         for name, p, q in (("skl_ar_nar", la_paired, lb), ("skl_ar_aux", la_paired, lc), ("skl_nar_aux", lb, lc)):
             if p is not None and q is not None:
                 sums[name] = (symmetric_kl(p, q) * mkeep).sum()
@@ -268,7 +275,7 @@ def janus_loss(
 
     Same arguments and result as ``janus_loss_ref``: logits (N, V) / (M, V) of any float
     dtype (each may be None), int64 targets, pair_index int64 (M,), label smoothing eps,
-    the six scales and ignore_index. Returns MaskedTokenLoss(loss () fp32, sums (9,) fp32).
+    the scales (``LossScales``) and ignore_index. Returns MaskedTokenLoss(loss () fp32, sums (9,) fp32).
     """
     return JANUS_LOSS(
         ar_logits, ar_targets, nar_logits, aux_logits, masked_targets, pair_index, eps, scales, ignore_index
