@@ -1,4 +1,4 @@
-"""The ``janus`` command line: prepare, train, average, translate, evaluate.
+"""The ``janus`` command line: prepare, train, average, translate, evaluate, distill.
 
 Flags are generated from the config dataclasses (``janus.config``), so every
 option and its default is documented once, on the dataclass field.
@@ -123,6 +123,41 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--hyp-prefix", default=None, help="write the hypotheses of each mode to PREFIX.<mode>")
     _add_run_args(ep)
     add_dataclass_args(ep.add_argument_group("decoding (every mode)"), DecodeConfig, exclude=frozenset({"mode"}))
+
+    dp = sub.add_parser(
+        "distill",
+        help="sequence-level knowledge distillation: a prepared folder whose targets are a model's beam outputs",
+        description="Translate the train (and valid) sources of a prepared folder with the checkpoint's AR beam "
+        "search and write a new prepared folder (same vocabulary, same sources; test copied unchanged) whose "
+        "targets are the model's outputs, for janus train --data DESTDIR. Resumable: a rerun continues after "
+        "the last complete chunk.",
+    )
+    dp.add_argument("--data", required=True, help="folder written by janus prepare, with the checkpoint's vocabulary")
+    _add_model_args(dp)
+    dp.add_argument("--destdir", required=True, help="the new prepared folder (new, empty, or an unfinished run's)")
+    dp.add_argument(
+        "--keep-valid", action="store_true", help="copy the real valid targets instead of distilling the valid split"
+    )
+    dp.add_argument(
+        "--truncated",
+        choices=("keep", "reference"),
+        default="keep",
+        help="outputs that reached max_len_a * source + max_len_b tokens: keep them as decoded, or keep the real "
+        "target instead (empty outputs always keep the real target; both are counted) (default: keep)",
+    )
+    dp.add_argument(
+        "--chunk-size",
+        type=int,
+        default=2000,  # janus.distill.DEFAULT_CHUNK_SIZE (not imported here: it would load torch for --help)
+        metavar="INT",
+        help="sentences decoded and saved together; a killed run loses at most one chunk (default: 2000)",
+    )
+    _add_run_args(dp)
+    add_dataclass_args(
+        dp.add_argument_group("decoding (AR beam search)"),
+        DecodeConfig,
+        exclude=frozenset({"mode", "iterations", "length_beam", "rerank", "draft_iterations", "history", "window"}),
+    )
     return p
 
 
@@ -208,6 +243,8 @@ def _run(args: argparse.Namespace) -> int:
         _translate(args)
     elif args.command == "evaluate":
         _evaluate(args)
+    elif args.command == "distill":
+        _distill(args)
     return 0
 
 
@@ -448,6 +485,35 @@ def _evaluate(args: argparse.Namespace) -> None:
             "modes": results,
         }
         atomic_write(args.output_json, json.dumps(doc, indent=2) + "\n")
+
+
+# ====================================================================== distill
+
+
+def _distill(args: argparse.Namespace) -> None:
+    if "torch" not in sys.modules:  # as for translate and evaluate (README: CPU threads)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from janus.distill import distill
+
+    options = dataclasses.replace(dataclass_from_args(DecodeConfig, args), mode="ar")
+    _set_threads(args, "distill")
+    try:
+        distill(
+            args.data,
+            args.checkpoint,
+            args.destdir,
+            options,
+            keep_valid=args.keep_valid,
+            truncated=args.truncated,
+            chunk_size=args.chunk_size,
+            device=args.device,
+            dtype=args.dtype,
+            progress=_show_progress(args),
+        )
+    except KeyboardInterrupt:
+        print(f"janus distill: the decoded chunks in {args.destdir} are kept: run the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        raise
 
 
 if __name__ == "__main__":
