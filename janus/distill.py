@@ -53,8 +53,8 @@ import torch
 from tqdm import tqdm
 
 from janus import __version__
-from janus.api import Generator, _model_file
-from janus.checkpoint import MODEL_FILE
+from janus.api import Generator
+from janus.checkpoint import MODEL_FILE, resolve_model_path
 from janus.config import DecodeConfig
 from janus.data import MANIFEST, SPLITS, Dataset, _fsync_dir, atomic_write, load_manifest
 from janus.decoding.common import length_limits
@@ -127,8 +127,8 @@ def distill(
     decoded = [s for s in _DECODED if s in manifest["splits"] and not (s == "valid" and keep_valid)]
     sets = {s: Dataset(data, s) for s in manifest["splits"]}  # checks every shard of every split
 
-    gen = Generator.from_checkpoint(checkpoint, device=device, dtype=dtype)
-    model_path = _model_file(Path(checkpoint))
+    model_path = resolve_model_path(checkpoint)  # a training folder: its latest checkpoint, now
+    gen = Generator.from_checkpoint(model_path, device=device, dtype=dtype)
     _check_vocab(gen, checkpoint, data / manifest["vocab"])
     settings = {
         "source_manifest_sha256": _sha256(data / MANIFEST),
@@ -147,7 +147,7 @@ def distill(
         "settings": settings,
     }
 
-    finished = _existing(dest, data, settings)
+    finished = _existing(dest, settings)
     if finished is not None:
         say(f"janus distill: {dest} is already distilled with these settings; nothing to do")
         return finished
@@ -252,7 +252,7 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
     return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
 
 
-def _existing(dest: Path, data: Path, settings: dict) -> Optional[dict]:
+def _existing(dest: Path, settings: dict) -> Optional[dict]:
     """The manifest when ``dest`` is a finished distill of ``settings``; None when work remains
     (a new, empty or unfinished folder of the same settings); a ValueError otherwise."""
     if not dest.exists():
@@ -467,5 +467,5 @@ def _summary(split: str, c: dict, truncated: str) -> str:
         f"{split}: {c['sentences']:,} sentences distilled ({c['seconds']:.1f} s of decoding, {rate:.1f} sent/s); "
         f"empty {c['empty']}, truncated {c['truncated']} ({'kept' if truncated == 'keep' else 'real target kept'}), "
         f"source truncated {c['source_truncated']}; real targets kept for {c['reference_kept']}; "
-        f"target tokens {c['reference_tgt_tokens']:,} -> {c['tgt_tokens']:,}"
+        f"target tokens {c['reference_tgt_tokens']:,} -> {c['tgt_tokens']:,} (longest {c['tgt_max_len']})"
     )
