@@ -21,6 +21,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from harness import environment, print_table, write_json
@@ -69,7 +70,8 @@ def top_ops(prof: torch.profiler.profile, steps: int, top: int) -> tuple[list[di
     return rows, total_us / 1e3 / steps
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Run the profile (command-line arguments ``argv``); returns the JSON payload it wrote."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a folder written by `janus prepare`")
     p.add_argument("--preset", default="small")
@@ -83,7 +85,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--top", type=int, default=25, help="rows of the table")
     p.add_argument("--out", default="benchmarks/results/profile_cpu", help="output folder")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         p.error(f"--steps {a.steps} must be >= 1 and --warmup {a.warmup} >= 0")
 
@@ -112,12 +114,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.txt").write_text(title + "\n" + table + "\n")
     settings = dict(vars(a), threads=torch.get_num_threads(), precision=str(trainer.amp_dtype or "fp32"))
-    write_json(out / f"{name}.json", dict(
+    payload = dict(
         benchmark="profile_train", environment=environment(trainer.env.device), settings=settings,
         wall_ms_per_update=wall_ms, walls_s=walls, self_ms_per_update=self_ms, gemm_ms_per_update=gemm_ms,
         top_ops=rows,
-    ))  # fmt: skip
+    )  # fmt: skip
+    write_json(out / f"{name}.json", payload)
     print(f"wrote {out / (name + '.txt')}")
+    return payload
 
 
 if __name__ == "__main__":

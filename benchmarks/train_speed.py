@@ -9,11 +9,14 @@ Random weights and synthetic batches: every sentence has ``--tgt-len`` target to
 ``--max-tokens`` (fairseq-style padded budget), span masking at ratio 0.7 (uniform for
 cmlm). Variants (``--variants``):
 
-- ``fp32-ref``: fp32, the linear + loss through its pure-PyTorch reference (the training
-  path before the chunked CPU backend and CPU autocast existed);
-- ``fp32``: fp32, the dispatched linear + loss (on a CPU: the chunked "cpu" backend);
-- ``bf16``: bf16 autocast (what ``--amp auto`` picks on CPUs with AVX512_BF16 or AMX), dispatched;
-- ``bf16-ref``: bf16 autocast with the reference linear + loss.
+- ``fp32-ref``: the training path before CPU autocast, the chunked CPU backend and the cheaper
+  CPU step existed: fp32, the linear + loss through its pure-PyTorch reference, torch's
+  ``nn.Dropout`` (per-element Bernoulli) and the per-parameter AdamW loop;
+- ``fp32``: fp32, the dispatched linear + loss (on a CPU: the chunked "cpu" backend), and the
+  step ``janus train`` takes now: ``janus.model.Dropout`` and the fused AdamW;
+- ``bf16``: as ``fp32`` under bf16 autocast (what ``--amp auto`` picks on CPUs with AVX512_BF16
+  or AMX);
+- ``bf16-ref``: as ``bf16`` with the reference linear + loss.
 
 Per preset and objective, one model and one batch; the variants take turns for ``--rounds``
 rounds (harness.interleaved: order reversed every other round), so a shared machine's
@@ -39,19 +42,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from harness import environment, interleaved, percentile, print_table, write_json
+from torch import nn
 
 from janus.config import LossWeights, preset
 from janus.data import span_mask, uniform_mask
 from janus.losses import Criterion, Streams
 from janus.memory import keep_freed_memory
+from janus.model import Dropout, JanusModel
 from janus.streams import RowKind, build_training_rows
 
 PAD, BOS, EOS = 0, 1, 2
-VARIANTS = {  # name -> (autocast dtype or None, forced linear + loss backend or None for the dispatch)
-    "fp32-ref": (None, "reference"),
-    "fp32": (None, None),
-    "bf16": (torch.bfloat16, None),
-    "bf16-ref": (torch.bfloat16, "reference"),
+# name -> (autocast dtype or None, forced linear + loss backend or None for the dispatch, legacy step:
+# torch's nn.Dropout and the per-parameter AdamW loop instead of janus.model.Dropout and the fused AdamW)
+VARIANTS = {
+    "fp32-ref": (None, "reference", True),
+    "fp32": (None, None, False),
+    "bf16": (torch.bfloat16, None, False),
+    "bf16-ref": (torch.bfloat16, "reference", False),
 }
 BACKEND_VAR = "JANUS_BACKEND_JANUS_LINEAR_LOSS"
 
@@ -78,32 +85,44 @@ def make_batch(exp: Experiment, vocab: int, mask_id: int, seed: int = 0):
 
 
 class Setup:
-    """One model, optimizer and batch of an experiment; ``step(variant)`` runs one update."""
+    """One model, optimizers and batch of an experiment; ``step(variant)`` runs one update."""
 
     def __init__(self, exp: Experiment, vocab: int, device: torch.device) -> None:
-        from janus.model import JanusModel
-
         torch.manual_seed(0)
         self.device = device
         self.model = JanusModel(preset(exp.preset, vocab_size=vocab)).to(device)
         self.crit = Criterion(self.model, exp.objective, LossWeights.for_objective(exp.objective), 0.1)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=1e-4)
+        adamw = dict(lr=1e-4, betas=(0.9, 0.98), weight_decay=1e-4)
+        fused = device.type in ("cpu", "cuda")  # as janus.train.Trainer chooses
+        self.opt = torch.optim.AdamW(self.model.parameters(), fused=fused or None, foreach=None if fused else True,
+                                     **adamw)  # fmt: skip
+        self.legacy_opt = torch.optim.AdamW(self.model.parameters(), foreach=False, **adamw)
+        # (parent module, attribute, janus Dropout, torch nn.Dropout of the same p) of every dropout
+        self.dropouts = [(parent, name, m, nn.Dropout(m.p)) for parent in self.model.modules()
+                         for name, m in parent.named_children() if isinstance(m, Dropout)]  # fmt: skip
         self.batch = tuple(t.to(device) for t in make_batch(exp, vocab, self.model.cfg.specials.mask))
 
+    def use_legacy_dropout(self, legacy: bool) -> None:
+        """Swap torch's nn.Dropout (legacy) or janus.model.Dropout into the model's dropout slots."""
+        for parent, name, ours, torchs in self.dropouts:
+            setattr(parent, name, torchs if legacy else ours)
+
     def step(self, variant: str) -> None:
-        dtype, backend = VARIANTS[variant]
+        dtype, backend, legacy = VARIANTS[variant]
+        self.use_legacy_dropout(legacy)
+        opt = self.legacy_opt if legacy else self.opt
         before = os.environ.get(BACKEND_VAR)
         if backend:
             os.environ[BACKEND_VAR] = backend
         else:
             os.environ.pop(BACKEND_VAR, None)
         try:
-            self.opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             ctx = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
             with ctx:
                 loss, _ = self.crit(*self.batch)
             loss.backward()
-            self.opt.step()
+            opt.step()
         finally:
             if before is None:
                 os.environ.pop(BACKEND_VAR, None)

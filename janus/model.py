@@ -123,7 +123,7 @@ class Dropout(nn.Module):
     1 / (1 - p) rounded to the input's dtype, as ``F.dropout`` scales. That is about half the time
     (``_cpu_keep_mask``); the masks still come from torch's default generator, so a seed, and a
     checkpoint's saved RNG state on resume, fix them, but they differ from ``F.dropout``'s for that
-    seed. Other devices (CUDA: fused Philox) and compiled code (which fuses its own) use ``F.dropout``.
+    seed. Other devices (CUDA: fused Philox) use ``F.dropout``.
     """
 
     def __init__(self, p: float) -> None:
@@ -139,7 +139,7 @@ class Dropout(nn.Module):
         """x (...) any float dtype -> same shape and dtype; the identity in eval mode or for p = 0."""
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu" or self.p == 1.0 or torch.compiler.is_compiling():
+        if x.device.type != "cpu" or self.p == 1.0:
             return F.dropout(x, self.p, True)
         noise = _cpu_keep_mask(x.shape, 1.0 - self.p).to(x.dtype).div_(1.0 - self.p)  # (...) 0 or 1/(1-p)
         return x * noise

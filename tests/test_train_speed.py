@@ -1,0 +1,69 @@
+"""benchmarks/train_speed.py (its variants' training steps) and benchmarks/profile_train.py (the profile
+of real training updates), on tiny settings."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import profile_train  # noqa: E402
+import train_speed  # noqa: E402
+
+from janus.config import PrepareConfig  # noqa: E402
+from janus.data import prepare  # noqa: E402
+from janus.model import Dropout  # noqa: E402
+
+
+def test_variants_train_with_their_own_dropout_and_optimizer():
+    exp = train_speed.Experiment("tiny", "janus", max_tokens=200, src_len=9, tgt_len=10)
+    setup = train_speed.Setup(exp, vocab=300, device=torch.device("cpu"))
+    slots = [(parent, name) for parent, name, _, _ in setup.dropouts]
+    assert len(slots) == sum(isinstance(m, Dropout) for m in setup.model.modules()) > 0
+    assert setup.opt.param_groups[0]["fused"] and not setup.legacy_opt.param_groups[0]["foreach"]
+    for variant, legacy in (("fp32-ref", True), ("bf16", False), ("fp32", False)):
+        before = [p.detach().clone() for p in setup.model.parameters()]
+        setup.step(variant)
+        kinds = {type(getattr(parent, name)) for parent, name in slots}
+        assert kinds == ({nn.Dropout} if legacy else {Dropout}), variant
+        opt = setup.legacy_opt if legacy else setup.opt
+        assert opt.state and all(torch.isfinite(p).all() for p in setup.model.parameters())
+        assert any(not torch.equal(a, p) for a, p in zip(before, setup.model.parameters())), variant
+
+
+@pytest.fixture(scope="module")
+def tiny_bin(test_corpus, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("profile_corpus")
+    for split, n in (("train", 600), ("valid", 20)):
+        for lang in ("de", "en"):
+            lines = (test_corpus / f"{split}.{lang}").read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+            (root / f"{split}.{lang}").write_text("".join(lines), encoding="utf-8")
+    prepare(PrepareConfig(trainpref=str(root / "train"), validpref=str(root / "valid"), destdir=str(root / "bin"),
+                          vocab_size=300, max_len=64), verbose=False)  # fmt: skip
+    return root / "bin"
+
+
+def test_profile_of_training_updates_lists_the_top_ops_by_self_time(tiny_bin, tmp_path):
+    out = tmp_path / "profile"
+    payload = profile_train.main(["--data", str(tiny_bin), "--preset", "tiny", "--objective", "janus", "--amp",
+                                  "none", "--max-tokens", "400", "--warmup", "1", "--steps", "2", "--top", "8",
+                                  "--out", str(out)])  # fmt: skip
+    assert json.loads((out / "profile_tiny_janus_none.json").read_text()) == payload
+    ops = payload["top_ops"]
+    assert len(ops) == 8 and len(payload["walls_s"]) == 2
+    assert [r["self_ms"] for r in ops] == sorted((r["self_ms"] for r in ops), reverse=True)
+    assert 0 < sum(r["self_pct"] for r in ops) <= 100.0 + 1e-6
+    assert 0 < payload["gemm_ms_per_update"] < payload["self_ms_per_update"]
+    # The forward and backward GEMMs of every update are among the top ops.
+    assert "aten::mm" in {r["op"] for r in ops}
+    text = (out / "profile_tiny_janus_none.txt").read_text()
+    assert "2 profiled updates after 1 warm-up" in text and "aten::mm" in text
+    with pytest.raises(SystemExit):
+        profile_train.main(["--data", str(tiny_bin), "--steps", "0"])
