@@ -1,4 +1,4 @@
-"""benchmarks/quality.py: three objectives at an equal budget, averaged, scored, and resumable."""
+"""benchmarks/quality.py: variants at an equal budget, averaged, scored, with curves, and resumable."""
 
 from __future__ import annotations
 
@@ -21,15 +21,18 @@ def test_study_trains_averages_scores_and_resumes(tmp_path, synthetic_model, mon
     args = ["--data", str(synthetic_model.data), "--out", str(out), "--preset", "tiny", "--steps", "20",
             "--max-tokens", "1024", "--warmup", "5", "--lr", "5e-3", "--save-interval", "10", "--average", "2",
             "--device", "cpu", "--test-prefix", str(synthetic_model.raw / "test"), "--src", "src", "--tgt", "tgt",
-            "--test-sentences", "20", "--timing-sentences", "3", "--timing-rounds", "2", "--no-progress"]  # fmt: skip
+            "--test-sentences", "20", "--timing-sentences", "3", "--timing-rounds", "2", "--no-progress",
+            "--curve-every", "10", "--curve-sentences", "8"]  # fmt: skip
     rows = quality.main(args)
-    assert [(r["objective"], r["decode"]) for r in rows] == [
-        ("ar", "AR beam 5"), ("ar", "AR greedy"), ("cmlm", "NAR T=10 l=3"), ("janus", "AR beam 5"),
-        ("janus", "AR greedy"), ("janus", "NAR T=10 l=3"), ("janus", "NAR T=10 l=3 rerank"), ("janus", "spec"),
+    assert [(r["variant"], r["decode"]) for r in rows] == [
+        ("ar", "AR beam 5"), ("ar", "AR greedy"), ("cmlm", "NAR T=10 l=3"), ("cmlm", "NAR T=4 l=1"),
+        ("janus", "AR beam 5"), ("janus", "AR greedy"), ("janus", "NAR T=10 l=3"), ("janus", "NAR T=10 l=3 rerank"),
+        ("janus", "NAR T=4 l=1"), ("janus", "spec"),
     ]  # fmt: skip
     spec = rows[-1]
     assert spec["equals_ar_greedy"] == 1.0  # spec decoding is AR greedy search, sentence for sentence
-    ms = {(r["objective"], r["decode"]): r["ms_b1_p50"] for r in rows}
+    assert spec["passes_vs_greedy"] == pytest.approx(spec["passes"] / rows[5]["passes"])
+    ms = {(r["variant"], r["decode"]): r["ms_b1_p50"] for r in rows}
     assert spec["speedup_vs_beam5"] == pytest.approx(ms["janus", "AR beam 5"] / ms["janus", "spec"])
     assert rows[2]["speedup_vs_beam5"] == pytest.approx(ms["ar", "AR beam 5"] / ms["cmlm", "NAR T=10 l=3"])
     for r in rows:
@@ -37,20 +40,64 @@ def test_study_trains_averages_scores_and_resumes(tmp_path, synthetic_model, mon
         assert 0 < r["ms_b1_p50"] <= r["ms_b1_p90"]
         assert r["bleu_signature"].startswith("nrefs:1") and r["chrf_signature"].startswith("nrefs:1")
     nar = next(r for r in rows if r["decode"] == "NAR T=10 l=3")
-    assert nar["passes"] == 10
+    assert nar["passes"] == 10 and next(r for r in rows if r["decode"] == "NAR T=4 l=1")["passes"] == 4
     for objective in ("ar", "cmlm", "janus"):
         averaged = json.loads((out / objective / "averaged" / "average.json").read_text())
         assert [Path(p).name for p in averaged["averaged"]] == ["checkpoint_00000010", "checkpoint_00000020"]
     saved = json.loads((out / "quality.json").read_text())
-    assert saved["settings"]["steps"] == 20 and len(saved["results"]) == 8
-    assert (out / "quality.md").read_text().count("janus") == 5
+    assert saved["settings"]["steps"] == 20 and len(saved["results"]) == 10
+    assert (out / "quality.md").read_text().count("janus") == 6 + 1  # its rows, and its recipe row
+    # Curves: the cheap decode of each head at updates 10 and 20, cached beside the run.
+    assert sorted(saved["curves"]["janus"]) == ["10", "20"]
+    assert set(saved["curves"]["janus"]["20"]) == {"AR greedy", "NAR T=4 l=1"}
+    assert set(saved["curves"]["cmlm"]["10"]) == {"NAR T=4 l=1"} and set(saved["curves"]["ar"]["10"]) == {"AR greedy"}
+    assert (out / "janus" / "curve.json").is_file() and (out / "logs" / "cmlm.train.jsonl").is_file()
 
     # A second run finds every objective trained: nothing is trained again, the scores are the same.
     monkeypatch.setattr(quality, "train", lambda cfg: pytest.fail(f"trained {cfg.objective} again"))
+    monkeypatch.setattr(quality.Generator, "generate", _no_curve_decodes(quality.Generator.generate))
     again = quality.main(args)
     assert [r["bleu"] for r in again] == [r["bleu"] for r in rows]
     assert saved["budget"]["janus"]["train_seconds"] > 0  # read back from the log, not re-timed
-    check_plots(out / "bleu_vs_speed.png", min_bytes=1_000)
+    check_plots(out / "bleu_vs_speed.png", out / "bleu_vs_updates.png", min_bytes=1_000)
+
+
+def _no_curve_decodes(generate):
+    """Generator.generate that fails when a curve point is decoded again (8 valid sentences)."""
+
+    def wrapped(self, sources, *a, **k):
+        assert len(sources) != 8, "a cached curve point was decoded again"
+        return generate(self, sources, *a, **k)
+
+    return wrapped
+
+
+def test_variants_run_after_their_source_and_take_the_rest_of_the_budget(tmp_path):
+    assert [v.name for v in quality.variants_of("janus-ar-init,cmlm")] == ["ar", "janus-ar-init", "cmlm"]
+    assert [v.name for v in quality.variants_of("all")][:3] == ["ar", "cmlm", "janus"]
+    with pytest.raises(SystemExit, match="unknown variants"):
+        quality.variants_of("janus,nope")
+    ns = _args(tmp_path, steps=3000)
+    sched = quality.train_config(quality.VARIANTS["janus-sched"], ns, tmp_path)
+    assert (sched.joint_start, sched.joint_ramp, sched.max_steps, sched.keep_last) == (1500, 300, 3000, 0)
+    stop = quality.train_config(quality.VARIANTS["janus-stopgrad"], ns, tmp_path)
+    assert stop.skl_stop_grad == "ar" and stop.objective == "janus"
+    noaux = quality.train_config(quality.VARIANTS["janus-noaux"], ns, tmp_path).loss_weights()
+    assert noaux.aux == noaux.skl_ar_aux == noaux.skl_nar_aux == 0 and noaux.skl_ar_nar == 1.0
+    init = quality.VARIANTS["janus-ar-init"]
+    with pytest.raises(SystemExit, match="checkpoint_00001500, which is missing: train ar first"):
+        quality.train_config(init, ns, tmp_path)
+    (tmp_path / "ar" / "checkpoint_00001500").mkdir(parents=True)
+    cfg = quality.train_config(init, ns, tmp_path)
+    assert cfg.init_from == str(tmp_path / "ar" / "checkpoint_00001500") and cfg.max_steps == 1500
+
+
+def _args(tmp_path, **kw):
+    import argparse
+
+    base = dict(data="bin", preset="small", steps=3000, max_tokens=2048, warmup=400, lr=1e-3, dropout=0.1, seed=1,
+                save_interval=250, device="cpu", threads=1, progress=False)  # fmt: skip
+    return argparse.Namespace(**{**base, **kw})
 
 
 @pytest.mark.slow
@@ -74,3 +121,8 @@ def test_training_record_sums_runs_and_skips_the_downtime(tmp_path):
     record = quality.training_record(tmp_path)
     assert record["train_seconds"] == pytest.approx(60.0 + 10.0) and record["runs"] == 2
     assert record["threads"] is None and record["device"] is None  # the last run's start event says nothing
+    # Up to an update: the time until the first event at that update.
+    steps = [dict(time=0.0, event="start"), dict(time=5.0, event="train", step=10),
+             dict(time=9.0, event="valid", step=20), dict(time=30.0, event="train", step=30)]  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in steps))
+    assert quality.training_record(tmp_path, until_step=20)["train_seconds"] == pytest.approx(9.0)
