@@ -139,3 +139,12 @@ def test_cpu_keep_mask_is_uniform_over_the_words_halves():
     # Independent halves: P(both kept) = keep ** 2.
     assert abs((even * odd).mean().item() - keep**2) < 5 * (keep**2 * (1 - keep**2) / (n / 2)) ** 0.5
     assert _cpu_keep_mask(torch.Size([0, 3]), keep).shape == (0, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_keep_mask_in_a_float_dtype_is_the_bool_mask_for_the_same_draws(dtype):
+    torch.manual_seed(3)
+    ref = _cpu_keep_mask(torch.Size([7, 11, 5]), 0.8)
+    torch.manual_seed(3)
+    got = _cpu_keep_mask(torch.Size([7, 11, 5]), 0.8, dtype)
+    assert got.dtype == dtype and torch.equal(got, ref.to(dtype))
