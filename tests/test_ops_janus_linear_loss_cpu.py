@@ -15,60 +15,16 @@ from functools import partial
 
 import pytest
 import torch
+from linear_loss_cases import EPS, SCALES, check_backend, problem, run
 from tolerances import assert_within_baseline
 
 from janus.ops.janus_linear_loss import JANUS_LINEAR_LOSS, janus_linear_loss_cpu, janus_linear_loss_ref
-from janus.ops.janus_loss import LossScales
 
-V, D = 1031, 24
-EPS = 0.1
-SCALES = LossScales(ar=0.3, nar=0.5, aux=0.7, skl_ar_nar=1.1, skl_ar_aux=1.3, skl_nar_aux=1.7)
 op = importlib.import_module("janus.ops.janus_linear_loss")  # the module (janus.ops exports its function)
 
 
-def problem(N: int, M: int, seed: int, streams: str = "abc", shuffled: bool = True, ignored: float = 0.2):
-    g = torch.Generator().manual_seed(seed)
-    hidden = {k: (torch.randn(n, D, generator=g) if k in streams else None) for k, n in zip("abc", (N, M, M))}
-    weight = torch.randn(V, D, generator=g) * 0.6
-    ya = torch.randint(0, V, (N,), generator=g)
-    ya[torch.rand(N, generator=g) < ignored] = -100
-    y = torch.randint(0, V, (M,), generator=g)
-    y[torch.rand(M, generator=g) < ignored] = -100
-    pair = torch.randperm(N, generator=g)[:M]
-    if not shuffled:
-        pair = pair.sort().values
-    return hidden, weight, ya, y, pair
-
-
-def run(fn, hidden, weight, ya, y, pair, dtype, scales=SCALES, **kwargs):
-    """(loss, sums, grads of the a/b/c states and of the weight) with inputs cast to dtype; loss x 1.5."""
-    hs = {k: (v.to(dtype, copy=True).requires_grad_() if v is not None else None) for k, v in hidden.items()}
-    w = weight.to(dtype, copy=True).requires_grad_()
-    out = fn(hs["a"], hs["b"], hs["c"], w, ya, y, pair, EPS, scales, **kwargs)
-    (out.loss * 1.5).backward()
-    grads = {k: (h.grad if h is not None else None) for k, h in hs.items()} | {"w": w.grad}
-    return out.loss.detach(), out.sums, grads
-
-
-def check(hidden, weight, ya, y, pair, dtype=torch.float32, scales=SCALES, **kwargs):
-    """CPU path vs an fp64 reference from the same rounded inputs, within 2x the fp32/low-precision
-    reference's own error (plus a small atol)."""
-    exact = run(janus_linear_loss_ref, {k: v.to(dtype).double() if v is not None else None for k, v in hidden.items()},
-                weight.to(dtype).double(), ya, y, pair, torch.float64, scales)  # fmt: skip
-    baseline = run(janus_linear_loss_ref, hidden, weight, ya, y, pair, dtype, scales)
-    got = run(janus_linear_loss_cpu, hidden, weight, ya, y, pair, dtype, scales, **kwargs)
-    atol = 1e-5 if dtype == torch.float32 else 2e-3
-    ulp = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
-    assert_within_baseline(got[0], exact[0], baseline[0], atol=10 * atol, name="loss")
-    assert_within_baseline(got[1], exact[1], baseline[1], atol=10 * atol, name="sums")
-    for k, g in got[2].items():
-        assert (g is None) == (exact[2][k] is None), k
-        if g is None:
-            continue
-        assert g.dtype == dtype
-        # Per chunk, d logits is rounded to the compute dtype before the two GEMMs: the relative slack.
-        assert_within_baseline(g.float(), exact[2][k], baseline[2][k].float(), atol=atol, rtol=4 * ulp, name=k)
-    return got
+def check(*args, **kwargs):
+    return check_backend(janus_linear_loss_cpu, 1e-5, *args, **kwargs)
 
 
 def test_fp64_equals_the_reference_exactly_enough():
