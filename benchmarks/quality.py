@@ -96,6 +96,7 @@ class Variant:
     joint_ramp: float = 0.0
     init_from: str = ""
     init_share: float = 0.0
+    distilled: bool = False  # trains on --distilled-data (a `janus distill` folder) instead of --data
 
     def heads(self) -> tuple[str, ...]:
         return HEADS[self.objective]
@@ -132,6 +133,9 @@ VARIANTS = {v.name: v for v in [
             init_from="ar", init_share=0.5),
     Variant("janus-ar-init-stopgrad", "janus", "janus-ar-init with no SKL gradient into P_AR",
             options=dict(skl_stop_grad="ar"), init_from="ar", init_share=0.5),
+    Variant("cmlm-kd", "cmlm", "cmlm on --distilled-data (sequence-level knowledge distillation)", distilled=True),
+    Variant("janus-stopgrad-kd", "janus", "janus-stopgrad on --distilled-data", options=dict(skl_stop_grad="ar"),
+            distilled=True),
 ]}  # fmt: skip
 
 
@@ -228,10 +232,13 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
         r["speedup_vs_beam5"] = beam / r["ms_b1_p50"] if beam and r["ms_b1_p50"] else None
 
 
-def variants_of(spec: str) -> list[Variant]:
-    """The variants named by ``spec`` (comma-separated names, or "all"), each after the variant it starts
-    from, which is added when missing."""
-    names = list(VARIANTS) if spec == "all" else [n for n in spec.split(",") if n]
+def variants_of(spec: str, distilled: bool = False) -> list[Variant]:
+    """The variants named by ``spec`` (comma-separated names, or "all": every one, the *-kd ones only with
+    ``distilled`` data), each after the variant it starts from, which is added when missing."""
+    if spec == "all":
+        names = [n for n, v in VARIANTS.items() if distilled or not v.distilled]
+    else:
+        names = [n for n in spec.split(",") if n]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)} (or all)")
@@ -255,8 +262,13 @@ def train_config(v: Variant, args: argparse.Namespace, out: Path) -> TrainConfig
         if not source.is_dir():
             raise SystemExit(f"{v.name} starts from {source}, which is missing: train {v.init_from} first")
         options["init_from"] = str(source)
+    data = args.data
+    if v.distilled:
+        if not args.distilled_data:
+            raise SystemExit(f"{v.name} trains on distilled targets: pass --distilled-data (a `janus distill` folder)")
+        data = args.distilled_data
     # keep_last=0: every checkpoint stays (the curves and the *-init variants read them).
-    return TrainConfig(data=args.data, save_dir=str(out / v.name), preset=args.preset, objective=v.objective,
+    return TrainConfig(data=data, save_dir=str(out / v.name), preset=args.preset, objective=v.objective,
                        max_tokens=args.max_tokens, max_steps=v.own_steps(args.steps), warmup_steps=args.warmup,
                        lr=args.lr, dropout=args.dropout, seed=args.seed, save_interval=args.save_interval,
                        validate_interval=args.save_interval, keep_last=0, device=args.device, threads=args.threads,
@@ -315,6 +327,8 @@ def plot_curves(curves: dict[str, dict[int, dict[str, float]]], path: Path, titl
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a `janus prepare` folder")
+    p.add_argument("--distilled-data", default="",
+                   help="a `janus distill` folder of --data for the *-kd variants (scored on real refs)")  # fmt: skip
     p.add_argument("--out", required=True, help="study folder (one training folder per variant)")
     p.add_argument("--variants", "--objectives", dest="variants", default="ar,cmlm,janus",
                    help=f"comma-separated, or all: {', '.join(VARIANTS)} (default ar,cmlm,janus)")  # fmt: skip
@@ -346,7 +360,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    variants = variants_of(args.variants)
+    variants = variants_of(args.variants, bool(args.distilled_data))
     if args.curve_every and args.curve_every % args.save_interval:
         raise SystemExit(f"--curve-every {args.curve_every} is not a multiple of --save-interval {args.save_interval}")
 

@@ -74,7 +74,13 @@ def _no_curve_decodes(generate):
 
 def test_variants_run_after_their_source_and_take_the_rest_of_the_budget(tmp_path):
     assert [v.name for v in quality.variants_of("janus-ar-init,cmlm")] == ["ar", "janus-ar-init", "cmlm"]
-    assert [v.name for v in quality.variants_of("all")][:3] == ["ar", "cmlm", "janus"]
+    every = [v.name for v in quality.variants_of("all")]
+    assert every[:3] == ["ar", "cmlm", "janus"] and "cmlm-kd" not in every
+    assert "cmlm-kd" in [v.name for v in quality.variants_of("all", distilled=True)]
+    with pytest.raises(SystemExit, match="--distilled-data"):
+        quality.train_config(quality.VARIANTS["cmlm-kd"], _args(tmp_path, distilled_data=""), tmp_path)
+    kd = quality.train_config(quality.VARIANTS["cmlm-kd"], _args(tmp_path, distilled_data="kd-bin"), tmp_path)
+    assert kd.data == "kd-bin" and kd.objective == "cmlm"
     with pytest.raises(SystemExit, match="unknown variants"):
         quality.variants_of("janus,nope")
     ns = _args(tmp_path, steps=3000)
@@ -96,7 +102,7 @@ def _args(tmp_path, **kw):
     import argparse
 
     base = dict(data="bin", preset="small", steps=3000, max_tokens=2048, warmup=400, lr=1e-3, dropout=0.1, seed=1,
-                save_interval=250, device="cpu", threads=1, progress=False)  # fmt: skip
+                save_interval=250, device="cpu", threads=1, progress=False, distilled_data="")  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
 
