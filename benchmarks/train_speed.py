@@ -138,11 +138,28 @@ def peak_rss_mb(exp: Experiment, variant: str, args: argparse.Namespace) -> floa
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def own_peak_rss_mb() -> float:
+    """Peak RSS (MB) of this process's own memory: /proc/self/status VmHWM where there is one.
+
+    Not getrusage's ru_maxrss on Linux: a child keeps the RSS its parent had when it forked in that
+    figure across exec, so every probe of this benchmark reported the parent's RSS (the same for
+    every variant). VmHWM belongs to the address space, which exec replaces.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB (macOS: bytes)
+
+
 def probe(spec: str, variant: str, vocab: int, device: torch.device) -> None:
+    """Build the experiment ``spec`` (JSON), run two updates of ``variant``, print the peak RSS (MB)."""
     setup = Setup(Experiment(**json.loads(spec)), vocab, device)
     for _ in range(2):
         setup.step(variant)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KB
+    print(own_peak_rss_mb())
 
 
 def run(exp: Experiment, variants: list[str], args: argparse.Namespace, device: torch.device) -> list[dict]:

@@ -67,3 +67,15 @@ def test_profile_of_training_updates_lists_the_top_ops_by_self_time(tiny_bin, tm
     assert "2 profiled updates after 1 warm-up" in text and "aten::mm" in text
     with pytest.raises(SystemExit):
         profile_train.main(["--data", str(tiny_bin), "--steps", "0"])
+
+
+def test_peak_rss_probe_measures_its_own_process_not_the_parent():
+    """ru_maxrss would carry this process's RSS at the fork into the probe's figure."""
+    held = torch.ones(800 * 2**20, dtype=torch.uint8)  # 800 MB resident in this (the parent) process
+    parent = train_speed.own_peak_rss_mb()
+    assert parent > 800
+    args = type("Args", (), dict(vocab=300, device="cpu", threads=1))()
+    exp = train_speed.Experiment("tiny", "janus", max_tokens=200, src_len=9, tgt_len=10)
+    probe = train_speed.peak_rss_mb(exp, "fp32", args)
+    assert 0 < probe < parent - 600, (probe, parent)
+    del held
