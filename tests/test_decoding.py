@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 
@@ -13,7 +14,7 @@ from janus.config import preset
 from janus.decoding import beam_search, greedy_search, mask_predict, speculative_decode
 from janus.decoding.beam_search import next_token_logprobs
 from janus.decoding.common import repeating, repeating_tail
-from janus.decoding.mask_predict import ar_mean_logprob, remask_counts
+from janus.decoding.mask_predict import ar_mean_logprob, length_groups, remask_counts
 from janus.model import JanusModel, KVCache
 from janus.ops import length_beam_init
 from janus.streams import build_ar_verify_rows, build_canvas_rows, build_training_rows
@@ -241,6 +242,49 @@ def test_candidate_choice_and_rerank():
             ar = [sequence_logprob(m, row, tuple(c.ids)) / (len(c.ids) + 1) for c in cands]
         assert reranked[b].ids == cands[max(range(k), key=lambda i: (ar[i], -i))].ids
         assert math.isclose(reranked[b].score, max(ar), rel_tol=1e-4)
+
+
+def test_length_groups_minimise_padded_rows_plus_group_cost():
+    widths = [9, 4, 12, 4, 7, 30, 5]
+    for per, cost in ((1, 0.0), (3, 10.0), (2, 1e9)):
+        groups = length_groups(widths, per, cost)
+        assert sorted(b for grp in groups for b in grp) == list(range(len(widths)))
+        assert all(widths[grp[0]] == max(widths[b] for b in grp) for grp in groups)  # widest first
+
+        def total(gs, per=per, cost=cost):
+            return sum(cost + per * len(grp) * max(widths[b] for b in grp) for grp in gs)
+
+        order = sorted(range(len(widths)), key=lambda b: -widths[b])
+        best = min(  # every split of the width order into runs
+            total([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))])
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+        )
+        assert math.isclose(total(groups), best)
+    assert length_groups(widths, 3, 1e9) == [sorted(range(len(widths)), key=lambda b: -widths[b])]
+
+
+@pytest.mark.parametrize("T", [1, 4, 12])
+def test_grouped_refinement_equals_one_padded_batch(T, monkeypatch):
+    """Canvases decoded in width groups (sentences whose canvases are full leaving early) give what one
+    padded batch gives: tokens, scores and every pass of the history."""
+    m = random_model(15)
+    src = random_sources(15, 9, lo=1, hi=14)
+    wanted = torch.tensor([1, 2, 14, 3, 9, 2, 20, 5, 11])  # short canvases run out of masks before pass T
+    runs = {}
+    for cost in (math.inf, 0.0, 1e9):  # one batch in input order; a group per width; one group widest first
+        # (the package's ``mask_predict`` attribute is the function: import the module by name)
+        monkeypatch.setattr(importlib.import_module("janus.decoding.mask_predict"), "_GROUP_COST_ROWS", {"cpu": cost})
+        runs[cost] = [mask_predict(m, src, iterations=T, length_beam=3, history=True, **kw)
+                      for kw in ({}, {"target_lengths": wanted})]  # fmt: skip
+    for one, grouped in itertools.chain(zip(runs[math.inf], runs[0.0]), zip(runs[math.inf], runs[1e9])):
+        for a, b in zip(one, grouped, strict=True):
+            assert a.ids == b.ids and a.passes == b.passes == T
+            assert math.isclose(a.score, b.score, rel_tol=1e-5, abs_tol=1e-5)
+            assert [s.tokens for s in a.history] == [s.tokens for s in b.history]
+            assert [s.remasked for s in a.history] == [s.remasked for s in b.history]
+            for x, y in zip(a.history, b.history, strict=True):
+                torch.testing.assert_close(torch.tensor(x.scores), torch.tensor(y.scores), rtol=1e-5, atol=1e-5)
 
 
 def test_ar_mean_logprob_matches_per_sequence_scoring():

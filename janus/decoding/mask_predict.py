@@ -22,6 +22,8 @@ where one is available.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Optional
 
 import torch
@@ -33,12 +35,61 @@ from janus.decoding.types import CanvasStep, Hypothesis
 from janus.model import EncoderOut, JanusModel
 from janus.ops import length_beam_init, mask_predict_update, remask_lowest
 from janus.ops.length_beam_init import canvases
-from janus.streams import build_canvas_rows, build_training_rows
+from janus.streams import DecoderRows, build_canvas_rows, build_training_rows
 
 
 def remask_counts(num_slots: Tensor, t: int, passes: int) -> Tensor:
     """Tokens re-masked after pass t of T: floor(m * (T - 1 - t) / T) for m re-maskable slots (int64)."""
     return num_slots * (passes - 1 - t) // passes
+
+
+# A decoder pass over one more group of canvases costs about as much as this many more canvas rows
+# (CPU, one thread: a few ms of per-call work against ~0.5 ms per row of the iwslt preset, less for smaller ones).
+# On CUDA a pass is launch-bound at these sizes and padding costs little: one group.
+_GROUP_COST_ROWS = {"cpu": 16}
+
+
+def length_groups(widths: list[int], per_sentence: int, group_cost: float) -> list[list[int]]:
+    """Split sentences into groups decoded separately, each padded to its own widest canvas.
+
+    Minimises sum over groups of (per_sentence * sentences * widest canvas + group_cost) by dynamic
+    programming over the sentences sorted by width (a group is a run of that order).
+
+    Args:
+        widths: canvas width (with bos, eos) of each sentence's widest candidate.
+        per_sentence: candidates per sentence (l).
+        group_cost: the cost of one more group, in canvas rows.
+    Returns:
+        Groups of sentence indices, each widest first; together every sentence once.
+    """
+    order = sorted(range(len(widths)), key=lambda b: (-widths[b], b))
+    B = len(order)
+    best = [0.0] + [math.inf] * B  # best[i]: the cost of order[:i]
+    cut = [0] * (B + 1)
+    for i in range(1, B + 1):
+        for k in range(i):  # the last group is order[k:i], its widest sentence order[k]
+            cost = best[k] + group_cost + per_sentence * (i - k) * widths[order[k]]
+            if cost < best[i]:
+                best[i], cut[i] = cost, k
+    groups, i = [], B
+    while i:
+        groups.append(order[cut[i] : i])
+        i = cut[i]
+    return groups[::-1]
+
+
+@dataclasses.dataclass
+class _Group:
+    """Sentences decoded together by ``refine``: their candidates' rows of the full canvases (None: all),
+    encoder output, canvases, scores, re-maskable slots, each sentence's most slots, decoder rows."""
+
+    rows_of: Optional[Tensor]
+    enc: EncoderOut
+    tokens: Tensor
+    scores: Tensor
+    num_slots: Tensor
+    slots: list[int]
+    rows: DecoderRows
 
 
 def refine(
@@ -56,6 +107,11 @@ def refine(
     t < T-1 the ``remask_counts(num_slots, t, T)`` lowest-scoring tokens are masked again.
     Tokens that must never be re-masked besides bos/eos (a fixed prefix) score +inf.
 
+    Batching without paying for padding: on a CPU the sentences are split into groups of similar
+    canvas width (``length_groups``), each decoded at its own width and source length; a sentence
+    whose canvases hold no <mask> any more (re-mask counts reach 0 early for m < T slots) leaves
+    its group's passes. Neither changes a result: every canvas sees only its own rows.
+
     Args:
         tokens: int64 (R, L) canvases, R = g * B grouped by sentence of ``enc``.
         scores: float (R, L).
@@ -64,14 +120,80 @@ def refine(
     """
     sp = model.cfg.specials
     banned = canvas_banned_ids(sp)
+    R, B = tokens.shape[0], enc.states.shape[0]
+    if R == 0:
+        return
+    g = R // B
+    widths = (tokens != sp.pad).sum(1).view(B, g).max(1).values
+    most = num_slots.view(B, g).max(1).values
+    cost = _GROUP_COST_ROWS.get(tokens.device.type, math.inf)
+    host = torch.stack([widths, most, enc.lengths]).tolist()  # one host sync for the whole refinement
+    plan = length_groups(host[0], g, cost) if B > 1 and math.isfinite(cost) else [list(range(B))]
+    groups = []
+    for members in plan:
+        if len(plan) == 1 and members == list(range(B)):
+            rows_of, sub_enc = None, enc
+            L, tk, sc, ns = tokens.shape[1], tokens, scores, num_slots
+        else:
+            idx = torch.tensor(members, device=tokens.device)
+            rows_of = (idx[:, None] * g + torch.arange(g, device=tokens.device)).view(-1)
+            L, S = host[0][members[0]], max(host[2][b] for b in members)
+            sub_enc = EncoderOut(enc.states[idx, :S], enc.padding[idx, :S], enc.lengths[idx])
+            tk, sc, ns = tokens[rows_of, :L], scores[rows_of, :L], num_slots[rows_of]
+        # Sentences with a <mask> left before pass t >= 1 (m * (T - t) >= T), widest first.
+        slots = [host[1][b] for b in members]
+        groups.append(_Group(rows_of, sub_enc, tk, sc, ns, slots, build_canvas_rows(tk, pad=sp.pad)))
     for t in range(passes):
-        hidden = model.decode(build_canvas_rows(tokens, pad=sp.pad), enc)  # (R, L, D)
-        mask_predict_update(hidden, model.embed.weight, tokens, scores, sp.mask, banned)
-        snapshot = (tokens.clone(), scores.clone()) if history is not None else None
-        if t < passes - 1:
-            remask_lowest(tokens, scores, remask_counts(num_slots, t, passes), sp.mask, sp.pad, sp.bos, sp.eos)
-        if snapshot is not None:
-            history.append((*snapshot, tokens == sp.mask))
+        if history is not None:
+            before = (tokens.clone(), scores.clone())  # filled in below: every canvas after this pass's update
+        for gr in groups:
+            live = _live(gr.slots, t, passes)
+            if live == 0:
+                continue
+            cut = live * g
+            tk, sc, rows, sub_enc = gr.tokens, gr.scores, gr.rows, gr.enc
+            if live < len(gr.slots):  # a prefix of the group; views, updated in place
+                rows = dataclasses.replace(
+                    rows, tokens=tk[:cut], positions=rows.positions[:cut], kinds=rows.kinds[:cut],
+                    ranks=rows.ranks[:cut], visibility=rows.visibility[:cut],
+                )  # fmt: skip
+                sub_enc = EncoderOut(sub_enc.states[:live], sub_enc.padding[:live], sub_enc.lengths[:live],
+                                     [(k[:live], v[:live]) for k, v in sub_enc.cross])  # fmt: skip
+            hidden = model.decode(rows, sub_enc)  # (cut, L, D)
+            mask_predict_update(hidden, model.embed.weight, tk[:cut], sc[:cut], sp.mask, banned)
+            if history is not None:
+                _put(before[0], gr.rows_of, tk)
+                _put(before[1], gr.rows_of, sc)
+            if t < passes - 1:
+                counts = remask_counts(gr.num_slots[:cut], t, passes)
+                remask_lowest(tk[:cut], sc[:cut], counts, sp.mask, sp.pad, sp.bos, sp.eos)
+        if history is not None or t == passes - 1:
+            for gr in groups:
+                if gr.rows_of is not None:
+                    _put(tokens, gr.rows_of, gr.tokens)
+                    _put(scores, gr.rows_of, gr.scores)
+        if history is not None:
+            history.append((*before, tokens == sp.mask))
+
+
+def _live(slots: list[int], t: int, passes: int) -> int:
+    """How many of a group's first sentences pass t must decode: those with a <mask> left (pass 0: all;
+    after pass t - 1, m * (T - t) // T slots of a canvas with m were masked again). All of them when the
+    sentences with a <mask> left are not the first ones (a group in input order)."""
+    if t == 0:
+        return len(slots)
+    left = [m * (passes - t) >= passes for m in slots]
+    live = sum(left)
+    return live if all(left[:live]) else len(slots)
+
+
+def _put(full: Tensor, rows_of: Optional[Tensor], part: Tensor) -> None:
+    """Write a group's (r, L') canvases back into rows ``rows_of`` of ``full`` (R, L) (None: all rows)."""
+    if rows_of is None:
+        if part is not full:
+            full.copy_(part)
+    else:
+        full[rows_of, : part.shape[1]] = part
 
 
 def forced_candidates(target_lengths: Tensor, beam: int, lo: Tensor, hi: Tensor) -> Tensor:
