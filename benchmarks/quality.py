@@ -27,7 +27,8 @@ that its total number of updates is the budget too. For each variant:
    the checkpoints every N updates, on the first ``--curve-sentences`` of the prepared valid split
    (detokenized ids as references: for the shape of the curves, not for comparison with the test
    scores); cached in ``OUT/<variant>/curve.json``;
-3. average its last ``--average`` checkpoints into ``OUT/<variant>/averaged``;
+3. average its last ``--average`` checkpoints at multiples of ``--save-interval`` (not the ones saved by
+   wall time, which fall elsewhere in every run) into ``OUT/<variant>/averaged``;
 4. decode the test set (raw text: ``--test-prefix`` + .src/.tgt language suffixes; else the prepared
    split, detokenized): AR beam 5 and greedy, NAR T=10 l=3 (with and without AR re-ranking) and
    T=4 l=1, and self-speculative decoding where the model has both heads (with the share of sentences
@@ -57,7 +58,7 @@ import torch
 from harness import environment, interleaved, percentile, plot_bleu_vs_speed, print_table, pyplot, write_json
 
 from janus.api import Generator
-from janus.checkpoint import average_checkpoints, checkpoint_name, last_checkpoints, latest_checkpoint
+from janus.checkpoint import average_checkpoints, checkpoint_name, latest_checkpoint, list_checkpoints
 from janus.config import DecodeConfig, TrainConfig
 from janus.memory import keep_freed_memory
 from janus.train import train
@@ -143,6 +144,12 @@ def trained_steps(save_dir: Path) -> int:
     """The update count of the latest checkpoint in ``save_dir`` (0 when there is none)."""
     path = latest_checkpoint(save_dir)
     return 0 if path is None else int(path.name.rsplit("_", 1)[-1])  # checkpoint_<step>
+
+
+def interval_checkpoints(save_dir: Path, interval: int) -> list[Path]:
+    """The checkpoints of ``save_dir`` at multiples of ``interval`` updates, oldest first: the ones every
+    variant has at the same places (a run also saves by wall time, at updates that differ by variant)."""
+    return [p for p in list_checkpoints(save_dir) if int(p.name.rsplit("_", 1)[-1]) % interval == 0]
 
 
 def training_record(save_dir: Path, until_step: Optional[int] = None) -> dict[str, Any]:
@@ -384,7 +391,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                           source_seconds=before.get("train_seconds", 0.0), updates=args.steps)  # fmt: skip
         record["total_seconds"] = record.get("train_seconds", 0.0) + record.get("source_seconds", 0.0)
         budget[v.name] = record
-        averaged = average_checkpoints(last_checkpoints(save_dir, args.average), save_dir / "averaged")
+        averaged = average_checkpoints(interval_checkpoints(save_dir, args.save_interval)[-args.average :],
+                                       save_dir / "averaged")  # fmt: skip
         if args.train_only:
             continue
         (out / "logs").mkdir(parents=True, exist_ok=True)

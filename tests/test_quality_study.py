@@ -132,3 +132,11 @@ def test_training_record_sums_runs_and_skips_the_downtime(tmp_path):
              dict(time=9.0, event="valid", step=20), dict(time=30.0, event="train", step=30)]  # fmt: skip
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in steps))
     assert quality.training_record(tmp_path, until_step=20)["train_seconds"] == pytest.approx(9.0)
+
+
+def test_interval_checkpoints_leave_out_the_ones_saved_by_wall_time(monkeypatch, tmp_path):
+    saved = [tmp_path / f"checkpoint_{s:08d}" for s in (250, 311, 500, 622, 750)]
+    monkeypatch.setattr(quality, "list_checkpoints", lambda d: saved)
+    assert [p.name for p in quality.interval_checkpoints(tmp_path, 250)] == [
+        "checkpoint_00000250", "checkpoint_00000500", "checkpoint_00000750"
+    ]  # fmt: skip
