@@ -276,7 +276,23 @@ class DecodeConfig:
     iterations: int = _doc("nar: T, the number of decoder passes of mask-predict", default=10)
     length_beam: int = _doc("nar: l, candidates from the l most likely lengths", default=3)
     rerank: bool = _doc("nar: choose among the l candidates by the model's own P_AR (one more pass)", default=False)
-    draft_iterations: int = _doc("spec: mask-predict passes per NAR draft", default=1)
+    draft_iterations: int = _doc(
+        "spec: passes a NAR draft canvas stays in (mask-predict refinements), each shared with a verification",
+        default=1,
+    )
+    draft_policy: str = _doc(
+        "spec: which passes also carry a NAR draft canvas: first (only the first pass; then the verification's "
+        "own AR tokens past a rejected one are the next draft), exhausted (also after a pass that used the draft "
+        "up), stall (also after a pass that accepted a single token), always (every pass)",
+        default="exhausted",
+    )
+    draft_block: int = _doc("spec: verify at most this many draft tokens per pass; 0 = all of them", default=0)
+    verify_top_beta: int = _doc(
+        "spec: relaxed verification (NOT greedy's output when > 1): also accept a draft token that is among the "
+        "AR's verify_top_beta best and within verify_tolerance of the best's log-probability; 1 = exact (greedy)",
+        default=1,
+    )
+    verify_tolerance: float = _doc("spec: see verify_top_beta (nats)", default=1.0)
     history: bool = _doc("nar: return the chosen candidate's canvas after every pass", default=False)
     max_batch_size: int = _doc("sentences per batch", default=64)
     max_batch_tokens: int = _doc("source tokens (padded) per batch; 0 = no limit", default=0)
@@ -306,6 +322,11 @@ class DecodeConfig:
         check(self.iterations >= 1, f"iterations={self.iterations} must be >= 1 (it counts decoder passes)")
         check(self.length_beam >= 1, f"length_beam={self.length_beam} must be >= 1")
         check(self.draft_iterations >= 1, f"draft_iterations={self.draft_iterations} must be >= 1")
+        check(self.draft_policy in ("first", "exhausted", "stall", "always"),
+              f"draft_policy={self.draft_policy!r}: choose first, exhausted, stall or always")  # fmt: skip
+        check(self.draft_block >= 0, f"draft_block={self.draft_block} must be >= 0 (0 = the whole draft)")
+        check(self.verify_top_beta >= 1, f"verify_top_beta={self.verify_top_beta} must be >= 1 (1 = exact)")
+        check(self.verify_tolerance >= 0, f"verify_tolerance={self.verify_tolerance} must be >= 0")
         check(self.max_len_a >= 0 and self.max_len_b >= 0, f"max_len_a={self.max_len_a}, max_len_b={self.max_len_b}: "
               "both must be >= 0")  # fmt: skip
         check(self.min_len >= 0, f"min_len={self.min_len} must be >= 0")

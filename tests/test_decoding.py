@@ -379,8 +379,8 @@ def test_speculative_equals_greedy_on_random_models(seed):
         s = speculative_decode(m, src, draft_iterations=draft, max_len_a=1.0, max_len_b=6)
         assert [h.ids for h in s] == [h.ids for h in g]
         assert all(math.isclose(a.score, b.score, rel_tol=1e-5, abs_tol=1e-5) for a, b in zip(s, g, strict=True))
-        # each round accepts at least one token: never more verification passes than greedy steps
-        assert all(h.passes <= (draft + 1) * b.passes for h, b in zip(s, g, strict=True))
+        # each pass accepts at least one token, a NAR draft shares its pass: never more passes than greedy
+        assert all(h.passes <= b.passes for h, b in zip(s, g, strict=True))
 
 
 def test_verification_rows_reproduce_the_full_pass():

@@ -2,7 +2,7 @@
 
 - ``beam_search``: AR greedy and beam search over P_AR with a key/value cache;
 - ``mask_predict``: NAR mask-predict over P_NAR with a length beam (T = decoder passes);
-- ``speculative``: NAR drafts verified by the AR head; equals greedy search exactly.
+- ``speculative``: NAR and Jacobi drafts verified by the AR head; equals greedy search exactly.
 
 ``decode_batch`` runs the strategy a ``DecodeConfig`` names on a batch of source ids;
 ``janus.fast_generate`` adds text, batching and ordering on top.
@@ -53,7 +53,14 @@ def decode_batch(
             history=o.history,
             **limits,
         )
-    spec = dict(draft_iterations=o.draft_iterations, length_penalty=o.length_penalty)
+    spec = dict(
+        draft_iterations=o.draft_iterations,
+        policy=o.draft_policy,
+        block=o.draft_block,
+        top_beta=o.verify_top_beta,
+        tolerance=o.verify_tolerance,
+        length_penalty=o.length_penalty,
+    )
     return speculative_decode(model, src, **spec, **limits, **guard)
 
 

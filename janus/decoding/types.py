@@ -31,7 +31,8 @@ class Hypothesis:
             (tokens + 1) ** length_penalty; nar: mean log P_NAR of the tokens (mean log P_AR
             of tokens and eos with ``rerank``).
         passes: sequential decoder passes spent on this sentence (ar: one per generated
-            token; nar: T, +1 with rerank; spec: draft passes + verification passes).
+            token; nar: T, +1 with rerank; spec: decoder passes, each one verification with a NAR
+            draft in it or not, so never more than greedy's).
         text: the detokenized text when a vocabulary is known, else None.
         history: mask-predict canvases, one per pass, when asked for.
     """

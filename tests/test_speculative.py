@@ -1,0 +1,158 @@
+"""Self-speculative decoding v2: fused NAR drafts, Jacobi drafts, bounded blocks, relaxed verification."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_decoding import BOS, EOS, MASK, PAD, random_model, random_sources, varied_model
+
+from janus.config import DecodeConfig
+from janus.decoding import greedy_search, speculative_decode
+from janus.decoding.common import constrain_ar
+from janus.decoding.speculative import POLICIES, fused_rows
+from janus.model import KVCache
+from janus.streams import build_ar_verify_rows, build_canvas_rows, build_training_rows
+
+LIMITS = dict(max_len_a=1.0, max_len_b=6)
+VARIANTS = [
+    dict(policy=policy, block=block, draft_iterations=T)
+    for policy, block, T in itertools.product(POLICIES, (0, 1, 3), (1, 2))
+    if not (T == 2 and block == 1)
+]
+
+
+def assert_greedy(spec, greedy, what) -> None:
+    """Same ids and scores as greedy search, and never more decoder passes, sentence by sentence."""
+    assert [h.ids for h in spec] == [h.ids for h in greedy], what
+    for i, (s, g) in enumerate(zip(spec, greedy, strict=True)):
+        assert math.isclose(s.score, g.score, rel_tol=1e-5, abs_tol=1e-5), (what, i)
+        assert 1 <= s.passes <= g.passes == len(g.ids) + 1, (what, i, s.passes, g.passes)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_variant_equals_greedy_in_at_most_its_passes(seed):
+    m = varied_model(seed)
+    src = random_sources(seed + 40, 10)
+    g = greedy_search(m, src, **LIMITS)
+    for kw in VARIANTS:
+        assert_greedy(speculative_decode(m, src, **kw, **LIMITS), g, kw)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_weights_worst_case_long_outputs(seed):
+    """Random weights, outputs that run to the length limit or to forced lengths: drafts are
+    almost never right, and spec still costs no more passes than greedy for any sentence."""
+    m = random_model(seed, eos_bias=-1e4)
+    src = random_sources(seed, 6, lo=4, hi=12)
+    limits = dict(max_len_a=2.0, max_len_b=8)
+    forced = torch.tensor([1, 3, 9, 17, 5, 12])
+    for target in (None, forced):
+        g = greedy_search(m, src, target_lengths=target, **limits)
+        for kw in VARIANTS:
+            s = speculative_decode(m, src, target_lengths=target, **kw, **limits)
+            assert_greedy(s, g, (kw, target is not None))
+
+
+@pytest.mark.parametrize("kw", [dict(policy="exhausted"), dict(policy="always", block=2, draft_iterations=3),
+                                dict(policy="stall", top_beta=3, tolerance=2.0)])  # fmt: skip
+def test_batch_invariance(kw):
+    """A sentence's result, passes included, does not depend on the batch it is decoded in."""
+    m = varied_model(6)
+    src = random_sources(7, 7)
+    together = speculative_decode(m, src, **kw, **LIMITS)
+    for b in range(src.shape[0]):
+        row = src[b : b + 1, : int((src[b] != PAD).sum())]
+        alone = speculative_decode(m, row, **kw, **LIMITS)[0]
+        assert alone.ids == together[b].ids
+        assert alone.passes == together[b].passes
+        assert math.isclose(alone.score, together[b].score, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def teacher_forced_logprobs(m, src, ids):
+    """log P_AR of every next token after [bos, *ids] (positions 1 .. len(ids) + 1): (len(ids) + 1, V)."""
+    tgt = torch.tensor([[BOS, *ids, EOS]])
+    with torch.no_grad():
+        rows = build_training_rows(tgt, None, pad=PAD, mask=MASK, ar=True, nar=False, aux=False)
+        h = m.decode(rows, m.encode(src)).flatten(0, 1)[rows.ar_rows]
+        return F.log_softmax(m.project(h).float(), -1)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_relaxed_verification(seed):
+    m = varied_model(seed)
+    src = random_sources(seed + 50, 8)
+    g = greedy_search(m, src, **LIMITS)
+    # tolerance 0 admits only tokens as likely as the best: greedy's output again
+    assert_greedy(speculative_decode(m, src, top_beta=4, tolerance=0.0, **LIMITS), g, "tolerance 0")
+    beta, tol = 3, 3.0
+    relaxed = speculative_decode(m, src, top_beta=beta, tolerance=tol, **LIMITS)
+    for b, h in enumerate(relaxed):
+        logp = teacher_forced_logprobs(m, src[b : b + 1], h.ids)
+        most = torch.floor(((src[b] != PAD).sum() - 1) * LIMITS["max_len_a"] + LIMITS["max_len_b"]).long()
+        constrain_ar(logp, torch.arange(len(h.ids) + 1), torch.tensor(1), most, m.cfg.specials)
+        chosen = torch.tensor([*h.ids, EOS])
+        lp = logp.gather(1, chosen[:, None]).squeeze(1)
+        top = logp.topk(beta, -1).values
+        # every token is among the AR's top beta (under greedy's rules) and within the tolerance of its best
+        assert bool((lp >= top[:, -1] - 1e-5).all()) and bool((lp >= top[:, 0] - tol - 1e-5).all())
+        assert math.isclose(h.score, float(lp.sum()) / (len(h.ids) + 1), rel_tol=1e-4, abs_tol=1e-4)
+        assert h.passes <= len(h.ids) + 1
+
+
+def test_fused_rows_keep_the_two_streams_apart():
+    """An AR verification pass with a NAR canvas in it gives the AR rows of the pass without it and
+    the canvas rows of a plain canvas pass; the cache then serves the next pass as if no canvas was there."""
+    m = random_model(13)
+    src = random_sources(13, 3)
+    tgt = torch.tensor([[BOS, 7, 8, 9, 10, 11, EOS], [BOS, 5, 6, EOS, PAD, PAD, PAD], [BOS, 9, 9, 9, 9, EOS, PAD]])
+    canvas = torch.tensor([[BOS, MASK, MASK, 6, EOS, PAD], [PAD] * 6, [BOS, 12, MASK, MASK, MASK, EOS]])
+    with torch.no_grad():
+        enc = m.encode(src)
+        starts, ends = torch.tensor([0, 0, 0]), torch.tensor([3, 2, 4])
+        plain_cache, fused_cache = KVCache(), KVCache()
+        ar = build_ar_verify_rows(tgt, starts, ends, pad=PAD, mask=MASK)
+        plain = m.decode(ar, enc, plain_cache)
+        fused = m.decode(fused_rows(ar, canvas, pad=PAD), enc, fused_cache)
+        Ca, Lc = ar.num_content, canvas.shape[1]
+        torch.testing.assert_close(fused[:, Ca + Lc :], plain[:, Ca:], rtol=1e-5, atol=1e-5)
+        nar = m.decode(build_canvas_rows(canvas, pad=PAD), m.encode(src))
+        for b in (0, 2):
+            real = canvas[b] != PAD
+            torch.testing.assert_close(fused[b, Ca : Ca + Lc][real], nar[b][real], rtol=1e-5, atol=1e-5)
+        # the next pass continues from the accepted prefix on both caches alike
+        nxt = build_ar_verify_rows(tgt, ends - 1, ends + 1, pad=PAD, mask=MASK)
+        a = m.decode(nxt, enc, plain_cache)[:, nxt.num_content :]
+        b = m.decode(nxt, enc, fused_cache)[:, nxt.num_content :]
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_options_name_the_value():
+    m = random_model(0)
+    src = random_sources(0, 2)
+    for kw, text in ((dict(policy="sometimes"), "sometimes"), (dict(block=-1), "block=-1"),
+                     (dict(top_beta=0), "top_beta=0"), (dict(draft_iterations=0), "draft_iterations=0")):  # fmt: skip
+        with pytest.raises(ValueError, match=text):
+            speculative_decode(m, src, **kw)
+    bad = ((dict(draft_policy="never"), "never"), (dict(draft_block=-2), "-2"),
+           (dict(verify_top_beta=0), "verify_top_beta=0"), (dict(verify_tolerance=-1.0), "-1.0"))  # fmt: skip
+    for kw, text in bad:
+        with pytest.raises(ValueError, match=text):
+            DecodeConfig(mode="spec", **kw)
+
+
+def test_trained_model_spec_variants_equal_greedy_in_fewer_passes(synthetic_model):
+    from janus.api import Generator
+
+    gen = Generator.from_checkpoint(synthetic_model.checkpoint, device="cpu")
+    src = synthetic_model.test_src[:48]
+    greedy = gen.generate(src, mode="ar", beam_size=1)
+    mean_greedy = sum(h.passes for h in greedy) / len(greedy)
+    for policy, block, T in [(p, 0, 1) for p in POLICIES] + [("exhausted", 4, 1), ("exhausted", 0, 2)]:
+        spec = gen.generate(src, mode="spec", draft_policy=policy, draft_block=block, draft_iterations=T)
+        assert_greedy(spec, greedy, (policy, block, T))
+        mean = sum(h.passes for h in spec) / len(spec)
+        assert mean < 0.6 * mean_greedy, (policy, block, T, mean, mean_greedy)
