@@ -286,7 +286,11 @@ class DecodeConfig:
         "up), stall (also after a pass that accepted a single token), always (every pass)",
         default="exhausted",
     )
-    draft_block: int = _doc("spec: verify at most this many draft tokens per pass; 0 = all of them", default=0)
+    draft_block: int = _doc(
+        "spec: verify at most this many draft tokens per pass (fewer rows per pass, at most block + 1 tokens "
+        "accepted); 0 = all of them",
+        default=4,
+    )
     verify_top_beta: int = _doc(
         "spec: relaxed verification (NOT greedy's output when > 1): also accept a draft token that is among the "
         "AR's verify_top_beta best and within verify_tolerance of the best's log-probability; 1 = exact (greedy)",
