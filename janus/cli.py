@@ -156,9 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(
         dp.add_argument_group("decoding (AR beam search)"),
         DecodeConfig,
-        exclude=frozenset({"mode", "iterations", "length_beam", "rerank", "draft_iterations", "history", "window"}),
+        exclude=_NOT_BEAM_SEARCH,
     )
     return p
+
+
+# DecodeConfig fields that beam search ignores (mask-predict's and spec's): no flags for janus distill.
+_NOT_BEAM_SEARCH = frozenset(
+    {"mode", "iterations", "length_beam", "rerank", "history", "window"}
+    | {f.name for f in dataclasses.fields(DecodeConfig) if f.name.startswith(("draft_", "verify_"))}
+)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -270,3 +270,4 @@ def test_help_states_each_default_once(capsys):
         assert entry.count("(default:") <= 1, entry
     assert f"(default: {distill_module.DEFAULT_CHUNK_SIZE})" in text and "--beam-size INT" in text
     assert "--iterations" not in text and "--window" not in text
+    assert "--draft-" not in text and "--verify-" not in text  # spec's options are not beam search's
