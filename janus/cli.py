@@ -399,7 +399,10 @@ def _mode_settings(options: DecodeConfig) -> str:
     elif options.mode == "nar":
         text = f"T={options.iterations} l={options.length_beam}" + (" rerank" if options.rerank else "")
     else:
-        text = f"draft {options.draft_iterations}"
+        block = options.draft_block or "all"
+        text = f"draft {options.draft_iterations} {options.draft_policy} k={block}"
+        if options.verify_top_beta > 1:
+            text += f" relaxed top-{options.verify_top_beta} tol {options.verify_tolerance:g}"
     if options.mode != "nar" and options.length_penalty != 1.0:
         text += f" lp {options.length_penalty:g}"
     return text

@@ -130,7 +130,9 @@ def test_evaluate_every_mode(synthetic_model, tmp_path, capsys):
         assert m, line
         rows[m.group(1)] = m.groups()[1:]
     assert list(rows) == ["ar", "nar", "spec"]
-    assert rows["ar"][0] == "beam 5" and rows["nar"][0] == "T=4 l=3 rerank" and rows["spec"][0] == "draft 1"
+    assert (
+        rows["ar"][0] == "beam 5" and rows["nar"][0] == "T=4 l=3 rerank" and rows["spec"][0] == "draft 1 exhausted k=4"
+    )
     assert float(rows["ar"][1]) > 99 and float(rows["spec"][1]) > 99 and float(rows["nar"][1]) > 80
     assert all(0 < float(r[2]) <= 100 for r in rows.values())
     assert float(rows["nar"][3]) == 5.0  # T=4 passes + 1 rerank pass for every sentence
