@@ -43,13 +43,13 @@ from janus.checkpoint import MODEL_FILE, load_model_state
 from janus.checkpoint import resolve_model_path as _model_file
 from janus.config import DecodeConfig, ModelConfig
 from janus.decoding import Hypothesis, decode_batch
-from janus.model import JanusModel
+from janus.model import JanusModel, quantize_dynamic_int8
 from janus.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
 Sources = Union[Sequence[str], Sequence[Sequence[int]], Sequence[Tensor], Tensor]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.qint8}
 
 
 def resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -60,16 +60,31 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch.dtype:
-    """ "auto" -> bfloat16 on a CUDA device that has it (else float16), float32 on the CPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
+    """ "auto" -> bfloat16 on a CUDA device that has it (else float16), float32 on the CPU.
+
+    "int8" (or torch.qint8) -> torch.qint8: dynamic int8 linear layers (``quantize_dynamic_int8``),
+    CPU only. bfloat16 is refused where it would be emulated: a CPU without AVX512_BF16 / AMX
+    (``janus.info.cpu_bf16_support``) or a CUDA device without bf16.
+    """
+    if isinstance(dtype, str) and dtype == "auto":
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose auto, {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r}: choose auto, {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    if dtype == torch.qint8 and device.type != "cpu":
+        raise ValueError(f"dtype=int8 (dynamic int8 linear layers) runs on the CPU only, not on {device}; use bfloat16")
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        from janus.info import cpu_bf16_support
+
+        ok, why = cpu_bf16_support()
+        if not ok:
+            raise ValueError(f"dtype=bfloat16 on this CPU: {why}; use float32 or int8")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bf16; use float16")
+    return dtype
 
 
 class Generator:
@@ -79,7 +94,10 @@ class Generator:
         model: a JanusModel; it is moved to ``device``/``dtype`` and put in eval mode.
         vocab: the joint vocabulary; needed for text input and for ``Hypothesis.text``.
         device: "auto" (cuda if available), "cpu", "cuda", "cuda:N" or a torch.device.
-        dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16".
+        dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16", or "int8"
+            (CPU: linear layers with int8 weights, ``janus.model.quantize_dynamic_int8``; the model given
+            is left as it is and ``self.model`` is a quantized copy). See ``resolve_dtype`` for what is
+            refused where.
     """
 
     def __init__(
@@ -92,7 +110,10 @@ class Generator:
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if self.dtype == torch.qint8:
+            self.model = quantize_dynamic_int8(model.to(device=self.device))
+        else:
+            self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.vocab = vocab
         if vocab is not None and len(vocab) != model.cfg.vocab_size:
             raise ValueError(f"the vocabulary has {len(vocab)} ids but the model {model.cfg.vocab_size}")

@@ -174,7 +174,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument(
-        "--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16"
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, or int8 (CPU: int8 linear layers)",
     )
 
 

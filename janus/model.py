@@ -12,7 +12,9 @@ H heads, V vocabulary.
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -37,11 +39,23 @@ class EncoderOut:
     padding: Tensor  # (B, S) bool, True at pad
     lengths: Tensor  # (B,) int64, non-pad source tokens (with eos)
     cross: list[Optional[tuple[Tensor, Tensor]]] = field(default_factory=list)  # per layer (B, H, S, D/H) x2
+    # (B, 1, 1, S) bool attention mask over the source, or None when no sentence has padding; made on
+    # first use by ``attention_mask`` (one host sync per batch, not one per decoder pass).
+    mask: Optional[Tensor] = None
+    mask_known: bool = False
 
     def select(self, index: Tensor) -> "EncoderOut":
         """The sentences ``index`` (int64 (B',)), in that order, with their cached keys/values."""
         cross = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross]
         return EncoderOut(self.states[index], self.padding[index], self.lengths[index], cross)
+
+    def attention_mask(self) -> Optional[Tensor]:
+        """(B, 1, 1, S) bool, True at real source tokens, or None when there is no padding at all
+        (attention without a mask is the same and cheaper)."""
+        if not self.mask_known:
+            self.mask = (~self.padding)[:, None, None, :] if bool(self.padding.any()) else None
+            self.mask_known = True
+        return self.mask
 
 
 @dataclass
@@ -55,6 +69,7 @@ class LayerCache:
 
     self_k: Optional[Tensor] = None  # (N, H, capacity, D/H), N hypotheses
     self_v: Optional[Tensor] = None
+    reserve: int = 0  # columns to allocate at the first write (KVCache.capacity)
 
     def write(self, k: Tensor, v: Tensor, start: int, columns: Optional[Tensor], width: int) -> tuple[Tensor, Tensor]:
         """Store new content keys/values and return columns [0, width) of the buffers.
@@ -69,7 +84,7 @@ class LayerCache:
         need = max(width, start + C) if columns is None else max(width, int(columns.max()) + 1 if C else 0)
         cap = 0 if self.self_k is None else self.self_k.shape[2]
         if need > cap:
-            new_cap = max(need, 2 * cap, 16)
+            new_cap = max(need, self.reserve) if cap == 0 and self.reserve else max(need, 2 * cap, 16)
             # Zeros, not empty: a column no row sees still enters attention with weight 0, and
             # uninitialised memory may hold NaN, which survives multiplication by 0.
             grown_k, grown_v = k.new_zeros(N, H, new_cap, dk), v.new_zeros(N, H, new_cap, dk)
@@ -92,11 +107,14 @@ class KVCache:
     """Per-layer self-attention caches of incremental decoding, one row per hypothesis.
 
     ``length`` is the number of cache columns in use. (Cross-attention keys/values are
-    kept per sentence on the ``EncoderOut``.)
+    kept per sentence on the ``EncoderOut``.) ``capacity``, when the caller knows how many
+    columns it will write (AR search: its step limit), is allocated at the first write, so the
+    buffers never grow (and are never copied) during the search.
     """
 
     layers: list[LayerCache] = field(default_factory=list)
     length: int = 0
+    capacity: int = 0
 
     def select(self, hypotheses: Tensor) -> None:
         """Keep hypothesis rows ``hypotheses`` (int64 (N',)) in that order: beam search reorders
@@ -160,7 +178,14 @@ def _cpu_keep_mask(shape: torch.Size, keep: float, dtype: torch.dtype = torch.bo
 
 
 class Attention(nn.Module):
-    """Multi-head attention; queries from ``x``, keys/values from ``kv`` (one SDPA call)."""
+    """Multi-head attention; queries from ``x``, keys/values from ``kv`` (one SDPA call).
+
+    The parameters are ``q``, ``k``, ``v``, ``out`` (the checkpoint format). For inference,
+    ``project_qkv`` runs the three input projections as ONE GEMM over weights concatenated once
+    and kept until a parameter changes (its storage or version counter), so training, which
+    never uses it, is unchanged, and a loaded or updated model never sees stale weights.
+    ``Quantized`` (int8) instead gives the layer a fused ``qkv`` module of its own.
+    """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
         super().__init__()
@@ -170,6 +195,8 @@ class Attention(nn.Module):
         self.v = nn.Linear(d_model, d_model)
         self.out = nn.Linear(d_model, d_model)
         self.dropout = dropout
+        self.qkv: Optional[nn.Module] = None  # (D -> 3D) set by quantize_dynamic_int8 only
+        self._fused: Optional[tuple[tuple, Tensor, Tensor]] = None  # (key, (3D, D) weight, (3D,) bias)
 
     def split(self, x: Tensor) -> Tensor:  # (B, L, D) -> (B, H, L, D/H)
         return x.view(x.shape[0], x.shape[1], self.h, self.dk).transpose(1, 2)
@@ -177,19 +204,57 @@ class Attention(nn.Module):
     def project_kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
         return self.split(self.k(kv)), self.split(self.v(kv))
 
-    def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """x (N, L, D); k, v (B, H, C, D/H); mask (B, 1|H, L', C) bool (True = attend) or None.
+    def fused_qkv_weights(self) -> tuple[Tensor, Tensor]:
+        """[W_q; W_k; W_v] (3D, D) and [b_q; b_k; b_v] (3D,), concatenated once per version of the
+        parameters (detached: for inference only)."""
+        params = (self.q.weight, self.k.weight, self.v.weight, self.q.bias, self.k.bias, self.v.bias)
+        if any(p.is_inference() for p in params):  # no version counter to key a cache on
+            key = None
+        else:
+            key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if key is None or self._fused is None or self._fused[0] != key:
+            with torch.no_grad():
+                w = torch.cat([p.detach() for p in params[:3]])
+                b = torch.cat([p.detach() for p in params[3:]])
+            if key is None:
+                return w, b
+            self._fused = (key, w, b)
+        return self._fused[1], self._fused[2]
+
+    def project_qkv(self, x: Tensor, num_kv: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries of every row of x (N, R, D) and keys/values of its first ``num_kv`` rows in one
+        GEMM (inference only): q (N, R, D) unsplit; k, v (N, H, num_kv, D/H)."""
+        qkv = self.qkv(x) if self.qkv is not None else F.linear(x, *self.fused_qkv_weights())  # (N, R, 3D)
+        D = self.h * self.dk
+        kv = qkv[:, :num_kv]
+        return qkv[..., :D], self.split(kv[..., D : 2 * D]), self.split(kv[..., 2 * D :])
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q: Optional[Tensor] = None) -> Tensor:
+        """x (N, L, D); k, v (B, H, C, D/H); mask (B, 1|H, L', C) bool (True = attend) or None;
+        q (N, L, D), the queries' projection when already computed (``project_qkv``), else None.
 
         N may be a multiple g of B: rows b*g .. b*g+g-1 of ``x`` then share keys/values b
         (beams of one sentence), and ``mask`` must broadcast over their g*L queries.
         """
         N, L, D = x.shape
         B = k.shape[0]
-        if N != B:
-            x = x.reshape(B, (N // B) * L, D)
-        q = self.split(self.q(x))
-        o = _sdpa(q, k, v, mask, self.dropout if self.training else 0.0)
+        if q is None:
+            q = self.q(x.reshape(B, (N // B) * L, D) if N != B else x)
+        elif N != B:
+            q = q.reshape(B, (N // B) * L, D)
+        o = _sdpa(self.split(q), k, v, mask, self.dropout if self.training else 0.0)
         return self.out(o.transpose(1, 2).reshape(N, L, D))
+
+
+def _fuse_qkv(x: Tensor, num_content: int) -> bool:
+    """Whether a pass over x (N, R, D) should project q, k, v as one GEMM: only without autograd
+    (training keeps its three), and only where computing keys/values of the R - C query rows too
+    costs nothing: every row is a content row, or so few rows that reading the weights dominates."""
+    return not torch.is_grad_enabled() and (num_content == x.shape[1] or x.shape[0] * x.shape[1] <= _FUSE_ROWS)
+
+
+# Rows up to which a GEMM against a D x 3D weight is bound by reading the weight, not by arithmetic.
+_FUSE_ROWS = 32
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float) -> Tensor:
@@ -228,9 +293,12 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        k, v = self.attn.project_kv(x)
-        x = self.norm1(x + self.drop(self.attn.attend(x, k, v, mask)))
+    def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        if _fuse_qkv(x, x.shape[1]):
+            q, k, v = self.attn.project_qkv(x, x.shape[1])
+        else:
+            q, (k, v) = None, self.attn.project_kv(x)
+        x = self.norm1(x + self.drop(self.attn.attend(x, k, v, mask, q)))
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
@@ -259,13 +327,18 @@ class DecoderLayer(nn.Module):
         cache_columns: Optional[Tensor] = None,
     ) -> Tensor:
         """x (N, R, D), the first ``num_content`` rows are content rows; self_mask (N, 1, R, W) and
-        cross_mask (B, 1, 1, S) bool. With a cache, the new content rows are written at
-        ``cache_columns`` (N, C) or from column ``cache_start`` on, and rows see cache columns [0, W)."""
+        cross_mask (B, 1, 1, S) bool, or None where every row sees every column. With a cache, the
+        new content rows are written at ``cache_columns`` (N, C) or from column ``cache_start`` on, and
+        rows see cache columns [0, W) (W = cache_start + C when self_mask is None)."""
         # 1. Keys/values come from content rows only; with a cache, they join the cached ones.
-        k, v = self.self_attn.project_kv(x[:, :num_content])
+        if _fuse_qkv(x, num_content):
+            q, k, v = self.self_attn.project_qkv(x, num_content)
+        else:
+            q, (k, v) = None, self.self_attn.project_kv(x[:, :num_content])
         if cache is not None:
-            k, v = cache.write(k, v, cache_start, cache_columns, self_mask.shape[-1])
-        x = self.norm1(x + self.drop(self.self_attn.attend(x, k, v, self_mask)))
+            width = cache_start + num_content if self_mask is None else self_mask.shape[-1]
+            k, v = cache.write(k, v, cache_start, cache_columns, width)
+        x = self.norm1(x + self.drop(self.self_attn.attend(x, k, v, self_mask, q)))
         # 2. Cross-attention over the encoder's keys/values (B sentences; N = g * B rows).
         x = self.norm2(x + self.drop(self.cross_attn.attend(x, *cross_kv, cross_mask)))
         # 3. Feed-forward.
@@ -291,6 +364,7 @@ class JanusModel(nn.Module):
         self.length_head = nn.Linear(D, cfg.length_classes)
         self.drop = Dropout(cfg.dropout)
         self.scale = math.sqrt(D)
+        self.out_proj: Optional[nn.Module] = None  # (D -> V) set by quantize_dynamic_int8 only
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -372,11 +446,56 @@ class JanusModel(nn.Module):
             )
         x = self.drop(self.embed(rows.tokens) * self.scale + self.tgt_pos(rows.positions))  # (B, R, D)
         self_mask = rows.visibility[:, None]  # (B, 1, R, C)
-        cross_mask = (~enc.padding)[:, None, None, :]  # (B, 1, 1, S)
-        if cache is not None and not cache.layers:
-            cache.layers = [LayerCache() for _ in self.decoder]
-        start = 0 if cache is None else cache.length
         keep_cross = not torch.is_grad_enabled()  # never reuse a graph across training passes
+        cross_mask = enc.attention_mask() if keep_cross else (~enc.padding)[:, None, None, :]  # (B, 1, 1, S)
+        start = 0 if cache is None else cache.length
+        x = self._run_decoder(x, rows.num_content, self_mask, enc, cross_mask, cache, start, rows.cache_columns)
+        if cache is not None:
+            cache.length = rows.visibility.shape[-1]
+        return x
+
+    def decode_ar_step(self, last: Tensor, enc: EncoderOut, cache: KVCache) -> Tensor:
+        """One incremental AR step without building rows: ``decode`` of ``build_ar_step_rows(last,
+        cache.length, cache.length)`` (a content row y_t at position t = cache.length, a query row at
+        t + 1, both seeing every cached column), with no visibility mask at all. Inference only.
+
+        Args:
+            last: int64 (N,), the token y_t of each hypothesis; N = g * B for B sentences of ``enc``.
+        Returns:
+            (N, D) final hidden state of the query row, which predicts y_{t+1}.
+        """
+        if torch.is_grad_enabled():
+            raise RuntimeError("decode_ar_step is for inference: call it under torch.no_grad or inference_mode")
+        t = cache.length
+        if t + 1 >= self.cfg.max_target_positions:
+            raise ValueError(f"target position {t + 1} exceeds max_target_positions={self.cfg.max_target_positions}")
+        N = last.shape[0]
+        if N % max(enc.states.shape[0], 1):
+            raise ValueError(f"{N} decoder hypotheses do not split evenly over {enc.states.shape[0]} encoded sentences")
+        pos = self.tgt_pos.weight[t : t + 2]  # (2, D)
+        content = self.embed(last) * self.scale + pos[0]  # (N, D)
+        query = self.embed.weight[self.cfg.specials.mask] * self.scale + pos[1]  # (D,)
+        x = torch.stack([content, query.expand_as(content)], 1)  # (N, 2, D)
+        x = self._run_decoder(x, 1, None, enc, enc.attention_mask(), cache, t, None)
+        cache.length = t + 1
+        return x[:, 1]
+
+    def _run_decoder(
+        self,
+        x: Tensor,
+        num_content: int,
+        self_mask: Optional[Tensor],
+        enc: EncoderOut,
+        cross_mask: Optional[Tensor],
+        cache: Optional[KVCache],
+        start: int,
+        columns: Optional[Tensor],
+    ) -> Tensor:
+        """x (N, R, D) through every decoder layer (cross-attention keys/values kept on ``enc`` when
+        there is no autograd)."""
+        if cache is not None and not cache.layers:
+            cache.layers = [LayerCache(reserve=cache.capacity) for _ in self.decoder]
+        keep_cross = not torch.is_grad_enabled()
         if keep_cross and len(enc.cross) != len(self.decoder):
             enc.cross = [None] * len(self.decoder)
         for i, layer in enumerate(self.decoder):
@@ -387,13 +506,13 @@ class JanusModel(nn.Module):
             else:
                 cross_kv = layer.cross_attn.project_kv(enc.states)
             layer_cache = None if cache is None else cache.layers[i]
-            x = layer(x, rows.num_content, self_mask, cross_kv, cross_mask, layer_cache, start, rows.cache_columns)
-        if cache is not None:
-            cache.length = rows.visibility.shape[-1]
+            x = layer(x, num_content, self_mask, cross_kv, cross_mask, layer_cache, start, columns)
         return x
 
     def project(self, hidden: Tensor) -> Tensor:
         """Vocabulary logits of the given rows through the shared embedding: (..., D) -> (..., V)."""
+        if self.out_proj is not None:
+            return self.out_proj(hidden)
         return F.linear(hidden, self.embed.weight)
 
     def forward(self, src: Tensor, rows: DecoderRows) -> tuple[Tensor, Tensor]:
@@ -403,3 +522,44 @@ class JanusModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def quantize_dynamic_int8(model: JanusModel) -> JanusModel:
+    """A CPU inference copy of ``model`` whose linear layers compute with int8 weights (dynamic quantization).
+
+    torch's own ``torch.ao.quantization.quantize_dynamic`` (fbgemm / x86 kernels, weights prepacked
+    once): weights int8 with one scale per output channel, activations quantized per call from their
+    own range, everything else (embeddings, norms, attention) fp32. Before converting, each
+    self-attention gets a fused ``qkv`` layer (one GEMM, as ``Attention.project_qkv``) and the tied
+    output projection an ``out_proj`` layer of its own, so those read int8 weights too. The original
+    ``model`` is not changed; the copy is for decoding only (no training, no checkpoint saving).
+
+    Raises:
+        ValueError: the model is not on the CPU, or this torch has no x86 / fbgemm quantized engine.
+    """
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ValueError(
+            f"int8 dynamic quantization runs on the CPU only, the model is on {device}; use bfloat16 there"
+        )
+    engines = torch.backends.quantized.supported_engines
+    if not {"x86", "fbgemm"} & set(engines):
+        raise ValueError(f"int8 needs torch's x86 or fbgemm quantized engine; this torch has {engines}")
+    from torch.ao import quantization as tq
+
+    q = copy.deepcopy(model).float().eval()
+    with torch.no_grad():
+        for attn in [layer.attn for layer in q.encoder] + [layer.self_attn for layer in q.decoder]:
+            attn.qkv = nn.Linear(attn.q.in_features, 3 * attn.q.out_features)
+            w, b = attn.fused_qkv_weights()
+            attn.qkv.weight.copy_(w)
+            attn.qkv.bias.copy_(b)
+            attn._fused = None
+        q.out_proj = nn.Linear(q.cfg.d_model, q.cfg.vocab_size, bias=False)
+        q.out_proj.weight.copy_(q.embed.weight)
+    with warnings.catch_warnings():
+        # torch >= 2.10 marks torch.ao.quantization deprecated in favour of torchao; the eager dynamic
+        # path still works (and is tested here), torchao is not a dependency.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return tq.quantize_dynamic(q, {nn.Linear: tq.per_channel_dynamic_qconfig}, inplace=True)

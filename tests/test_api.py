@@ -125,10 +125,54 @@ def test_generate_iter_yields_in_input_order_as_batches_finish(synthetic_model, 
 
 def test_dtype_and_device_resolution():
     from janus.api import resolve_device, resolve_dtype
+    from janus.info import cpu_bf16_support
 
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu) == torch.float32
-    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    if cpu_bf16_support()[0]:
+        assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_dtype("int8", cpu) == torch.qint8
     with pytest.raises(ValueError, match="dtype='half'"):
         resolve_dtype("half", cpu)
+    with pytest.raises(ValueError, match="CPU only, not on cuda"):  # no device needed to refuse it
+        resolve_dtype("int8", torch.device("cuda"))
     assert resolve_device("cpu") == cpu
+
+
+def test_bfloat16_is_refused_on_a_cpu_that_would_emulate_it(monkeypatch):
+    from janus import info
+    from janus.api import resolve_dtype
+
+    monkeypatch.setattr(info, "cpu_bf16_support", lambda: (False, "neither AVX512_BF16 nor AMX-BF16 found"))
+    with pytest.raises(ValueError, match="bfloat16 on this CPU: neither AVX512_BF16"):
+        resolve_dtype("bfloat16", torch.device("cpu"))
+
+
+def test_int8_generator_quantizes_a_copy_and_stays_close_to_fp32():
+    """int8 weights (per output channel) and per-call activation scales: not exact, so the test states
+    tolerances: log-probabilities within 0.05 nats of fp32 on a random iwslt-width layer stack, and the
+    cached step within 0.05 of the recomputed prefix (their activation ranges differ)."""
+    from janus.decoding.beam_search import next_token_logprobs
+    from janus.decoding.common import inference
+
+    torch.manual_seed(0)
+    model = JanusModel(preset("tiny", vocab_size=60, dropout=0.0)).eval()
+    gen = Generator(model, device="cpu", dtype="int8")
+    assert gen.dtype == torch.qint8 and gen.model is not model
+    assert type(model.decoder[0].self_attn.q) is torch.nn.Linear  # the model given is untouched
+    quantized = torch.ao.nn.quantized.dynamic.Linear
+    assert isinstance(gen.model.decoder[0].self_attn.qkv, quantized) and isinstance(gen.model.out_proj, quantized)
+    assert not any(type(m) is torch.nn.Linear for m in gen.model.modules())  # every linear layer is int8
+    src = torch.tensor([[7, 8, 9, 10, 2], [11, 12, 2, 0, 0]])
+    tokens = torch.tensor([[1, 7, 8, 9], [1, 5, 6, 7]])
+    with inference(model), torch.no_grad():
+        enc, qenc, qenc2 = model.encode(src), gen.model.encode(src), gen.model.encode(src)
+        from janus.model import KVCache
+
+        cache = KVCache()
+        for step in range(4):
+            ref = next_token_logprobs(model, enc, tokens, step, None)
+            cached = next_token_logprobs(gen.model, qenc, tokens, step, cache)
+            full = next_token_logprobs(gen.model, qenc2, tokens, step, None)
+            torch.testing.assert_close(cached, ref, rtol=0, atol=0.05)
+            torch.testing.assert_close(cached, full, rtol=0, atol=0.05)

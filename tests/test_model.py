@@ -88,6 +88,61 @@ def test_cached_incremental_ar_equals_full_pass():
         torch.testing.assert_close(cache.layers[0].self_k[:, :, : n - 1], kept[[1, 1]], rtol=0, atol=0)
 
 
+def test_fused_qkv_equals_separate_projections_and_follows_weight_changes():
+    torch.manual_seed(0)
+    m = JanusModel(preset("tiny", vocab_size=60)).eval()
+    attn = m.decoder[0].self_attn
+    x = torch.randn(3, 5, m.cfg.d_model)
+    with torch.no_grad():
+        q, k, v = attn.project_qkv(x, 2)
+        torch.testing.assert_close(q, attn.q(x), rtol=1e-6, atol=1e-6)  # fp32 rounding: one GEMM vs three
+        torch.testing.assert_close(k, attn.split(attn.k(x[:, :2])), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(v, attn.split(attn.v(x[:, :2])), rtol=1e-6, atol=1e-6)
+        w = attn.fused_qkv_weights()[0]
+        assert attn.fused_qkv_weights()[0] is w  # concatenated once ...
+        attn.k.weight.add_(1.0)  # ... and again after an in-place update (optimizer step, load_state_dict)
+        torch.testing.assert_close(attn.project_qkv(x, 2)[1], attn.split(attn.k(x[:, :2])), rtol=1e-6, atol=1e-6)
+        m.load_state_dict(JanusModel(preset("tiny", vocab_size=60)).state_dict())
+        torch.testing.assert_close(attn.project_qkv(x, 2)[2], attn.split(attn.v(x[:, :2])), rtol=1e-6, atol=1e-6)
+    assert "decoder.0.self_attn.q.weight" in m.state_dict()  # the checkpoint format is unchanged
+    assert not any("qkv" in name or "fused" in name for name in m.state_dict())
+
+
+def test_training_passes_do_not_use_the_fused_projection():
+    torch.manual_seed(0)
+    m = JanusModel(preset("tiny", vocab_size=60))
+    tgt = torch.tensor([[BOS, 7, 8, 9, EOS]])
+    rows = build_training_rows(tgt, None, pad=PAD, mask=MASK, ar=True, nar=False, aux=False)
+    hidden, _ = m(torch.tensor([[7, 8, EOS]]), rows)
+    hidden.sum().backward()
+    assert all(layer.self_attn._fused is None for layer in m.decoder)
+    assert all(layer.attn._fused is None for layer in m.encoder)
+    assert m.decoder[0].self_attn.k.weight.grad is not None
+
+
+def test_decode_ar_step_equals_the_step_rows_and_reserves_the_cache():
+    torch.manual_seed(0)
+    m = JanusModel(preset("tiny", vocab_size=60)).eval()
+    B, n = 3, 6
+    tgt = torch.randint(5, 60, (B, n))
+    tgt[:, 0] = BOS
+    src = torch.tensor([[7, 8, 9, EOS], [7, 8, EOS, PAD], [9, EOS, PAD, PAD]])
+    with torch.no_grad():
+        enc, enc2 = m.encode(src), m.encode(src)
+        rows_cache, step_cache = KVCache(), KVCache(capacity=n)
+        for t in range(n):
+            a = m.decode(build_ar_step_rows(tgt[:, t], t, rows_cache.length, mask=MASK), enc, rows_cache)[:, 1]
+            buffer = None if t == 0 else step_cache.layers[0].self_k
+            b = m.decode_ar_step(tgt[:, t], enc2, step_cache)
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+            assert buffer is None or step_cache.layers[0].self_k is buffer  # preallocated: never regrown
+        assert step_cache.length == n and step_cache.layers[0].self_k.shape[2] == n
+        assert m.encode(src[:1, :3]).attention_mask() is None  # no padding: attention without a mask
+        assert enc.attention_mask().shape == (B, 1, 1, 4)
+    with pytest.raises(RuntimeError, match="inference"):
+        m.decode_ar_step(tgt[:, 0], enc, KVCache())
+
+
 def test_position_limit_is_a_clear_error():
     m = JanusModel(preset("tiny", vocab_size=60, max_target_positions=8))
     tgt = torch.full((1, 10), 7)

@@ -36,9 +36,12 @@ def next_token_logprobs(
         step: position of the last known token.
         cache: a KVCache holding positions 0 .. step - 1 (one content row is added), or None
             to recompute the whole prefix (the specification the cache is tested against).
+            Without autograd the step runs ``JanusModel.decode_ar_step`` (no rows, no masks).
     """
     sp = model.cfg.specials
-    if cache is not None:
+    if cache is not None and cache.length == step and not torch.is_grad_enabled():
+        hidden = model.decode_ar_step(tokens[:, step], enc, cache)  # (N, D): the query row
+    elif cache is not None:
         rows = build_ar_step_rows(tokens[:, step], step, cache.length, mask=sp.mask)
         hidden = model.decode(rows, enc, cache)[:, 1]  # (N, D): the query row
     else:
@@ -86,12 +89,12 @@ def greedy_search(
         tokens[:, 0] = sp.bos
         sums = torch.zeros(B, dtype=torch.float64, device=src.device)
         alive = torch.arange(B, device=src.device)  # batch index of each live row
-        cache = KVCache() if use_cache else None
+        cache = KVCache(capacity=steps) if use_cache else None  # never grows during the search
         out: list[Optional[Hypothesis]] = [None] * B
         for step in range(steps):
             logp = next_token_logprobs(model, enc, tokens, step, cache)  # (N, V)
             stop = repeating_tail(tokens, step, repeat_ngram, repeat_times) if repeat_ngram else None
-            constrain_ar(logp, torch.tensor(step, device=src.device), min_lens[alive], max_lens[alive], sp, stop)
+            constrain_ar(logp, step, min_lens[alive], max_lens[alive], sp, stop)  # step: a host int, no copy
             best, tok = logp.max(-1)
             tokens[:, step + 1] = tok
             sums += best.double()
@@ -160,7 +163,7 @@ def beam_search(
         sums[:, 1:] = float("-inf")
         sums = sums.view(-1)
         alive = torch.arange(B, device=dev)  # batch index of each live sentence
-        cache = KVCache() if use_cache else None
+        cache = KVCache(capacity=steps) if use_cache else None  # never grows during the search
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
         passes = [0] * B
         for step in range(steps):
@@ -169,8 +172,7 @@ def beam_search(
             V = logp.shape[-1]
             per_hyp = torch.arange(nb * K, device=dev) // K
             stop = repeating_tail(tokens, step, repeat_ngram, repeat_times) if repeat_ngram else None
-            words = torch.tensor(step, device=dev)
-            constrain_ar(logp, words, min_lens[alive][per_hyp], max_lens[alive][per_hyp], sp, stop)
+            constrain_ar(logp, step, min_lens[alive][per_hyp], max_lens[alive][per_hyp], sp, stop)
             cand = (sums[:, None] + logp.double()).view(nb, K * V)
             top, idx = cand.topk(min(2 * K, K * V), dim=1)  # (nb, 2K), best first
             src_beam, tok = idx // V, idx % V
