@@ -42,16 +42,18 @@ from typing import Any, Optional
 import torch
 from harness import environment, interleaved, percentile, plot_bleu_vs_speed, print_table, pyplot, write_json
 
-from janus.api import Generator
+from janus.api import Generator, make_decode_batches
 from janus.config import DecodeConfig, preset
 from janus.memory import keep_freed_memory
 from janus.model import JanusModel
 
 # One number format per column of the printed table, and what each column means.
-FORMATS = {"passes": ".1f", "ms_p50": ",.1f", "ms_p90": ",.1f", "sent_s": ",.1f", "tok_s": ",.0f",
+FORMATS = {"passes": ".1f", "ms_step": ".2f", "ms_p50": ",.1f", "ms_p90": ",.1f", "sent_s": ",.1f", "tok_s": ",.0f",
            "vs_beam5": ".2f", "vs_greedy": ".2f", "bleu": ".2f"}  # fmt: skip
 LEGEND = """
 passes     decoder passes per sentence (AR: steps; NAR: T, whatever the length beam)
+ms_step    milliseconds per decoder pass: the median run divided by the passes it made one after another
+           (per batch, its sentence with the most passes), encoder included
 ms_p50/90  milliseconds per sentence, encoder included: the median / 90th percentile run of the set, divided by
            its sentences
 sent_s     sentences per second at the median run
@@ -229,15 +231,18 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             p50, p90 = percentile(ms, 0.5) / 1e3, percentile(ms, 0.9) / 1e3
             tokens = sum(len(h.ids) + 1 for h in hyps)  # + eos
             texts = [h.text for h in hyps]
+            opts = dataclasses.replace(m.options, max_batch_size=batch)
+            groups = make_decode_batches([len(ids) + 1 for ids in gen.encode(sources)], opts)
+            sequential = sum(max(hyps[i].passes for i in g) for g in groups)
             rows.append(dict(method=m.name, batch=batch, sentences=n, runs=len(ms), tokens=tokens,
-                             passes=sum(h.passes for h in hyps) / n,
+                             passes=sum(h.passes for h in hyps) / n, ms_step=1e3 * p50 / max(sequential, 1),
                              ms_p50=1e3 * p50 / n, ms_p90=1e3 * p90 / n, sent_s=n / p50, tok_s=tokens / p50,
                              bleu=bleu(texts, work.references[:n]) if args.checkpoint else None))  # fmt: skip
     for r in rows:
         base = {x["method"]: x["ms_p50"] for x in rows if x["batch"] == r["batch"]}
         r["vs_beam5"] = base["beam5"] / r["ms_p50"] if "beam5" in base else math.nan
         r["vs_greedy"] = base["greedy"] / r["ms_p50"] if "greedy" in base else math.nan
-    columns = ["method", "batch", "sentences", "passes", "ms_p50", "ms_p90", "sent_s", "tok_s", "vs_beam5",
+    columns = ["method", "batch", "sentences", "passes", "ms_step", "ms_p50", "ms_p90", "sent_s", "tok_s", "vs_beam5",
                "vs_greedy"] + (["bleu"] if args.checkpoint else [])  # fmt: skip
     print()
     print_table(rows, columns, FORMATS)

@@ -38,13 +38,17 @@ def test_random_weights_default_workload_forced_lengths(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "forced to the reference target lengths" in printed
     assert "batch 1: the first 2 sentences, one at a time; batch 4: 6 sentences; 3 rounds" in printed
-    for column in ("passes", "ms_p50/90", "sent_s", "tok_s", "vs_beam5", "vs_greedy"):  # the legend
+    for column in ("passes", "ms_step", "ms_p50/90", "sent_s", "tok_s", "vs_beam5", "vs_greedy"):  # the legend
         assert f"\n{column} " in printed, column
     assert len(rows) == 10
     by = {(r["method"], r["batch"]): r for r in rows}
     assert by[("greedy", 1)]["sentences"] == 2 and by[("greedy", 4)]["sentences"] == 6
     assert by[("beam5", 4)]["vs_beam5"] == pytest.approx(1.0)
     assert by[("nar-T4-l3", 4)]["passes"] == 4 and by[("nar-T1-l1", 1)]["passes"] == 1
+    # ms_step: the median run over the passes made one after another (batch 1: every sentence's; batch 4:
+    # two batches of 4 passes each for T = 4)
+    assert by[("greedy", 1)]["ms_step"] * by[("greedy", 1)]["passes"] == pytest.approx(by[("greedy", 1)]["ms_p50"])
+    assert by[("nar-T4-l3", 4)]["ms_step"] * 8 == pytest.approx(by[("nar-T4-l3", 4)]["ms_p50"] * 6)
     # Forced lengths: the reference lengths (+ eos) exactly, but for a length beam of 3, which also tries
     # the neighbouring lengths (one token off at most per sentence).
     vocab = Vocab(libreoffice_sample().spm_model)
