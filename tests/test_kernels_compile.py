@@ -41,7 +41,8 @@ SCRIPT = textwrap.dedent(
             loss = dict(a_ptr=p, ga_ptr=p, b_ptr=p, gb_ptr=p, c_ptr=p, gc_ptr=p, ya_ptr="*i64", y_ptr="*i64",
                         partner_ptr="*i32", part_ptr="*fp32", a_stride="i64", ga_stride="i64", b_stride="i64",
                         gb_stride="i64", c_stride="i64", gc_stride="i64", V="i32", eps="fp32", s_ar="fp32",
-                        s_nar="fp32", s_aux="fp32", s_an="fp32", s_ac="fp32", s_nc="fp32", ignore_index="i32")
+                        s_nar="fp32", s_aux="fp32", s_an="fp32", s_ac="fp32", s_nc="fp32", g_a="fp32",
+                        ignore_index="i32")
             for has in [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 1, 1), (1, 1, 0)]:
                 for grad in (True, False):
                     flags = dict(HAS_A=bool(has[0]), HAS_B=bool(has[1]), HAS_C=bool(has[2]), WRITE_GRAD=grad,
