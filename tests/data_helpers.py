@@ -73,3 +73,18 @@ def make_mapping_pairs(n: int, seed: int, words: int = 12, min_words: int = 2, m
 def mapping_vocab_size(words: int = 12) -> int:
     """5 specials + the word-boundary piece + every letter + every word."""
     return 5 + 1 + len(CONSONANTS) + len(VOWELS) + 2 * words
+
+
+def prepare_corpus_slice(corpus: Path, root: Path, sizes: dict[str, int], vocab_size: int, max_len: int) -> Path:
+    """The first ``sizes[split]`` pairs of each split of ``corpus`` (``{split}.de`` / ``{split}.en``) copied
+    to ``root`` and prepared into ``root / "bin"`` (train and valid splits; returns that folder)."""
+    from janus.config import PrepareConfig
+    from janus.data import prepare
+
+    for split, n in sizes.items():
+        for lang in ("de", "en"):
+            lines = (corpus / f"{split}.{lang}").read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+            (root / f"{split}.{lang}").write_text("".join(lines), encoding="utf-8")
+    prepare(PrepareConfig(trainpref=str(root / "train"), validpref=str(root / "valid"), destdir=str(root / "bin"),
+                          vocab_size=vocab_size, max_len=max_len), verbose=False)  # fmt: skip
+    return root / "bin"

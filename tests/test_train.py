@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_helpers import prepare_corpus_slice
 from safetensors.torch import load_file
 
-from janus.config import PrepareConfig, TrainConfig
-from janus.data import prepare
+from janus.config import TrainConfig
 from janus.train import inverse_sqrt_lr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,20 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data_bin(test_corpus, tmp_path_factory) -> Path:
     """The first 2,500 pairs of the corpus (train) + 150 pairs (valid), prepared with a 1k vocabulary."""
-    root = tmp_path_factory.mktemp("corpus")
-    corpus = test_corpus
-    for split, n in (("train", 2500), ("valid", 150)):
-        for lang in ("de", "en"):
-            lines = (corpus / f"{split}.{lang}").read_text(encoding="utf-8").splitlines(keepends=True)[:n]
-            (root / f"{split}.{lang}").write_text("".join(lines), encoding="utf-8")
-    dest = root / "bin"
-    prepare(
-        PrepareConfig(
-            trainpref=str(root / "train"), validpref=str(root / "valid"), destdir=str(dest), vocab_size=1000, max_len=64
-        ),
-        verbose=False,
-    )
-    return dest
+    return prepare_corpus_slice(test_corpus, tmp_path_factory.mktemp("corpus"), {"train": 2500, "valid": 150},
+                                vocab_size=1000, max_len=64)  # fmt: skip
 
 
 def env(threads: int = 1) -> dict[str, str]:

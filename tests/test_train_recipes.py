@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_helpers import prepare_corpus_slice
 
 from janus.checkpoint import latest_checkpoint, load_model_state
 from janus.config import LossWeights, PrepareConfig, TrainConfig
@@ -18,14 +19,8 @@ from janus.train import Trainer, train
 @pytest.fixture(scope="module")
 def data_bin(test_corpus, tmp_path_factory) -> Path:
     """The first 600 pairs of the shipped slice (train) and 60 (valid), a 500-piece vocabulary."""
-    root = tmp_path_factory.mktemp("recipes")
-    for split, n in (("train", 600), ("valid", 60)):
-        for lang in ("de", "en"):
-            lines = (test_corpus / f"{split}.{lang}").read_text(encoding="utf-8").splitlines(keepends=True)[:n]
-            (root / f"{split}.{lang}").write_text("".join(lines), encoding="utf-8")
-    prepare(PrepareConfig(trainpref=str(root / "train"), validpref=str(root / "valid"), destdir=str(root / "bin"),
-                          vocab_size=500, max_len=48), verbose=False)  # fmt: skip
-    return root / "bin"
+    return prepare_corpus_slice(test_corpus, tmp_path_factory.mktemp("recipes"), {"train": 600, "valid": 60},
+                                vocab_size=500, max_len=48)  # fmt: skip
 
 
 def config(data: Path, save: Path, **kw) -> TrainConfig:

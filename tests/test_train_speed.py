@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_helpers import prepare_corpus_slice
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,8 +18,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import profile_train  # noqa: E402
 import train_speed  # noqa: E402
 
-from janus.config import PrepareConfig  # noqa: E402
-from janus.data import prepare  # noqa: E402
 from janus.model import Dropout  # noqa: E402
 
 
@@ -40,14 +39,8 @@ def test_variants_train_with_their_own_dropout_and_optimizer():
 
 @pytest.fixture(scope="module")
 def tiny_bin(test_corpus, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("profile_corpus")
-    for split, n in (("train", 600), ("valid", 20)):
-        for lang in ("de", "en"):
-            lines = (test_corpus / f"{split}.{lang}").read_text(encoding="utf-8").splitlines(keepends=True)[:n]
-            (root / f"{split}.{lang}").write_text("".join(lines), encoding="utf-8")
-    prepare(PrepareConfig(trainpref=str(root / "train"), validpref=str(root / "valid"), destdir=str(root / "bin"),
-                          vocab_size=300, max_len=64), verbose=False)  # fmt: skip
-    return root / "bin"
+    return prepare_corpus_slice(test_corpus, tmp_path_factory.mktemp("profile_corpus"), {"train": 600, "valid": 20},
+                                vocab_size=300, max_len=64)  # fmt: skip
 
 
 def test_profile_of_training_updates_lists_the_top_ops_by_self_time(tiny_bin, tmp_path):
