@@ -39,8 +39,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from janus.checkpoint import MODEL_FILE, load_model_state
-from janus.checkpoint import resolve_model_path as _model_file
+from janus.checkpoint import MODEL_FILE, load_model_state, resolve_model_path
 from janus.config import DecodeConfig, ModelConfig
 from janus.decoding import Hypothesis, decode_batch
 from janus.model import JanusModel, quantize_dynamic_int8
@@ -128,7 +127,7 @@ class Generator:
     ) -> "Generator":
         """Load a checkpoint folder, an averaged folder (``janus average``), a .safetensors file,
         or a training folder (its latest checkpoint), with the vocabulary saved beside it."""
-        path = _model_file(Path(path))
+        path = resolve_model_path(Path(path))
         state, config = load_model_state(path)
         if "model" not in config:
             raise ValueError(f"{path}: its config has no 'model' entry; was it written by janus train?")
@@ -367,7 +366,7 @@ def fast_generate(
         param = next(m.parameters())
         gen = Generator(m, vocab, device=param.device, dtype=param.dtype)
     else:
-        path = _model_file(Path(model_or_checkpoint)).resolve()
+        path = resolve_model_path(Path(model_or_checkpoint)).resolve()
         stamp = (path / MODEL_FILE if path.is_dir() else path).stat().st_mtime_ns
         gen = _cached_generator(str(path), stamp, str(device), str(dtype))
     return gen.generate(sources, options, progress=progress, **overrides)

@@ -460,7 +460,7 @@ class Trainer:
         sums = torch.zeros(len(LOG_TERMS), device=env.device)
         # The schedule of the non-AR terms (TrainConfig.joint_start / joint_ramp); the rows of ``items``
         # were built for the same objective (_objective_at).
-        self.loss_module.weights = self.cfg.loss_weights(self.step + 1)
+        self.loss_module.weights = self.weights.scaled_except_ar(self.cfg.joint_factor(self.step + 1))
         self.loss_module.objective = self._objective_at(self.step + 1)
         lr = inverse_sqrt_lr(self.step + 1, self.cfg)
         for g in self.optimizer.param_groups:
