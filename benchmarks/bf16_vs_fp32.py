@@ -69,7 +69,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     for r in result["rows"]:
-        print(r["step"], " ".join(f"{k} {r[f'fp32_{k}']:.4f}/{r[f'bf16_{k}']:.4f}" for k in ("ar_nll", "nar_nll", "aux_nll")))
+        pairs = (f"{k} {r[f'fp32_{k}']:.4f}/{r[f'bf16_{k}']:.4f}" for k in ("ar_nll", "nar_nll", "aux_nll"))
+        print(r["step"], " ".join(pairs))
     print("max |bf16 - fp32|:", result["max_abs_diff"])
     print(f"wrote {out}")
 

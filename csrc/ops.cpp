@@ -33,4 +33,14 @@ TORCH_LIBRARY(janus, m) {
   m.def(
       "remask_lowest(Tensor(a!) tokens, Tensor(b!) scores, Tensor counts, int mask, int pad, int bos, int eos, "
       "bool check=True) -> ()");
+
+  // Every term of the JANUS loss over one chunk of stacked logits [a; b; c] (counts = rows of each,
+  // m_b == m_c when both), and d loss / d logits for a loss gradient of 1 (rows x V in grad_dtype;
+  // empty without need_grad). targets int64 [rows] clamped into [0, V), keep float [rows] 0/1, pairs
+  // int64 [m] (sorted) the AR row of each masked row or None, scales the 7 LossScales fields.
+  // -> sums float [9] in TERMS order, grad.
+  m.set_python_module("janus.ops.loss_terms");
+  m.def(
+      "loss_terms(Tensor logits, int[] counts, Tensor targets, Tensor keep, Tensor? pairs, float eps, float[] scales, "
+      "bool need_grad, ScalarType grad_dtype) -> (Tensor, Tensor)");
 }

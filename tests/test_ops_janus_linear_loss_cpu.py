@@ -104,14 +104,14 @@ def test_repeated_pairs_are_taken():
 def test_no_chunk_forms_more_logits_than_its_rows(monkeypatch):
     hidden, weight, ya, y, pair = problem(20, 9, seed=6, shuffled=False)
     seen = []
-    terms = op._chunk_terms
+    terms = op.loss_terms
 
     def spy(logits, counts, *args, **kwargs):
         assert logits.shape[0] == sum(counts)
         seen.append(logits.shape[0])
         return terms(logits, counts, *args, **kwargs)
 
-    monkeypatch.setattr(op, "_chunk_terms", spy)
+    monkeypatch.setattr(op, "loss_terms", spy)
     check(hidden, weight, ya, y, pair, chunk_rows=5)
     assert len(seen) == 4  # 20 AR rows in chunks of 5
     assert max(seen) <= 5 * 3 and sum(seen) == 20 + 2 * 9  # every row exactly once

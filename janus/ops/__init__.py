@@ -14,6 +14,7 @@ from janus.ops._dispatch import BackendUnavailable, registry
 from janus.ops.janus_linear_loss import janus_linear_loss, janus_linear_loss_ref
 from janus.ops.janus_loss import janus_loss, janus_loss_ref
 from janus.ops.length_beam_init import length_beam_init, length_beam_init_ref
+from janus.ops.loss_terms import loss_terms, loss_terms_ref
 from janus.ops.mask_predict_update import mask_predict_update, mask_predict_update_ref
 from janus.ops.pad_batch import pad_batch, pad_batch_ref
 from janus.ops.remask_lowest import remask_lowest, remask_lowest_ref
@@ -26,6 +27,8 @@ __all__ = [
     "janus_loss_ref",
     "length_beam_init",
     "length_beam_init_ref",
+    "loss_terms",
+    "loss_terms_ref",
     "mask_predict_update",
     "mask_predict_update_ref",
     "pad_batch",

@@ -47,6 +47,7 @@ from janus.ops.janus_loss import (
     janus_loss_ref,
     scale_precomputed_grads,
 )
+from janus.ops.loss_terms import loss_terms
 
 
 def janus_linear_loss_ref(
@@ -217,90 +218,6 @@ def cpu_chunk_rows(vocab: int, rows_per_lead: float, budget: int = 1 << 24) -> i
     return max(32, int(budget / max(1.0, vocab * rows_per_lead)))
 
 
-def _chunk_terms(
-    logits: Tensor,
-    counts: tuple[int, int, int],
-    targets: Tensor,
-    keep: Tensor,
-    pairs: Optional[Tensor],
-    eps: float,
-    scales: LossScales,
-    need_grad: bool,
-) -> tuple[Tensor, Optional[Tensor]]:
-    """Every term of one chunk and d loss / d logits, in fp32 (or fp64 for fp64 logits), in closed form.
-
-    Args:
-        logits: (r + m_b + m_c, V) the chunk's logits, rows of a (AR), b (P_NAR), c (P_AUX) stacked.
-        counts: (r, m_b, m_c) rows of each stream in ``logits`` (0 for an absent one; m_b and m_c are
-            equal when both are present).
-        targets: (rows,) int64 target of every row (ignored rows clamped to 0); keep: (rows,) 0/1 mask
-            of the rows whose target is not ignored (float of the accumulation dtype).
-        pairs: (m,) int64, AR row within the chunk of each masked row (None without an AR stream).
-    Returns:
-        (sums (9,) in TERMS order, d loss / d logits (rows, V) for a loss gradient of 1, or None).
-
-    With p = softmax(z), l = log p and D = l_x - l_y (JANUS.md section 3):
-        d ls / d z        = p - (1 - eps) onehot(y) - eps / V
-        d SKL(x, y) / d z_x = (p_x (D - KL(x || y)) + p_x - p_y) / 2,  symmetrically for z_y.
-    """
-    acc = torch.promote_types(logits.dtype, torch.float32)
-    lp = torch.log_softmax(logits, dim=-1, dtype=acc)  # (rows, V)
-    prob = lp.exp()
-    V = lp.shape[1]
-    r, mb, mc = counts
-    bounds = (0, r, r + mb, r + mb + mc)
-    view = lambda x, k: x[bounds[k] : bounds[k + 1]] if bounds[k + 1] > bounds[k] else None  # noqa: E731
-
-    # 1. Label-smoothed CE and NLL of every row, summed per stream.
-    nll = -lp.gather(1, targets[:, None]).squeeze(1)
-    ls = (1.0 - eps) * nll - eps * lp.mean(1)
-    row_scale = torch.cat([
-        torch.full((n,), w, dtype=acc) for n, w in zip(counts, (scales.ar, scales.nar, scales.aux))
-    ]) * keep  # fmt: skip
-    sums = torch.zeros(len(TERMS), dtype=acc)
-    for k, (n, name) in enumerate(zip(counts, ("ar", "nar", "aux"))):
-        if n:
-            sums[TERMS.index(name)] = (ls[bounds[k] : bounds[k + 1]] * keep[bounds[k] : bounds[k + 1]]).sum()
-            sums[TERMS.index(name + "_nll")] = (nll[bounds[k] : bounds[k + 1]] * keep[bounds[k] : bounds[k + 1]]).sum()
-    grad = prob * row_scale[:, None] if need_grad else None
-
-    # 2. The SKL terms of each masked row with its AR row and with the other masked stream.
-    mkeep = keep[r:r + max(mb, mc)]
-    sides = {k: (view(lp, k), view(prob, k), view(grad, k) if need_grad else None) for k in range(3)}
-    if r and pairs is not None:
-        a_lp, a_p = sides[0][0].index_select(0, pairs), sides[0][1].index_select(0, pairs)
-        paired_a = (a_lp, a_p, None)
-    for name, x, y in (("skl_ar_nar", 0, 1), ("skl_ar_aux", 0, 2), ("skl_nar_aux", 1, 2)):
-        if not (counts[x] and counts[y]) or (x == 0 and pairs is None):
-            continue
-        lx, px, gx = paired_a if x == 0 else sides[x]
-        ly, py, gy = sides[y]
-        diff = lx - ly  # (m, V): log p_x - log p_y
-        kl_xy = (px * diff).sum(1)
-        kl_yx = -(py * diff).sum(1)
-        sums[TERMS.index(name)] = (0.5 * (kl_xy + kl_yx) * mkeep).sum()
-        if not need_grad:
-            continue
-        w = (0.5 * getattr(scales, name)) * mkeep[:, None]
-        d_y = (-diff).sub_(kl_yx[:, None] - 1.0).mul_(py).sub_(px).mul_(w)  # (p_y (D' - KL(y||x)) + p_y - p_x) / 2
-        gy += d_y
-        if x == 0 and scales.skl_grad_ar != 1.0:  # the share that reaches P_AR (0: a stop-gradient)
-            if not scales.skl_grad_ar:
-                continue
-            w = w * scales.skl_grad_ar
-        d_x = diff.sub_(kl_xy[:, None] - 1.0).mul_(px).sub_(py).mul_(w)
-        if x == 0:
-            sides[0][2].index_add_(0, pairs, d_x)
-        else:
-            gx += d_x
-    if need_grad:
-        grad.sub_((eps / V) * row_scale[:, None])
-        # One element per row: a flat index_add_ (scatter_add_ along dim 1 walks far more slowly).
-        flat = torch.arange(grad.shape[0]) * V + targets
-        grad.view(-1).index_add_(0, flat, -(1.0 - eps) * row_scale)
-    return sums, grad
-
-
 def janus_linear_loss_cpu_forward(
     hidden_ar: Optional[Tensor],
     hidden_nar: Optional[Tensor],
@@ -323,7 +240,7 @@ def janus_linear_loss_cpu_forward(
     1. Masked rows are ordered by their AR row (training rows already are), so that the masked rows
        of a chunk of AR rows are one contiguous range.
     2. Per chunk: logits = [h_ar; h_nar; h_aux] @ weight.T in ``compute_dtype`` (one GEMM), the terms
-       and d loss / d logits in fp32 (``_chunk_terms``), then d h = g @ weight and
+       and d loss / d logits in fp32 (``loss_terms``, janus/ops/loss_terms.py), then d h = g @ weight and
        d weight += g.T @ h with g rounded to ``compute_dtype`` (fp32 accumulator).
 
     Returns:
@@ -400,11 +317,10 @@ def janus_linear_loss_cpu_forward(
         logits = h_chunk @ w.T  # (rows, V)
         y = torch.cat(targets)
         keep = (y != ignore_index).to(acc)
-        part, g = _chunk_terms(logits, counts, y.clamp_min(0), keep, local, eps, LossScales(*sc), need_grad)
+        part, g = loss_terms(logits, counts, y.clamp_min(0), keep, local, eps, scales, need_grad, compute_dtype)
         sums += part
         if g is None:
             continue
-        g = g.to(compute_dtype)
         if need_hidden_grad:
             dh = g @ w  # (rows, D)
             if has_a:
