@@ -4,6 +4,7 @@
     python benchmarks/decode_speed.py --checkpoint run/avg     # a trained model: its own lengths, BLEU beside speed
     python benchmarks/decode_speed.py --device cuda --batch-sizes 1,8,32,128 --rounds 5
     python benchmarks/decode_speed.py --data bin --split test --sentences 500   # a `janus prepare` folder
+    python benchmarks/decode_speed.py --dtype float32,bfloat16,int8 --methods greedy,beam5  # precisions side by side
 
 The embedded default runs in a few minutes on 2 CPU cores: the iwslt preset (6+6 layers,
 width 512, 8000-piece vocabulary) with random weights, on the 64 LibreOffice help
@@ -27,11 +28,16 @@ has the encoder included and a device sync; p50 and p90 over the runs. Writes
 ``results.json`` (device, versions, git commit, settings, every row) and
 ``speedup.png`` (speedup over AR beam 5 by batch size; with a checkpoint also
 ``bleu_vs_speed.png``) to ``--out``.
+
+Precisions: ``--dtype`` takes one or a comma list (float32, bfloat16, float16, int8: dynamic int8
+linear layers on the CPU); with several, every method runs in each, all of them taking turns in
+the same rounds, the rows carry their ``dtype`` and the speedups compare within a precision.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import math
@@ -126,12 +132,14 @@ def plot(rows: list[dict[str, Any]], out: Path, with_bleu: bool, title: str) -> 
     if plt is None:
         return []
     written = []
-    names = list(dict.fromkeys(r["method"] for r in rows))
+    several = len({r["dtype"] for r in rows}) > 1
+    label = (lambda r: f"{r['method']} {r['dtype']}") if several else (lambda r: r["method"])  # noqa: E731
+    names = list(dict.fromkeys(label(r) for r in rows))
     sizes = sorted({r["batch"] for r in rows})
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(sizes)
     for k, batch in enumerate(sizes):
-        by = {r["method"]: r["vs_beam5"] for r in rows if r["batch"] == batch}
+        by = {label(r): r["vs_beam5"] for r in rows if r["batch"] == batch}
         ax.bar([i + k * width for i in range(len(names))], [by.get(n, math.nan) for n in names], width,
                label=f"batch {batch}")  # fmt: skip
     ax.axhline(1.0, color="grey", lw=0.8)
@@ -144,7 +152,7 @@ def plot(rows: list[dict[str, Any]], out: Path, with_bleu: bool, title: str) -> 
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
     if with_bleu:
-        groups = {f"batch {b}": [(r["method"], r["ms_p50"], r["bleu"]) for r in rows
+        groups = {f"batch {b}": [(label(r), r["ms_p50"], r["bleu"]) for r in rows
                                  if r["batch"] == b and r["bleu"] is not None] for b in sizes}  # fmt: skip
         written.append(plot_bleu_vs_speed(groups, out / "bleu_vs_speed.png", title, "ms per sentence (p50)"))
     return written
@@ -161,7 +169,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p.add_argument("--batch-sizes", default="1,32", help="comma list (default 1,32)")
     p.add_argument("--methods", default="", help="comma list of method names (default: all)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default cpu)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16, int8, or a comma list of them",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--rounds", type=int, default=3,
                    help="timed rounds, every method once per round (default 3, at least 3)")  # fmt: skip
@@ -173,8 +185,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    dtypes = list(dict.fromkeys(d.strip() for d in args.dtype.split(",") if d.strip())) or ["auto"]
     if args.checkpoint:
-        gen = Generator.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+        gens = [Generator.from_checkpoint(args.checkpoint, device=args.device, dtype=d) for d in dtypes]
     else:
         from janus.samples import libreoffice_sample
         from janus.vocab import Vocab
@@ -189,8 +202,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             vocab = Vocab(libreoffice_sample().spm_model)
             size = len(vocab)
         torch.manual_seed(0)
-        gen = Generator(JanusModel(preset(args.preset, vocab_size=size, dropout=0.0)), vocab,
-                        device=args.device, dtype=args.dtype)  # fmt: skip
+        model = JanusModel(preset(args.preset, vocab_size=size, dropout=0.0))
+        gens = [Generator(copy.deepcopy(model), vocab, device=args.device, dtype=d) for d in dtypes]
+    gen = gens[0]
+    names = {id(g): str(g.dtype).replace("torch.", "").replace("qint8", "int8") for g in gens}
     work = load_workload(args, gen)
     forced = None if args.checkpoint else work.target_lengths
     chosen = [m for m in methods() if not args.methods or m.name in args.methods.split(",")]
@@ -201,49 +216,51 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     env = environment(gen.device)
     model_name = args.checkpoint or f"{args.preset} (random weights)"
     title = (f"{env['device_name']} ({gen.device}, {env['cpu_threads']} threads), {model_name}, "
-             f"{gen.model.num_parameters() / 1e6:.1f}M parameters, {str(gen.dtype).replace('torch.', '')}")  # fmt: skip
+             f"{gen.model.num_parameters() / 1e6:.1f}M parameters, {', '.join(names.values())}")  # fmt: skip
     counts = {b: min(len(work.sources), args.b1_sentences) if b == 1 else len(work.sources) for b in sizes}
     decoded = "; ".join(f"batch {b}: {'the first ' if counts[b] < len(work.sources) else ''}{counts[b]} sentences"
                         + (", one at a time" if b == 1 else "") for b in sizes)  # fmt: skip
     print(f"{title}\n{work.name}, {decoded}; {args.rounds} rounds, every method once per round"
           + ("; every method forced to the reference target lengths" if forced else ""))  # fmt: skip
 
-    # Warm-up: two sentences through every method and batch size (allocators, caches, kernels).
+    # Warm-up: two sentences through every method, precision and batch size (allocators, caches, kernels).
+    runs_of = [(g, m) for g in gens for m in chosen]
     for batch in sizes:
-        for m in chosen:
-            gen.generate(work.sources[:2], dataclasses.replace(m.options, max_batch_size=batch),
-                         target_lengths=forced[:2] if forced else None)  # fmt: skip
+        for g, m in runs_of:
+            g.generate(work.sources[:2], dataclasses.replace(m.options, max_batch_size=batch),
+                       target_lengths=forced[:2] if forced else None)  # fmt: skip
 
     rows = []
     for batch in sizes:
         n = counts[batch]
         sources, lengths = work.sources[:n], (forced[:n] if forced else None)
-        outputs: list[list] = [[] for _ in chosen]
+        outputs: list[list] = [[] for _ in runs_of]
 
-        def run(opts: DecodeConfig, hyps: list, sources=sources, lengths=lengths) -> None:
-            hyps[:] = gen.generate(sources, opts, target_lengths=lengths)
+        def run(g: Generator, opts: DecodeConfig, hyps: list, sources=sources, lengths=lengths) -> None:
+            hyps[:] = g.generate(sources, opts, target_lengths=lengths)
 
-        runs = [functools.partial(run, dataclasses.replace(m.options, max_batch_size=batch), hyps)
-                for m, hyps in zip(chosen, outputs)]  # fmt: skip
-        print(f"batch {batch}: timing {len(chosen)} methods in turn, {args.rounds} rounds", flush=True)
+        runs = [functools.partial(run, g, dataclasses.replace(m.options, max_batch_size=batch), hyps)
+                for (g, m), hyps in zip(runs_of, outputs)]  # fmt: skip
+        print(f"batch {batch}: timing {len(runs)} decodes in turn, {args.rounds} rounds", flush=True)
         times = interleaved(runs, gen.device, rounds=args.rounds, budget_s=args.batch_seconds)
-        for m, hyps, ms in zip(chosen, outputs, times):
+        for (g, m), hyps, ms in zip(runs_of, outputs, times):
             p50, p90 = percentile(ms, 0.5) / 1e3, percentile(ms, 0.9) / 1e3
             tokens = sum(len(h.ids) + 1 for h in hyps)  # + eos
             texts = [h.text for h in hyps]
             opts = dataclasses.replace(m.options, max_batch_size=batch)
             groups = make_decode_batches([len(ids) + 1 for ids in gen.encode(sources)], opts)
             sequential = sum(max(hyps[i].passes for i in g) for g in groups)
-            rows.append(dict(method=m.name, batch=batch, sentences=n, runs=len(ms), tokens=tokens,
+            rows.append(dict(method=m.name, dtype=names[id(g)], batch=batch, sentences=n, runs=len(ms), tokens=tokens,
                              passes=sum(h.passes for h in hyps) / n, ms_step=1e3 * p50 / max(sequential, 1),
                              ms_p50=1e3 * p50 / n, ms_p90=1e3 * p90 / n, sent_s=n / p50, tok_s=tokens / p50,
                              bleu=bleu(texts, work.references[:n]) if args.checkpoint else None))  # fmt: skip
     for r in rows:
-        base = {x["method"]: x["ms_p50"] for x in rows if x["batch"] == r["batch"]}
+        base = {x["method"]: x["ms_p50"] for x in rows if x["batch"] == r["batch"] and x["dtype"] == r["dtype"]}
         r["vs_beam5"] = base["beam5"] / r["ms_p50"] if "beam5" in base else math.nan
         r["vs_greedy"] = base["greedy"] / r["ms_p50"] if "greedy" in base else math.nan
-    columns = ["method", "batch", "sentences", "passes", "ms_step", "ms_p50", "ms_p90", "sent_s", "tok_s", "vs_beam5",
-               "vs_greedy"] + (["bleu"] if args.checkpoint else [])  # fmt: skip
+    columns = (["method"] + (["dtype"] if len(gens) > 1 else [])
+               + ["batch", "sentences", "passes", "ms_step", "ms_p50", "ms_p90", "sent_s", "tok_s", "vs_beam5",
+                  "vs_greedy"] + (["bleu"] if args.checkpoint else []))  # fmt: skip
     print()
     print_table(rows, columns, FORMATS)
     print(LEGEND + (BLEU_LEGEND if args.checkpoint else ""))
@@ -251,7 +268,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(vars(args), workload=work.name, forced_lengths=forced is not None, model=model_name,
-                    parameters=gen.model.num_parameters(), dtype=str(gen.dtype))  # fmt: skip
+                    parameters=gen.model.num_parameters(), dtype=", ".join(names.values()))  # fmt: skip
     write_json(out / "results.json", dict(environment=env, settings=settings, results=rows))
     for path in plot(rows, out, bool(args.checkpoint), title):
         print(f"wrote {path}")

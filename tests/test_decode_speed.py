@@ -81,6 +81,26 @@ def test_checkpoint_reports_bleu_and_its_plot(tmp_path, synthetic_model):
     check_plots(out / "bleu_vs_speed.png", out / "speedup.png")
 
 
+def test_several_precisions_give_rows_of_each_from_one_run(tmp_path, capsys):
+    """--dtype float32,int8: every method in both precisions, taking turns; speedups within a precision."""
+    out = tmp_path / "out"
+    rows = decode_speed.main(["--preset", "tiny", "--dtype", "float32,int8", "--methods", "greedy,beam5",
+                              "--sentences", "3", "--b1-sentences", "2", "--batch-sizes", "1,3", "--rounds", "3",
+                              "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "float32, int8" in printed.splitlines()[0]
+    assert sorted((r["method"], r["dtype"], r["batch"]) for r in rows) == sorted(
+        (m, d, b) for m in ("greedy", "beam5") for d in ("float32", "int8") for b in (1, 3)
+    )
+    for r in rows:
+        same = {x["method"]: x for x in rows if x["batch"] == r["batch"] and x["dtype"] == r["dtype"]}
+        assert r["vs_greedy"] == pytest.approx(same["greedy"]["ms_p50"] / r["ms_p50"])
+        assert r["runs"] >= 3 and r["ms_step"] > 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["dtype"] == "float32, int8"
+    assert {r["dtype"] for r in saved["results"]} == {"float32", "int8"}
+
+
 def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown methods"):
         decode_speed.main(["--preset", "tiny", "--methods", "greedy,beam7", "--out", str(tmp_path)])
