@@ -159,6 +159,8 @@ def test_dispatch_sends_what_the_kernel_cannot_take_to_the_reference():
     assert LOSS_TERMS.select(logits.double(), counts, targets, keep, pairs, EPS, SCALES, True).name == "reference"
     shuffled = pairs[torch.randperm(6, generator=torch.Generator().manual_seed(0))]
     assert LOSS_TERMS.select(logits, counts, targets, keep, shuffled, EPS, SCALES, True).name == "reference"
+    half = LOSS_TERMS.select(logits, counts, targets, keep, pairs, EPS, SCALES, True, torch.float16)
+    assert half.name == "reference"  # a gradient dtype the kernel does not write, passed as the callers pass it
     # The public function: same results whichever backend runs.
     got = loss_terms(logits, counts, targets, keep, pairs, EPS, SCALES, True)
     want = loss_terms_ref(logits, counts, targets, keep, pairs, EPS, SCALES, True)

@@ -265,8 +265,8 @@ JANUS_INLINE void probs(int64_t V, const In* z, const Lse& lse, float* buf) {
   for_columns(V, [&](auto tag, int64_t v) JANUS_BODY { store(buf + v, exp_neg(log_prob(tag, z + v, lse))); });
 }
 
-// Writes row = scale * (p - eps / V) + extra (already in buf for extra) with the target's
-// one-hot share, converting to Out once.
+// Writes a row's fp32 gradient acc to out, converting to Out once, with the one-hot share of its
+// target (target_shift) taken off in fp32 first.
 template <typename Out>
 JANUS_INLINE void write_row(int64_t V, const float* acc, Out* out, int64_t target, float target_shift) {
   for_columns(V, [&](auto tag, int64_t v) JANUS_BODY { store(out + v, load(tag, acc + v)); });

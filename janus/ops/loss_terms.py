@@ -154,12 +154,20 @@ _CPP_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _fits_cpp(
-    logits: Tensor, counts, targets: Tensor, keep: Tensor, pairs: Optional[Tensor], *args, **kwargs
+    logits: Tensor,
+    counts: tuple[int, int, int],
+    targets: Tensor,
+    keep: Tensor,
+    pairs: Optional[Tensor],
+    eps: float,
+    scales: LossScales,
+    need_grad: bool,
+    grad_dtype: Optional[torch.dtype] = None,
 ) -> Verdict:
     ok, why = all_on_cpu(logits, targets, keep, pairs)
     if not ok:
         return ok, why
-    grad_dtype = kwargs.get("grad_dtype", args[4] if len(args) > 4 else None) or torch.float32
+    grad_dtype = grad_dtype or torch.float32
     if logits.dtype not in _CPP_DTYPES or grad_dtype not in _CPP_DTYPES:
         return False, f"logits {logits.dtype} / gradient {grad_dtype}: the CPU kernel takes float32 and bfloat16"
     if pairs is not None and pairs.shape[0] > 1 and not bool((pairs[1:] >= pairs[:-1]).all()):
