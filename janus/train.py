@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.graph import increment_version
 
 from janus import __version__
 from janus.checkpoint import (
@@ -264,6 +265,7 @@ class Trainer:
         # 3.8 ms, equal up to rounding (7e-9 apart after 30 steps). A resumed run keeps the implementation
         # its checkpoint was written with (load_state_dict restores the group's fused/foreach flags).
         fused = self.env.device.type in ("cpu", "cuda")
+        self._params = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=cfg.warmup_init_lr,
@@ -482,6 +484,10 @@ class Trainer:
         gnorm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        # The fused AdamW writes the parameters in place without bumping their version counters, which
+        # key the inference caches (Attention.fused_qkv_weights): without this, every validation after
+        # the first would read the q/k/v weights of the first.
+        increment_version(self._params)
         self.step += 1
         return sums, norm, gnorm
 
