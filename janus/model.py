@@ -183,7 +183,10 @@ class Attention(nn.Module):
     The parameters are ``q``, ``k``, ``v``, ``out`` (the checkpoint format). For inference,
     ``project_qkv`` runs the three input projections as ONE GEMM over weights concatenated once
     and kept until a parameter changes (its storage or version counter), so training, which
-    never uses it, is unchanged, and a loaded or updated model never sees stale weights.
+    never uses it, is unchanged, and a loaded or updated model never sees stale weights. One kind of
+    update escapes that key: torch's fused optimizers (``AdamW(fused=True)``) write parameters in place
+    without bumping their version counters; code that decodes between such steps calls
+    ``torch.autograd.graph.increment_version(params)`` after each, as the trainer does.
     ``Quantized`` (int8) instead gives the layer a fused ``qkv`` module of its own.
     """
 
