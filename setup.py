@@ -57,10 +57,15 @@ def _extensions() -> tuple[list, dict]:
     sources = rel(CSRC.glob("*.cpp")) + rel(CSRC.glob("cpu/*.cpp"))
     cuda_sources = rel(CSRC.glob("cuda/*.cu"))
     # No -std flag: BuildExtension passes the standard this torch needs.
+    # OpenMP on Linux, as torch's own CPU kernels: at::parallel_for in the CPU kernels is an OpenMP
+    # pragma, serial without it (the library then shares the libgomp torch has loaded).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     kwargs = dict(
         name="janus._C",
         include_dirs=[str(CSRC)],
-        extra_compile_args={"cxx": ["/O2"] if os.name == "nt" else ["-O3", "-g0"]},  # -g0: Python's CFLAGS add -g
+        # -g0: Python's CFLAGS add -g
+        extra_compile_args={"cxx": ["/O2"] if os.name == "nt" else ["-O3", "-g0", *openmp]},
+        extra_link_args=openmp,
         py_limited_api=True,
     )
     make = cpp_extension.CppExtension

@@ -43,4 +43,9 @@ TORCH_LIBRARY(janus, m) {
   m.def(
       "loss_terms(Tensor logits, int[] counts, Tensor targets, Tensor keep, Tensor? pairs, float eps, float[] scales, "
       "bool need_grad, ScalarType grad_dtype) -> (Tensor, Tensor)");
+
+  // x @ weight^T (+ bias) for a few rows of x, reading the weight once (an incremental decoder step).
+  // x float32|bfloat16 [M, K], weight [N, K] and bias [N] (or None) of x's dtype -> [M, N] of x's dtype.
+  m.set_python_module("janus.ops.skinny_linear");
+  m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }

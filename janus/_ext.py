@@ -44,6 +44,9 @@ _state: tuple[types.ModuleType | None, str] | None = None
 _when_loaded: list[Callable[[], None]] = []
 
 
+_OPENMP = ("-fopenmp",) if sys.platform.startswith("linux") else ()
+
+
 def load() -> types.ModuleType | None:
     """The janus op namespace ``torch.ops.janus`` with the compiled ops registered, or None.
 
@@ -190,7 +193,8 @@ def _build_or_find() -> tuple[Path, str]:
         raise FileNotFoundError("C++ sources not found (expected csrc/ beside janus/ or janus/csrc/)")
     sources = _sources(root)
     key = hashlib.sha256()
-    for part in (torch.__version__, torch.version.git_version, sys.implementation.cache_tag, platform.machine()):
+    for part in (torch.__version__, torch.version.git_version, sys.implementation.cache_tag, platform.machine(),
+                 " ".join(_OPENMP)):  # fmt: skip
         key.update(f"{part}\0".encode())
     for p in sources + [p for g in _HEADER_GLOBS for p in sorted(root.glob(g))]:
         key.update(f"{p.relative_to(root).as_posix()}\0".encode())
@@ -212,7 +216,9 @@ def _build_or_find() -> tuple[Path, str]:
             cpp_extension.load(
                 name=_LIB_NAME,
                 sources=[str(p) for p in sources],
-                extra_cflags=["/O2"] if os.name == "nt" else ["-O3"],
+                # OpenMP on Linux: at::parallel_for in the CPU kernels is an OpenMP pragma (see setup.py).
+                extra_cflags=["/O2"] if os.name == "nt" else ["-O3", *_OPENMP],
+                extra_ldflags=list(_OPENMP),
                 extra_cuda_cflags=["-O3"],
                 extra_include_paths=[str(root)],
                 build_directory=str(build_dir),

@@ -135,8 +135,10 @@ def format_report(info: dict[str, Any]) -> str:
     devices = info["devices"]
     lines.append(f"cpu threads: {devices['cpu_threads']} ({devices['cpu_capability']})")
     bf16 = "yes" if devices["cpu_bf16"] else "no"
-    lines.append(f"cpu native bf16: {bf16} ({devices['cpu_bf16_detail']}); --amp auto trains on CPU in "
-                 f"{'bf16' if devices['cpu_bf16'] else 'fp32'}")
+    lines.append(
+        f"cpu native bf16: {bf16} ({devices['cpu_bf16_detail']}); --amp auto trains on CPU in "
+        f"{'bf16' if devices['cpu_bf16'] else 'fp32'}"
+    )
     if devices["cuda"]:
         lines += [f"cuda:{d['index']}: {d['name']} (sm {d['capability']})" for d in devices["cuda"]]
     else:

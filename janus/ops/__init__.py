@@ -18,6 +18,7 @@ from janus.ops.loss_terms import loss_terms, loss_terms_ref
 from janus.ops.mask_predict_update import mask_predict_update, mask_predict_update_ref
 from janus.ops.pad_batch import pad_batch, pad_batch_ref
 from janus.ops.remask_lowest import remask_lowest, remask_lowest_ref
+from janus.ops.skinny_linear import skinny_linear, skinny_linear_ref
 
 __all__ = [
     "BackendUnavailable",
@@ -36,4 +37,6 @@ __all__ = [
     "registry",
     "remask_lowest",
     "remask_lowest_ref",
+    "skinny_linear",
+    "skinny_linear_ref",
 ]
