@@ -10,7 +10,7 @@ import pytest
 CONFTEST = Path(__file__).with_name("conftest.py")
 MARKER = "corpus: reads the full development corpus"
 
-TESTS = '''
+TESTS = """
 import pytest
 
 @pytest.mark.corpus
@@ -19,7 +19,7 @@ def test_marked(shared_data):
 
 def test_plain():
     pass
-'''
+"""
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_corpus_tests_run_where_the_corpus_is(suite, monkeypatch, tmp_path):
 def test_an_unmarked_test_cannot_read_the_corpus(suite, monkeypatch, tmp_path):
     monkeypatch.setenv("JANUS_SHARED_DATA", str(tmp_path))
     suite.makepyfile(
-        test_x='''
+        test_x="""
 import pytest
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def prepared(shared_data):
 
 def test_indirect(prepared):
     pass
-'''
+"""
     )
     result = suite.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR

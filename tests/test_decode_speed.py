@@ -128,7 +128,7 @@ def test_interleaved_rounds_take_turns_and_keep_three_runs():
     calls: list[str] = []
     fns = [lambda k=k: calls.append(k) for k in "abc"]
     times = harness.interleaved(fns, torch.device("cpu"), rounds=4, budget_s=0.0)
-    assert calls == list("abc" "cba" "abc")  # the budget ends it after the three rounds it cannot skip
+    assert calls == list("abccbaabc")  # the budget ends it after the three rounds it cannot skip
     assert [len(t) for t in times] == [3, 3, 3] and all(x >= 0 for t in times for x in t)
     assert len(harness.interleaved(fns, torch.device("cpu"), rounds=4)[0]) == 4
     with pytest.raises(ValueError, match="rounds=2"):
