@@ -90,6 +90,11 @@ def test_variants_run_after_their_source_and_take_the_rest_of_the_budget(tmp_pat
     assert stop.skl_stop_grad == "ar" and stop.objective == "janus"
     noaux = quality.train_config(quality.VARIANTS["janus-noaux"], ns, tmp_path).loss_weights()
     assert noaux.aux == noaux.skl_ar_aux == noaux.skl_nar_aux == 0 and noaux.skl_ar_nar == 1.0
+    light = quality.train_config(quality.VARIANTS["janus-light"], ns, tmp_path).loss_weights()
+    published = noaux.__class__()
+    for name in ("nar", "aux", "length", "skl_ar_nar", "skl_ar_aux", "skl_nar_aux"):
+        assert getattr(light, name) == pytest.approx(getattr(published, name) / 10), name
+    assert light.ar == 1.0
     init = quality.VARIANTS["janus-ar-init"]
     with pytest.raises(SystemExit, match="checkpoint_00001500, which is missing: train ar first"):
         quality.train_config(init, ns, tmp_path)
