@@ -38,26 +38,17 @@
 #include <limits>
 #include <vector>
 
-#if defined(__GNUC__) || defined(__clang__)
+#include "cpu/vector_lanes.h"
 
-#if defined(__x86_64__) && !defined(__clang__)
-#define JANUS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define JANUS_CLONES
-#endif
-#define JANUS_INLINE inline __attribute__((always_inline))
+#ifdef JANUS_VECTOR_LANES
+
 // The column bodies are lambdas: inlined too, so that each clone compiles them for its own target.
 #define JANUS_BODY __attribute__((always_inline))
 
 namespace janus {
 namespace {
 
-constexpr int kLanes = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-using bf16_raw = uint16_t;
+using namespace lanes;
 
 // -- lanes: the same code for one float and for 16 ---------------------------------------------
 template <typename L>
@@ -67,44 +58,6 @@ JANUS_INLINE L splat(float x) {
   } else {
     return L{} + x;
   }
-}
-
-JANUS_INLINE float load(float, const float* p) { return *p; }
-JANUS_INLINE vf load(vf, const float* p) {
-  vf x;
-  std::memcpy(&x, p, sizeof x);
-  return x;
-}
-JANUS_INLINE float load(float, const bf16_raw* p) {
-  const uint32_t u = static_cast<uint32_t>(*p) << 16;
-  float x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-}
-JANUS_INLINE vf load(vf, const bf16_raw* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  const vu u = __builtin_convertvector(h, vu) << 16;
-  vf x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-}
-
-JANUS_INLINE void store(float* p, float x) { *p = x; }
-JANUS_INLINE void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
-// Round to nearest even, NaN kept NaN (as c10::BFloat16).
-JANUS_INLINE void store(bf16_raw* p, float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  *p = std::isnan(x) ? bf16_raw{0x7FC0} : static_cast<bf16_raw>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-JANUS_INLINE void store(bf16_raw* p, vf x) {
-  vu u;
-  std::memcpy(&u, &x, sizeof u);
-  const vu nan = (vu)(x != x);
-  const vu rounded = ((u + 0x7FFFu + ((u >> 16) & 1u)) & ~nan) | ((vu{} + 0x7FC00000u) & nan);
-  const vh h = __builtin_convertvector(rounded >> 16, vh);
-  std::memcpy(p, &h, sizeof h);
 }
 
 JANUS_INLINE float max_of(float a, float b) { return a > b ? a : b; }
@@ -521,4 +474,4 @@ TORCH_LIBRARY_IMPL(janus, CPU, m) { m.impl("loss_terms", &loss_terms_cpu); }
 
 }  // namespace janus
 
-#endif  // vector types
+#endif  // JANUS_VECTOR_LANES

@@ -30,54 +30,28 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__GNUC__) || defined(__clang__)
+#include "cpu/vector_lanes.h"
 
-#if defined(__x86_64__) && !defined(__clang__)
-#define JANUS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define JANUS_CLONES
-#endif
-#define JANUS_INLINE inline __attribute__((always_inline))
+#ifdef JANUS_VECTOR_LANES
 
 namespace janus {
 namespace {
 
-constexpr int kLanes = 16;
+using namespace lanes;
+
 // Input rows per pass over the weight: 12 rows x 2 weight rows = 24 accumulators, with the two weight
 // vectors and one input vector 27 of AVX-512's 32 registers.
 constexpr int kGroup = 12;
-typedef float vf __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-using bf16_raw = uint16_t;
 
-JANUS_INLINE vf load(const float* p) {
-  vf x;
-  std::memcpy(&x, p, sizeof x);
-  return x;
+JANUS_INLINE vf load(const float* p) { return lanes::load(vf{}, p); }
+JANUS_INLINE vf load(const bf16_raw* p) { return lanes::load(vf{}, p); }
+template <typename T>
+JANUS_INLINE float load1(const T* p) {
+  return lanes::load(0.0f, p);
 }
-JANUS_INLINE vf load(const bf16_raw* p) {
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  const vu u = __builtin_convertvector(h, vu) << 16;
-  vf x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-}
-JANUS_INLINE float load1(const float* p) { return *p; }
-JANUS_INLINE float load1(const bf16_raw* p) {
-  const uint32_t u = static_cast<uint32_t>(*p) << 16;
-  float x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-}
-JANUS_INLINE void store1(float* p, float x) { *p = x; }
-// Round to nearest even, NaN kept NaN (as c10::BFloat16).
-JANUS_INLINE void store1(bf16_raw* p, float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  *p = std::isnan(x) ? bf16_raw{0x7FC0} : static_cast<bf16_raw>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+template <typename T>
+JANUS_INLINE void store1(T* p, float x) {
+  lanes::store(p, x);
 }
 JANUS_INLINE float lane_sum(vf v) {
   // A fixed tree: 8 + 8, 4 + 4, 2 + 2, 1 + 1.
@@ -244,4 +218,4 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 
 TORCH_LIBRARY_IMPL(janus, CPU, m) { m.impl("skinny_linear", &janus::skinny_linear_cpu); }
 
-#endif  // defined(__GNUC__) || defined(__clang__)
+#endif  // JANUS_VECTOR_LANES
