@@ -173,9 +173,15 @@ def beam_search(
             per_hyp = torch.arange(nb * K, device=dev) // K
             stop = repeating_tail(tokens, step, repeat_ngram, repeat_times) if repeat_ngram else None
             constrain_ar(logp, step, min_lens[alive][per_hyp], max_lens[alive][per_hyp], sp, stop)
-            cand = (sums[:, None] + logp.double()).view(nb, K * V)
-            top, idx = cand.topk(min(2 * K, K * V), dim=1)  # (nb, 2K), best first
-            src_beam, tok = idx // V, idx % V
+            # The 2K best extensions of each sentence are among the 2K best tokens of each of its
+            # hypotheses (a hypothesis adds one constant score to all its tokens): rank those
+            # K * 2K candidates in fp64 instead of all K * V.
+            per = min(2 * K, V)
+            row_top, row_tok = logp.topk(per, dim=1)  # (nb*K, per) fp32, best first
+            cand = (sums[:, None] + row_top.double()).view(nb, K * per)
+            top, pos = cand.topk(min(2 * K, K * per), dim=1)  # (nb, 2K), best first
+            src_beam = pos // per
+            tok = row_tok.view(nb, K * per).gather(1, pos)
             is_eos = (tok == sp.eos) & torch.isfinite(top)
             # 1. An eos among the first K candidates finishes a hypothesis.
             fin = is_eos[:, :K].nonzero().tolist()
