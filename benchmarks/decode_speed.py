@@ -41,6 +41,7 @@ import copy
 import dataclasses
 import functools
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -49,6 +50,7 @@ import torch
 from harness import environment, interleaved, percentile, plot_bleu_vs_speed, print_table, pyplot, write_json
 
 from janus.api import Generator, make_decode_batches
+from janus.cli import auto_threads
 from janus.config import DecodeConfig, preset
 from janus.memory import keep_freed_memory
 from janus.model import JanusModel
@@ -184,6 +186,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     keep_freed_memory()  # the same allocator for every method, first or last
     if args.threads:
         torch.set_num_threads(args.threads)
+    free, why = auto_threads()
+    if args.device == "cpu" and torch.get_num_threads() > free:
+        print(f"decode_speed: warning: {torch.get_num_threads()} threads but only {free} free CPU(s) ({why}): "
+              "OpenMP threads that lose their core stall the others, and timings can be many times slower "
+              f"than on a quiet machine; run it alone, or with --threads {free}", file=sys.stderr)  # fmt: skip
 
     dtypes = list(dict.fromkeys(d.strip() for d in args.dtype.split(",") if d.strip())) or ["auto"]
     if args.checkpoint:

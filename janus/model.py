@@ -13,10 +13,11 @@ H heads, V vocabulary.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -296,15 +297,20 @@ def _linear(layer: nn.Module, x: Tensor) -> Tensor:
     if kind is nn.Linear:
         return infer_linear(x, layer.weight, layer.bias)
     if kind is _DynamicInt8Linear and layer._packed_params.dtype == torch.qint8 and (layer.version or 0) >= 4:
-        return _linear_dynamic_int8(x, layer._packed_params._packed_params, True)
+        return _linear_dynamic_op()(x, layer._packed_params._packed_params, True)
     return layer(x)
 
 
 _BF16_ATTENTION_ROWS = 16
-# (x, packed, reduce_range) -> fp32. The overload's C++ callable: its Python __call__ first scans the
-# arguments for the fake script objects of tracing (7 us of a 30 us call in eager decoding).
-_LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
-_linear_dynamic_int8 = getattr(_LINEAR_DYNAMIC, "_op", _LINEAR_DYNAMIC)
+
+
+@functools.cache
+def _linear_dynamic_op() -> Callable[..., Tensor]:
+    """``quantized::linear_dynamic`` (x, packed, reduce_range) -> fp32, as its overload's C++ callable: the
+    overload's Python __call__ first scans the arguments for the fake script objects of tracing (7 us of a
+    30 us call in eager decoding). Looked up on first use: only int8 layers need it."""
+    op = torch.ops.quantized.linear_dynamic.default
+    return getattr(op, "_op", op)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float) -> Tensor:
