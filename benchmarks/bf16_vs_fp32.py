@@ -25,18 +25,15 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from harness import train_events
+
 KEYS = ("ar_nll", "nar_nll", "aux_nll", "length", "loss")
-
-
-def events(save_dir: Path, event: str) -> list[dict[str, Any]]:
-    lines = (save_dir / "train.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("event") == event]
 
 
 def curves(fp32: Path, bf16: Path) -> dict[str, Any]:
     """Validation rows at the steps both runs reached (the last record of a step wins after a resume)."""
-    a = {r["step"]: r for r in events(fp32, "valid")}
-    b = {r["step"]: r for r in events(bf16, "valid")}
+    a = {r["step"]: r for r in train_events(fp32, "valid")}
+    b = {r["step"]: r for r in train_events(bf16, "valid")}
     rows = []
     for step in sorted(set(a) & set(b)):
         row: dict[str, Any] = {"step": step}
@@ -45,7 +42,8 @@ def curves(fp32: Path, bf16: Path) -> dict[str, Any]:
             row[f"diff_{k}"] = round(b[step][k] - a[step][k], 5)
         rows.append(row)
     worst = {k: max((abs(r[f"diff_{k}"]) for r in rows), default=None) for k in ("ar_nll", "nar_nll", "aux_nll")}
-    precision = {name: (events(d, "start") or [{}])[0].get("precision") for name, d in (("fp32", fp32), ("bf16", bf16))}
+    runs = (("fp32", fp32), ("bf16", bf16))
+    precision = {name: (train_events(d, "start") or [{}])[0].get("precision") for name, d in runs}
     return {"rows": rows, "max_abs_diff": worst, "precision": precision,
             "steps": {"fp32": max(a, default=0), "bf16": max(b, default=0)}}  # fmt: skip
 
@@ -64,7 +62,7 @@ def main() -> None:
     a = p.parse_args()
     result = curves(Path(a.fp32), Path(a.bf16))
     result["evaluate"] = {"fp32": bleu(a.fp32_eval), "bf16": bleu(a.bf16_eval)}
-    result["train_config"] = (events(Path(a.fp32), "start") or [{}])[0].get("train")
+    result["train_config"] = (train_events(Path(a.fp32), "start") or [{}])[0].get("train")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -178,6 +178,12 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
+def train_events(save_dir: Path, event: str) -> list[dict[str, Any]]:
+    """The records of ``event`` ("start", "train", "valid", ...) in a training run's train.jsonl, in order."""
+    lines = (Path(save_dir) / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == event]
+
+
 PLOT_MISSING = (
     "matplotlib is not installed: no plots (pip install matplotlib, or the plot extra: pip install -e '.[plot]')"
 )

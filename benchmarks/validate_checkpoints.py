@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from harness import print_table, write_json
+from harness import print_table, train_events, write_json
 from tqdm.auto import tqdm
 
 from janus.checkpoint import list_checkpoints, load_checkpoint
@@ -28,19 +27,6 @@ from janus.config import TrainConfig
 from janus.train import Trainer
 
 TERMS = ("ar_nll", "nar_nll", "aux_nll", "length", "loss")
-
-
-def logged_validations(save_dir: Path) -> dict[int, dict[str, Any]]:
-    """The run's own validation records by step (the last one of a step wins), from its train.jsonl."""
-    log = save_dir / "train.jsonl"
-    if not log.is_file():
-        return {}
-    out = {}
-    for line in log.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        if r.get("event") == "valid":
-            out[r["step"]] = r
-    return out
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
@@ -68,7 +54,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         # The shapes of the run (its vocabulary and specials come from the data folder, as in training).
         shapes = {k: v for k, v in first.config.get("model", {}).items() if k not in ("vocab_size", "specials")}
         trainer = Trainer(TrainConfig(**train_cfg), model_overrides=shapes)
-        logged = logged_validations(save_dir)
+        # The run's own validations by step (the last one of a step wins, after a resume).
+        logged = {r["step"]: r for r in train_events(save_dir, "valid")} if (save_dir / "train.jsonl").is_file() else {}
         rows = []
         for path in tqdm(ckpts, desc="checkpoints", disable=None):
             ckpt = load_checkpoint(path)

@@ -265,7 +265,6 @@ class Trainer:
         # 3.8 ms, equal up to rounding (7e-9 apart after 30 steps). A resumed run keeps the implementation
         # its checkpoint was written with (load_state_dict restores the group's fused/foreach flags).
         fused = self.env.device.type in ("cpu", "cuda")
-        self._params = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=cfg.warmup_init_lr,
@@ -487,7 +486,7 @@ class Trainer:
         # The fused AdamW writes the parameters in place without bumping their version counters, which
         # key the inference caches (Attention.fused_qkv_weights): without this, every validation after
         # the first would read the q/k/v weights of the first.
-        increment_version(self._params)
+        increment_version(list(self.model.parameters()))
         self.step += 1
         return sums, norm, gnorm
 

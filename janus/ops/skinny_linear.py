@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from janus import _ext
-from janus.ops._dispatch import Backend, Verdict, compiled, register_op
+from janus.ops._dispatch import Backend, Verdict, all_on_cpu, compiled, register_op
 
 # bf16 rows up to which the kernel beats torch's GEMM (measured above).
 MAX_ROWS = 8
@@ -67,8 +67,9 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _fits_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Verdict:
-    if x.device.type != "cpu" or weight.device.type != "cpu" or (bias is not None and bias.device.type != "cpu"):
-        return False, "the kernel takes CPU tensors"
+    ok, why = all_on_cpu(x, weight, bias)
+    if not ok:
+        return ok, why
     if x.dtype not in _DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return False, f"x {x.dtype}, weight {weight.dtype}: the kernel takes float32 or bfloat16, all alike"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
