@@ -116,6 +116,8 @@ class Variant:
         return round(steps * self.init_share) if self.init_from else 0
 
 
+# Every weight but P_AR's at a tenth of JANUS.md's (w_ar stays at its default).
+_LIGHT = dict(w_nar=0.05, w_aux=0.05, w_length=0.01, w_skl_ar_nar=0.1, w_skl_ar_aux=0.3, w_skl_nar_aux=0.1)
 _NO_SKL = dict(w_skl_ar_nar=0.0, w_skl_ar_aux=0.0, w_skl_nar_aux=0.0)
 VARIANTS = {v.name: v for v in [
     Variant("ar", "ar", "plain AR Transformer (the AR baseline)"),
@@ -127,8 +129,7 @@ VARIANTS = {v.name: v for v in [
     Variant("janus-stopgrad", "janus", "janus, no SKL gradient into P_AR (P_AR a fixed teacher)",
             options=dict(skl_stop_grad="ar")),
     Variant("janus-light", "janus", "janus with every term but P_AR's at a tenth of its published weight",
-            options=dict(w_nar=0.05, w_aux=0.05, w_length=0.01, w_skl_ar_nar=0.1, w_skl_ar_aux=0.3,
-                         w_skl_nar_aux=0.1)),
+            options=_LIGHT),
     Variant("janus-x0.03", "janus", "janus with every term but P_AR's at 3% of its published weight",
             options=dict(w_nar=0.015, w_aux=0.015, w_length=0.003, w_skl_ar_nar=0.03, w_skl_ar_aux=0.09,
                          w_skl_nar_aux=0.03)),
@@ -143,6 +144,7 @@ VARIANTS = {v.name: v for v in [
     Variant("cmlm-kd", "cmlm", "cmlm on --distilled-data (sequence-level knowledge distillation)", distilled=True),
     Variant("janus-stopgrad-kd", "janus", "janus-stopgrad on --distilled-data", options=dict(skl_stop_grad="ar"),
             distilled=True),
+    Variant("janus-light-kd", "janus", "janus-light on --distilled-data", options=_LIGHT, distilled=True),
 ]}  # fmt: skip
 
 

@@ -156,3 +156,46 @@ def test_trained_model_spec_variants_equal_greedy_in_fewer_passes(synthetic_mode
         assert_greedy(spec, greedy, (policy, block, T))
         mean = sum(h.passes for h in spec) / len(spec)
         assert mean < 0.6 * mean_greedy, (policy, block, T, mean, mean_greedy)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_draft_tokens_past_a_rejected_one_stay_in_the_draft(seed, monkeypatch):
+    """Pass 1 carries a NAR canvas whose tokens are greedy's up to position k and others from k on;
+    pass 2 verifies that draft and rejects its token k. What pass 3 verifies past the new prefix is the
+    draft's own tokens, not the AR's tokens of pass 2 there (predicted from the rejected token)."""
+    import janus.decoding.speculative as spec_module
+
+    m = random_model(seed)
+    src = random_sources(seed + 7, 6, lo=6, hi=10)
+    forced = torch.tensor([7, 9, 8, 10, 6, 9])
+    g = greedy_search(m, src, target_lengths=forced, **LIMITS)
+    V = m.cfg.vocab_size
+    draft = torch.full((len(g), int(forced.max()) + 2), PAD)
+    wrong = [2 + b % 3 for b in range(len(g))]  # k: the first wrong token's position
+    for b, h in enumerate(g):
+        ids = torch.tensor([BOS, *h.ids, EOS])
+        k = wrong[b]
+        ids[k:-1] = 5 + (ids[k:-1] - 5 + 1) % (V - 5)  # other ordinary tokens from k on
+        draft[b, : len(ids)] = ids
+
+    def nar_draft(hidden, weight, tokens, scores, mask, banned):  # pass 1's canvas, every sentence
+        slots = tokens == mask
+        tokens[slots] = draft[:, : tokens.shape[1]][slots]
+        return tokens, scores
+
+    verified = []
+    build = spec_module.build_ar_verify_rows
+
+    def record(tokens, starts, ends, **kw):
+        verified.append((tokens.clone(), starts.clone()))
+        return build(tokens, starts, ends, **kw)
+
+    monkeypatch.setattr(spec_module, "mask_predict_update", nar_draft)
+    monkeypatch.setattr(spec_module, "build_ar_verify_rows", record)
+    s = speculative_decode(m, src, target_lengths=forced, policy="first", block=0, **LIMITS)
+    assert [h.ids for h in s] == [h.ids for h in g]
+    tokens, starts = verified[2]  # pass 3: every sentence still decoding (the draft's tail is wrong)
+    for b, h in enumerate(g):
+        k, n = wrong[b], len(h.ids) + 2
+        assert int(starts[b]) == k  # prefix y_0 .. y_k: pass 2 accepted up to the AR's token at k
+        assert tokens[b, k + 1 : n - 1].tolist() == draft[b, k + 1 : n - 1].tolist(), b

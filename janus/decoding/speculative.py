@@ -14,8 +14,12 @@ y_0 .. y_{p-1} (initially bos) and a draft d_p .. d_{e-1} (initially none):
    own token replaces it), or all c. Every accepted token is greedy's choice given an
    accepted prefix, so the output equals greedy search exactly, and every pass accepts at
    least one token: no sentence ever takes more decoder passes than greedy search.
-3. Jacobi draft: the AR's tokens a_{j+1} .. a_{p+c-1} (predicted after the rejected d_j) become
-   the draft of those positions for the next pass. If a NAR canvas rode along, its tokens past
+3. The draft past the new prefix: the draft tokens d_{j+1} .. stay, and where the window ran past
+   the draft, the AR's own tokens there become the draft (Jacobi). The AR's tokens after a rejected
+   d_j were predicted from d_j; the draft's were not, and they are accepted more often: in passes
+   against greedy's (300 test sentences, the default policy and block), 0.618 against 0.649 with
+   the AR's tokens in their place (``janus-sched`` of the quality study), 0.788 against 0.850
+   (``janus-light``), 0.753 against 0.829 (``janus-ar-init-stopgrad``). If a NAR canvas rode along, its tokens past
    the new prefix replace the draft instead (up to the canvas' eos); with ``draft_iterations``
    T > 1 the canvas stays in the next T - 1 passes, mask-predict style: after its pass t the
    floor(m * (T-1-t) / T) lowest-scoring of its m slots past the prefix are masked again, and
@@ -270,8 +274,9 @@ def speculative_decode(
             accepted = torch.minimum(first + 1, c)  # >= 1
             take = j < accepted[:, None]
             chosen = torch.where(j < first[:, None], draft, ar_tok)
-            # Accepted tokens, then the Jacobi draft of the rest of the window.
-            window = j < c[:, None]
+            # Accepted tokens, then the Jacobi draft of the window's positions that hold no draft token: a
+            # draft token past the rejected one stays (it did not see the rejected token; the AR's did).
+            window = (j < c[:, None]) & ((j < accepted[:, None]) | ~drafted)
             tok.scatter_(1, torch.where(window, q, 0), torch.where(window, chosen, sp.bos))
             sums += (lp.double() * take).sum(1)
             last = chosen.gather(1, (accepted - 1)[:, None]).squeeze(1)
