@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -145,3 +146,55 @@ def test_interval_checkpoints_leave_out_the_ones_saved_by_wall_time(monkeypatch,
     assert [p.name for p in quality.interval_checkpoints(tmp_path, 250)] == [
         "checkpoint_00000250", "checkpoint_00000500", "checkpoint_00000750"
     ]  # fmt: skip
+
+
+def _study(path: Path, updates: int, scores: dict[str, dict[str, float]], passes: Optional[dict] = None) -> Path:
+    """A quality.py result file holding ``scores`` (variant -> decode -> BLEU) at ``updates``."""
+    results = [dict(variant=v, objective=v.split("-")[0], decode=d, bleu=b, train_min=10.0)
+               for v, decodes in scores.items() for d, b in decodes.items()]  # fmt: skip
+    results += [dict(variant=v, objective="janus", decode="spec", bleu=0.0, passes_vs_greedy=p, equals_ar_greedy=1.0)
+                for v, p in (passes or {}).items()]  # fmt: skip
+    budget = {v: dict(updates=updates, about=f"recipe {v}") for v in scores}
+    path.write_text(json.dumps(dict(settings=dict(steps=updates), budget=budget, results=results)))
+    return path
+
+
+def test_summary_merges_studies_and_judges_each_recipe_against_its_budgets_baselines(tmp_path):
+    import quality_summary
+
+    a = _study(tmp_path / "a.json", 3000, {"ar": {"AR beam 5": 24.0}, "cmlm": {"NAR T=10 l=3": 7.5},
+                                          "janus-x": {"AR beam 5": 23.0, "NAR T=10 l=3": 10.0}})  # fmt: skip
+    b = _study(tmp_path / "b.json", 3000, {"janus-y": {"AR beam 5": 24.5, "NAR T=10 l=3": 9.6, "AR greedy": 22.0}},
+               passes={"janus-y": 0.7})  # fmt: skip
+    c = _study(tmp_path / "c.json", 6000, {"ar": {"AR beam 5": 27.0}, "cmlm": {"NAR T=10 l=3": 9.0},
+                                          "janus-x": {"AR beam 5": 27.5, "NAR T=10 l=3": 11.5}})  # fmt: skip
+    again = _study(tmp_path / "again.json", 3000, {"janus-x": {"AR beam 5": 23.5, "NAR T=10 l=3": 10.0}})
+    rows = quality_summary.main([str(a), str(b), str(c), str(again), "--out", str(tmp_path / "out" / "summary")])
+    by = {(r["variant"], r["updates"]): r for r in rows}
+    assert set(by) == {("ar", 3000), ("cmlm", 3000), ("janus-x", 3000), ("janus-y", 3000), ("ar", 6000),
+                       ("cmlm", 6000), ("janus-x", 6000)}  # fmt: skip
+    x3, y3, x6 = by["janus-x", 3000], by["janus-y", 3000], by["janus-x", 6000]
+    assert x3["ar_beam5"] == 23.5 and x3["file"] == str(again)  # the later file's scores replace the earlier's
+    assert x3["ar_vs_ar"] == pytest.approx(-0.5) and x3["nar_vs_cmlm"] == pytest.approx(2.5) and not x3["pays"]
+    assert y3["ar_vs_ar"] == pytest.approx(0.5) and y3["nar_vs_cmlm"] == pytest.approx(2.1) and y3["pays"]
+    assert y3["spec_passes_vs_greedy"] == 0.7 and y3["ar_greedy"] == 22.0
+    assert x6["ar_vs_ar"] == pytest.approx(0.5) and x6["nar_vs_cmlm"] == pytest.approx(2.5) and x6["pays"]
+    assert "pays" not in by["ar", 3000] and "ar_vs_ar" not in by["cmlm", 6000]
+    out = tmp_path / "out"
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    table = (out / "summary.md").read_text()
+    assert "janus-y" in table and "+0.50" in table and "+2.10" in table
+    check_plots(out / "summary_tradeoff.png")
+
+
+def test_summary_names_a_file_that_is_not_a_study(tmp_path):
+    import quality_summary
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"results": [{"bleu": 3.0}]}))
+    with pytest.raises(SystemExit, match="bad.json"):
+        quality_summary.main([str(bad), "--out", str(tmp_path / "s")])
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match="bad.json"):
+        quality_summary.main([str(bad), "--out", str(tmp_path / "s")])
