@@ -141,6 +141,7 @@ VARIANTS = {v.name: v for v in [
             init_from="ar", init_share=0.5),
     Variant("janus-ar-init-stopgrad", "janus", "janus-ar-init with no SKL gradient into P_AR",
             options=dict(skl_stop_grad="ar"), init_from="ar", init_share=0.5),
+    Variant("ar-kd", "ar", "ar on --distilled-data (the control of the -kd recipes' AR)", distilled=True),
     Variant("cmlm-kd", "cmlm", "cmlm on --distilled-data (sequence-level knowledge distillation)", distilled=True),
     Variant("janus-stopgrad-kd", "janus", "janus-stopgrad on --distilled-data", options=dict(skl_stop_grad="ar"),
             distilled=True),
