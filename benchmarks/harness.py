@@ -207,6 +207,20 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, ax: Any, path: Path, title: str, legend: Optional[dict[str, Any]] = None) -> Path:
+    """Title ``ax`` (small print), add its legend (``legend``: keyword arguments, None for none), and
+    write ``fig`` to ``path`` as a 120-dpi PNG, then close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title, fontsize=9)
+    if legend is not None:
+        ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_bleu_vs_speed(
     groups: dict[str, list[tuple[str, float, float]]], path: Path, title: str, xlabel: str
 ) -> Optional[Path]:
@@ -222,10 +236,4 @@ def plot_bleu_vs_speed(
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("BLEU")
-    ax.set_title(title, fontsize=9)
-    if any(groups):
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path, title, {} if any(groups) else None)

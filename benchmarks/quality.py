@@ -55,7 +55,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from harness import environment, interleaved, percentile, plot_bleu_vs_speed, print_table, pyplot, write_json
+from harness import (
+    environment,
+    interleaved,
+    percentile,
+    plot_bleu_vs_speed,
+    print_table,
+    pyplot,
+    save_figure,
+    write_json,
+)
 
 from janus.api import Generator
 from janus.checkpoint import average_checkpoints, checkpoint_name, latest_checkpoint, list_checkpoints
@@ -332,12 +341,7 @@ def plot_curves(curves: dict[str, dict[int, dict[str, float]]], path: Path, titl
                     linestyle="-" if label == GREEDY else "--", label=f"{name}: {label}")  # fmt: skip
     ax.set_xlabel("updates")
     ax.set_ylabel("BLEU (valid subset)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path, title, dict(fontsize=6, ncol=2))
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from harness import print_table, pyplot, write_json
+from harness import print_table, pyplot, save_figure, write_json
 
 DECODES = {"AR beam 5": "ar_beam5", "AR greedy": "ar_greedy", "NAR T=10 l=3": "nar_t10_l3",
            "NAR T=10 l=3 rerank": "nar_t10_l3_rerank", "NAR T=4 l=1": "nar_t4_l1"}  # fmt: skip
@@ -98,12 +98,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
                     xytext=(4, 3), textcoords="offset points")  # fmt: skip
     ax.set_xlabel("NAR T=10 l=3 BLEU")
     ax.set_ylabel("AR beam 5 BLEU")
-    ax.set_title("joint recipes: AR against NAR quality (test BLEU)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path, "joint recipes: AR against NAR quality (test BLEU)", dict(fontsize=7))
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
