@@ -291,6 +291,11 @@ class DecodeConfig:
         "accepted); 0 = all of them",
         default=4,
     )
+    draft_keep: bool = _doc(
+        "spec: after a rejected draft token, the draft's tokens past it stay (True) or the AR's own tokens of "
+        "that pass replace them (False: better where the AR's tokens repeat, e.g. random weights)",
+        default=True,
+    )
     verify_top_beta: int = _doc(
         "spec: relaxed verification (NOT greedy's output when > 1): also accept a draft token that is among the "
         "AR's verify_top_beta best and within verify_tolerance of the best's log-probability; 1 = exact (greedy)",

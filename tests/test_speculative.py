@@ -22,7 +22,7 @@ VARIANTS = [
     dict(policy=policy, block=block, draft_iterations=T)
     for policy, block, T in itertools.product(POLICIES, (0, 1, 3), (1, 2))
     if not (T == 2 and block == 1)
-]
+] + [dict(policy="exhausted", block=block, keep_draft=False) for block in (0, 3)]
 
 
 def assert_greedy(spec, greedy, what) -> None:
@@ -158,8 +158,8 @@ def test_trained_model_spec_variants_equal_greedy_in_fewer_passes(synthetic_mode
         assert mean < 0.6 * mean_greedy, (policy, block, T, mean, mean_greedy)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_draft_tokens_past_a_rejected_one_stay_in_the_draft(seed, monkeypatch):
+@pytest.mark.parametrize("seed,keep", [(0, True), (1, True), (0, False)])
+def test_draft_tokens_past_a_rejected_one_stay_in_the_draft(seed, keep, monkeypatch):
     """Pass 1 carries a NAR canvas whose tokens are greedy's up to position k and others from k on;
     pass 2 verifies that draft and rejects its token k. What pass 3 verifies past the new prefix is the
     draft's own tokens, not the AR's tokens of pass 2 there (predicted from the rejected token)."""
@@ -192,10 +192,13 @@ def test_draft_tokens_past_a_rejected_one_stay_in_the_draft(seed, monkeypatch):
 
     monkeypatch.setattr(spec_module, "mask_predict_update", nar_draft)
     monkeypatch.setattr(spec_module, "build_ar_verify_rows", record)
-    s = speculative_decode(m, src, target_lengths=forced, policy="first", block=0, **LIMITS)
+    s = speculative_decode(m, src, target_lengths=forced, policy="first", block=0, keep_draft=keep, **LIMITS)
     assert [h.ids for h in s] == [h.ids for h in g]
     tokens, starts = verified[2]  # pass 3: every sentence still decoding (the draft's tail is wrong)
+    kept = []
     for b, h in enumerate(g):
         k, n = wrong[b], len(h.ids) + 2
         assert int(starts[b]) == k  # prefix y_0 .. y_k: pass 2 accepted up to the AR's token at k
-        assert tokens[b, k + 1 : n - 1].tolist() == draft[b, k + 1 : n - 1].tolist(), b
+        kept.append(tokens[b, k + 1 : n - 1].tolist() == draft[b, k + 1 : n - 1].tolist())
+    # keep=False: the AR's tokens of pass 2 (predicted from the wrong token) replaced the draft's
+    assert kept == [keep] * len(g)

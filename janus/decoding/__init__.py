@@ -57,6 +57,7 @@ def decode_batch(
         draft_iterations=o.draft_iterations,
         policy=o.draft_policy,
         block=o.draft_block,
+        keep_draft=o.draft_keep,
         top_beta=o.verify_top_beta,
         tolerance=o.verify_tolerance,
         length_penalty=o.length_penalty,
