@@ -7,11 +7,11 @@ greedy's, and the training minutes, each with the file it came from; and the que
 study asks of a joint recipe: does its AR reach the AR baseline's (``ar`` at the same updates) and
 its NAR the NAR baseline's + 2 BLEU (``cmlm`` at the same updates)?
 
-    python benchmarks/quality_summary.py benchmarks/results/quality_cpu_v2/*quality.json \\
-        --out benchmarks/results/quality_cpu_v2/summary
+    python benchmarks/quality_summary.py benchmarks/results/quality_cpu_*/*quality.json \\
+        --out benchmarks/results/quality_summary
 
-writes ``summary.json``, ``summary.md`` and ``summary_tradeoff.png`` (AR beam 5 against NAR T=10 l=3,
-one point per recipe, the baselines' lines drawn at each budget).
+writes ``quality_summary.json``, ``quality_summary.md`` and ``quality_summary_tradeoff.png`` (AR beam 5
+against NAR T=10 l=3, one point per recipe, the baselines' lines drawn at each budget).
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ def load(paths: list[Path]) -> list[dict[str, Any]]:
             name = r.get("variant") or r["objective"]  # the first study's rows name only their objective
             spent = budget.get(name, {})
             updates = int(spent.get("updates") or study.get("settings", {}).get("steps", 0))
-            row = rows.setdefault((name, updates), dict(variant=name, updates=updates))
-            if row.get("file") != str(path):  # a new file: its record of this variant replaces the old one
-                row.update(file=str(path), objective=r.get("objective"), train_min=r.get("train_min"),
-                           about=spent.get("about", ""))  # fmt: skip
+            row = rows.get((name, updates))
+            if row is None or row["file"] != str(path):  # a new file: its record of this variant replaces the old
+                row = rows[name, updates] = dict(variant=name, updates=updates, file=str(path),
+                                                 objective=r.get("objective"), train_min=r.get("train_min"),
+                                                 about=spent.get("about", ""))  # fmt: skip
             key = DECODES.get(r["decode"])
             if key is not None:
                 row[key] = r["bleu"]

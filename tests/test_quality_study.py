@@ -162,8 +162,8 @@ def _study(path: Path, updates: int, scores: dict[str, dict[str, float]], passes
 def test_summary_merges_studies_and_judges_each_recipe_against_its_budgets_baselines(tmp_path):
     import quality_summary
 
-    a = _study(tmp_path / "a.json", 3000, {"ar": {"AR beam 5": 24.0}, "cmlm": {"NAR T=10 l=3": 7.5},
-                                          "janus-x": {"AR beam 5": 23.0, "NAR T=10 l=3": 10.0}})  # fmt: skip
+    x = {"AR beam 5": 23.0, "NAR T=10 l=3": 10.0, "AR greedy": 21.0}
+    a = _study(tmp_path / "a.json", 3000, {"ar": {"AR beam 5": 24.0}, "cmlm": {"NAR T=10 l=3": 7.5}, "janus-x": x})
     b = _study(tmp_path / "b.json", 3000, {"janus-y": {"AR beam 5": 24.5, "NAR T=10 l=3": 9.6, "AR greedy": 22.0}},
                passes={"janus-y": 0.7})  # fmt: skip
     c = _study(tmp_path / "c.json", 6000, {"ar": {"AR beam 5": 27.0}, "cmlm": {"NAR T=10 l=3": 9.0},
@@ -175,6 +175,7 @@ def test_summary_merges_studies_and_judges_each_recipe_against_its_budgets_basel
                        ("cmlm", 6000), ("janus-x", 6000)}  # fmt: skip
     x3, y3, x6 = by["janus-x", 3000], by["janus-y", 3000], by["janus-x", 6000]
     assert x3["ar_beam5"] == 23.5 and x3["file"] == str(again)  # the later file's scores replace the earlier's
+    assert "ar_greedy" not in x3  # all of them: none of the earlier file's is left under the later file's name
     assert x3["ar_vs_ar"] == pytest.approx(-0.5) and x3["nar_vs_cmlm"] == pytest.approx(2.5) and not x3["pays"]
     assert y3["ar_vs_ar"] == pytest.approx(0.5) and y3["nar_vs_cmlm"] == pytest.approx(2.1) and y3["pays"]
     assert y3["spec_passes_vs_greedy"] == 0.7 and y3["ar_greedy"] == 22.0

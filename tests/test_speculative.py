@@ -162,7 +162,8 @@ def test_trained_model_spec_variants_equal_greedy_in_fewer_passes(synthetic_mode
 def test_draft_tokens_past_a_rejected_one_stay_in_the_draft(seed, keep, monkeypatch):
     """Pass 1 carries a NAR canvas whose tokens are greedy's up to position k and others from k on;
     pass 2 verifies that draft and rejects its token k. What pass 3 verifies past the new prefix is the
-    draft's own tokens, not the AR's tokens of pass 2 there (predicted from the rejected token)."""
+    draft's own tokens, not the AR's tokens of pass 2 there (predicted from the rejected token); with
+    ``keep_draft=False``, the AR's tokens."""
     import janus.decoding.speculative as spec_module
 
     m = random_model(seed)
