@@ -26,6 +26,13 @@ CSRC = ROOT / "csrc"
 CSRC_GLOBS = ["*.cpp", "*.h", "*.cu", "*.cuh"]
 
 
+# libstdc++ by name, dynamically: the one torch itself uses. A second, static copy inside janus._C
+# (an environment's -static-libstdc++, see _build_ext) has locale facets of its own: an error message
+# that formats a number then comes out cut short, or the process crashes (seen with torch 2.11 on a
+# CUDA image).
+STDCXX_LINK = ["-lstdc++"] if sys.platform.startswith("linux") else []
+
+
 def _say(message: str) -> None:
     print(f"janus setup.py: {message}", file=sys.stderr)
 
@@ -65,7 +72,7 @@ def _extensions() -> tuple[list, dict]:
         include_dirs=[str(CSRC)],
         # -g0: Python's CFLAGS add -g
         extra_compile_args={"cxx": ["/O2"] if os.name == "nt" else ["-O3", "-g0", *openmp]},
-        extra_link_args=openmp,
+        extra_link_args=openmp + STDCXX_LINK,
         py_limited_api=True,
     )
     make = cpp_extension.CppExtension
@@ -79,7 +86,23 @@ def _extensions() -> tuple[list, dict]:
             sources += cuda_sources
             kwargs["extra_compile_args"]["nvcc"] = ["-O3"]
     ext = make(sources=sources, **kwargs)
-    return [ext], {"build_ext": cpp_extension.BuildExtension}
+    return [ext], {"build_ext": _build_ext(cpp_extension.BuildExtension)}
+
+
+def _build_ext(base: type) -> type:
+    """torch's BuildExtension, minus a -static-libstdc++ that the environment (LDFLAGS, Python's
+    LDSHARED) puts on the link line: janus._C must share torch's libstdc++ (see _extensions)."""
+
+    class BuildExt(base):
+        def build_extensions(self) -> None:
+            for attr in ("linker_so", "linker_so_cxx"):
+                command = getattr(self.compiler, attr, None)
+                if isinstance(command, list) and "-static-libstdc++" in command:
+                    setattr(self.compiler, attr, [a for a in command if a != "-static-libstdc++"])
+                    _say(f"dropped -static-libstdc++ from the {attr} command: janus._C links torch's libstdc++")
+            super().build_extensions()
+
+    return BuildExt
 
 
 def _readme() -> str:
@@ -87,19 +110,25 @@ def _readme() -> str:
     return readme.read_text(encoding="utf-8") if readme.is_file() else ""
 
 
-packages, package_dir = _packages()
-package_data = {p: CSRC_GLOBS for p in packages if p.startswith("janus.csrc")}
-# The text sample of the benchmarks' embedded default, its vocabulary and its license.
-package_data["janus.samples"] = ["*.de", "*.en", "*.model", "NOTICE", "LICENSE.*"]
-ext_modules, cmdclass = _extensions()
-setup(
-    long_description=_readme(),
-    long_description_content_type="text/markdown",
-    packages=packages,
-    package_dir=package_dir,
-    package_data=package_data,
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    # One binary for every CPython >= 3.10: janus._C uses only the limited API.
-    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
-)
+def main() -> None:
+    packages, package_dir = _packages()
+    package_data = {p: CSRC_GLOBS for p in packages if p.startswith("janus.csrc")}
+    # The text sample of the benchmarks' embedded default, its vocabulary and its license.
+    package_data["janus.samples"] = ["*.de", "*.en", "*.model", "NOTICE", "LICENSE.*"]
+    ext_modules, cmdclass = _extensions()
+    setup(
+        long_description=_readme(),
+        long_description_content_type="text/markdown",
+        packages=packages,
+        package_dir=package_dir,
+        package_data=package_data,
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        # One binary for every CPython >= 3.10: janus._C uses only the limited API.
+        options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
+    )
+
+
+# pip and setuptools run this file as __main__; tests import it for _build_ext and STDCXX_LINK.
+if __name__ == "__main__":
+    main()

@@ -25,7 +25,8 @@ rounds in which every method decodes the whole set once, the methods taking turn
 reverse order every other round), so that a slow spell of a shared machine falls on all of
 them alike; after 3 rounds no new round starts once ``--batch-seconds`` were spent. Each run
 has the encoder included and a device sync; p50 and p90 over the runs. Writes
-``results.json`` (device, versions, git commit, settings, every row) and
+``results.json`` (device, versions, git commit, settings, every row; rewritten after each batch
+size with ``complete: false`` until the last) and
 ``speedup.png`` (speedup over AR beam 5 by batch size; with a checkpoint also
 ``bleu_vs_speed.png``) to ``--out``.
 
@@ -87,6 +88,14 @@ def methods() -> list[Method]:
             out.append(Method(f"nar-T{T}-l{beam}", DecodeConfig(mode="nar", iterations=T, length_beam=beam)))
     out.append(Method("spec", DecodeConfig(mode="spec")))
     return out
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """vs_beam5 and vs_greedy of every row, against the rows of its batch size and precision."""
+    for r in rows:
+        base = {x["method"]: x["ms_p50"] for x in rows if x["batch"] == r["batch"] and x["dtype"] == r["dtype"]}
+        r["vs_beam5"] = base["beam5"] / r["ms_p50"] if "beam5" in base else math.nan
+        r["vs_greedy"] = base["greedy"] / r["ms_p50"] if "greedy" in base else math.nan
 
 
 @dataclass
@@ -237,6 +246,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             g.generate(work.sources[:2], dataclasses.replace(m.options, max_batch_size=batch),
                        target_lengths=forced[:2] if forced else None)  # fmt: skip
 
+    columns = (["method"] + (["dtype"] if len(gens) > 1 else [])
+               + ["batch", "sentences", "passes", "ms_step", "ms_p50", "ms_p90", "sent_s", "tok_s", "vs_beam5",
+                  "vs_greedy"] + (["bleu"] if args.checkpoint else []))  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = dict(vars(args), workload=work.name, forced_lengths=forced is not None, model=model_name,
+                    parameters=gen.model.num_parameters(), dtype=", ".join(names.values()))  # fmt: skip
     rows = []
     for batch in sizes:
         n = counts[batch]
@@ -261,22 +277,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                              passes=sum(h.passes for h in hyps) / n, ms_step=1e3 * p50 / max(sequential, 1),
                              ms_p50=1e3 * p50 / n, ms_p90=1e3 * p90 / n, sent_s=n / p50, tok_s=tokens / p50,
                              bleu=bleu(texts, work.references[:n]) if args.checkpoint else None))  # fmt: skip
-    for r in rows:
-        base = {x["method"]: x["ms_p50"] for x in rows if x["batch"] == r["batch"] and x["dtype"] == r["dtype"]}
-        r["vs_beam5"] = base["beam5"] / r["ms_p50"] if "beam5" in base else math.nan
-        r["vs_greedy"] = base["greedy"] / r["ms_p50"] if "greedy" in base else math.nan
-    columns = (["method"] + (["dtype"] if len(gens) > 1 else [])
-               + ["batch", "sentences", "passes", "ms_step", "ms_p50", "ms_p90", "sent_s", "tok_s", "vs_beam5",
-                  "vs_greedy"] + (["bleu"] if args.checkpoint else []))  # fmt: skip
+        add_speedups(rows)
+        if batch != sizes[-1]:  # what is measured so far, in case the run is stopped before the end
+            print_table([r for r in rows if r["batch"] == batch], columns, FORMATS)
+            write_json(out / "results.json", dict(environment=env, settings=settings, results=rows, complete=False))
     print()
     print_table(rows, columns, FORMATS)
     print(LEGEND + (BLEU_LEGEND if args.checkpoint else ""))
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = dict(vars(args), workload=work.name, forced_lengths=forced is not None, model=model_name,
-                    parameters=gen.model.num_parameters(), dtype=", ".join(names.values()))  # fmt: skip
-    write_json(out / "results.json", dict(environment=env, settings=settings, results=rows))
+    write_json(out / "results.json", dict(environment=env, settings=settings, results=rows, complete=True))
     for path in plot(rows, out, bool(args.checkpoint), title):
         print(f"wrote {path}")
     return rows

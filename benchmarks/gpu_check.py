@@ -24,7 +24,7 @@ The steps, in order (``STEPS``; each runs as a subprocess under its own time cap
   >= 4x peak memory (N=8192, M=5600, V=32000, bf16), mask_predict_update >= 3x time.
 - prepare: ``janus prepare`` of ``--corpus`` (8000-piece joint vocabulary).
 - decode: ``benchmarks/decode_speed.py --device cuda``, iwslt preset with random weights, on
-  the first 128 test sentences of the corpus at batch 1, 32 and 128.
+  the first 64 test sentences of the corpus at batch 1 (the first 4) and 64.
 - decode_trained: the same on ``--checkpoint`` (the shipped sample at batch 1 and 64),
   with BLEU; skipped without one.
 - train_compare: ``janus train``, iwslt preset, ``janus`` objective, the same 20 updates twice:
@@ -106,7 +106,7 @@ STEPS = (
     Step("tests", "pytest: gpu, triton and cpp tests", 150, 90, 30),
     Step("kernels", "benchmarks/kernels.py: fused ops against their references, the targets", 75, 60, 20),
     Step("prepare", "janus prepare of the corpus", 45, 30, 10),
-    Step("decode", "benchmarks/decode_speed.py, random weights, batch 1, 32, 128", 120, 60, 30, ("prepare",)),
+    Step("decode", "benchmarks/decode_speed.py, random weights, batch 1 and 64", 120, 60, 30, ("prepare",)),
     Step("decode_trained", "benchmarks/decode_speed.py on --checkpoint, with BLEU", 60, 60, 20),
     Step("train_compare", "janus train: fused linear + loss against the reference path", 120, 60, 40, ("prepare",)),
     Step("train", "janus train: the fused run continues while the time allows", 0, 0, 30, ("train_compare",)),
@@ -126,6 +126,9 @@ class Sizes:
     install: bool
     # tests: pytest arguments after the marker expression.
     test_args: tuple[str, ...]
+    # tests: pytest-xdist workers where it is installed (0: one process). In workers, a test that
+    # crashes the interpreter (a segfault in compiled code) is reported as failed and the run goes on.
+    test_workers: int
     # kernels: benchmarks/kernels.py arguments besides --device and --json.
     kernel_args: tuple[str, ...]
     # prepare: joint sentencepiece vocabulary size (capped by janus prepare on a small corpus).
@@ -159,11 +162,13 @@ GPU = Sizes(
     device="cuda",
     install=True,
     test_args=("tests/",),
+    test_workers=4,
     kernel_args=("--budget", "1.5", "--warmup", "10"),
     vocab_size=8000,
-    decode_args=("--preset", "iwslt", "--split", "test", "--sentences", "128", "--b1-sentences", "8",
-                 "--batch-sizes", "1,32,128", "--rounds", "3"),
-    decode_trained_args=("--sentences", "64", "--b1-sentences", "8", "--batch-sizes", "1,64", "--rounds", "3"),
+    decode_args=("--preset", "iwslt", "--split", "test", "--sentences", "64", "--b1-sentences", "4",
+                 "--batch-sizes", "1,64", "--rounds", "3", "--batch-seconds", "20"),
+    decode_trained_args=("--sentences", "64", "--b1-sentences", "4", "--batch-sizes", "1,64", "--rounds", "3",
+                         "--batch-seconds", "15"),
     preset="iwslt",
     max_tokens=8192,
     compare_updates=20,
@@ -185,6 +190,7 @@ DRY_RUN = Sizes(
     # One or two tests of each file, each kernel through the interpreter; the CUDA ones skip.
     test_args=("tests/", "-k", "one_row or backward_runs_once or dispatch_picks or dispatch_prefers_cpp "
                "or every_mode_on_cuda or full_size_bf16"),
+    test_workers=0,
     kernel_args=("--rows", "8", "--length", "16", "--classes", "32", "--ar-rows", "512", "--masked-rows", "256",
                  "--vocab", "1000", "--dim", "64", "--calls", "3", "--warmup", "1", "--budget", "0.1"),
     vocab_size=1000,
@@ -430,8 +436,44 @@ def step_build(c: Check) -> dict[str, Any]:
     wanted = [(op, b) for op, bs in figures["backends"].items() for b in bs if b in ("cuda", "triton")]
     figures["gpu_backends_unavailable"] = {f"{op}/{b}": figures["backends"][op][b] for op, b in wanted
                                            if figures["backends"][op][b] != "available"}  # fmt: skip
+    figures["error_path"] = extension_error_path(c)
     if c.sizes.install and figures["install"]["rc"] != 0 and not (info.get("extension") or {}).get("available"):
         raise StepFailed("pip install failed and the on-first-use build did not load the extension either")
+    return figures
+
+
+# A compiled op called with a bad argument: its message formats integers (c10::str through libstdc++'s
+# ostream), which crashes where the library carries a second, static libstdc++.
+ERROR_PATH = f"""
+import json, sys, torch
+import janus._ext as ext
+ext.load()
+path = getattr(sys.modules.get("janus._C"), "__file__", None) or next(iter(torch.ops.loaded_libraries), None)
+try:
+    torch.ops.janus.length_beam_init(torch.zeros(8), 2, 2, torch.tensor(5), 1, 2, 3, 0)
+    print({RESULT!r} + json.dumps(dict(library=path, raised=None)))
+except ValueError as e:
+    print({RESULT!r} + json.dumps(dict(library=path, raised=str(e).splitlines()[0][:200])))
+"""
+
+
+def extension_error_path(c: Check) -> dict[str, Any]:
+    """Whether a compiled op's error message comes back as a Python error (or the process dies), and how
+    the library links libstdc++ (``ldd``)."""
+    done = c.python("-c", ERROR_PATH, check=False)
+    if done.rc != 0:
+        status = f"crashed (exit status {done.rc})" if done.rc < 0 else f"failed ({done.rc})"
+        figures: dict[str, Any] = {"status": status}
+        library = next(iter(sorted(REPO.glob("janus/_C*.so"))), None)
+    else:
+        result = done.result()
+        figures = {"status": "ok" if result["raised"] else "no error raised", "message": result["raised"]}
+        library = Path(result["library"]) if result.get("library") else None
+    if library is not None and shutil.which("ldd"):
+        lines = subprocess.run(["ldd", str(library)], capture_output=True, text=True).stdout.splitlines()
+        figures["libstdcxx"] = next((ln.strip() for ln in lines if "libstdc++" in ln), "not a dynamic dependency")
+    if figures["status"] != "ok":
+        c.log(f"the compiled ops' error path: {figures}")
     return figures
 
 
@@ -439,9 +481,12 @@ def step_tests(c: Check) -> dict[str, Any]:
     """pytest over the selected tests; the junit XML gives the counts, failures and skip reasons."""
     junit = c.work / "tests.xml"
     junit.unlink(missing_ok=True)
+    workers = []
+    if c.sizes.test_workers and importlib.util.find_spec("xdist") is not None:
+        workers = ["-n", str(c.sizes.test_workers)]
     try:
         # -v: one line per test, so that a run killed at the cap still says how far it got.
-        done = c.python("-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", MARKERS, *c.sizes.test_args,
+        done = c.python("-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", MARKERS, *workers, *c.sizes.test_args,
                         f"--junitxml={junit}", "--durations=5", check=False)  # fmt: skip
     except StepTimeout as e:
         e.figures = verbose_summary(e.lines)
@@ -452,15 +497,21 @@ def step_tests(c: Check) -> dict[str, Any]:
 
 
 def verbose_summary(lines: list[str]) -> dict[str, Any]:
-    """Counts of the tests that finished before a timeout, from pytest -v lines ("path::test PASSED [ 10%]")."""
+    """Counts of the tests that finished before a timeout, from pytest -v lines: "path::test PASSED [ 10%]",
+    or with xdist workers "[gw0] [ 10%] PASSED path::test"."""
     counts = {k: 0 for k in ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS")}
     failures = []
     for line in lines:
         parts = line.split()
         if len(parts) >= 2 and "::" in parts[0] and parts[1] in counts:
-            counts[parts[1]] += 1
-            if parts[1] in ("FAILED", "ERROR"):
-                failures.append({"test": parts[0], "kind": parts[1].lower(), "message": ""})
+            test, status = parts[0], parts[1]
+        elif parts and parts[0].startswith("[gw") and len(parts) >= 2 and "::" in parts[-1] and parts[-2] in counts:
+            test, status = parts[-1], parts[-2]
+        else:
+            continue
+        counts[status] += 1
+        if status in ("FAILED", "ERROR"):
+            failures.append({"test": test, "kind": status.lower(), "message": ""})
     return dict(finished=sum(counts.values()), passed=counts["PASSED"], failed=counts["FAILED"],
                 errors=counts["ERROR"], skipped=counts["SKIPPED"], failures=failures, partial=True)  # fmt: skip
 
@@ -529,7 +580,12 @@ def step_prepare(c: Check) -> dict[str, Any]:
 def decode_run(c: Check, out: Path, model: Sequence[str], extra: Sequence[str]) -> list[dict[str, Any]]:
     if out.exists():
         shutil.rmtree(out)
-    c.python("benchmarks/decode_speed.py", *model, *extra, "--device", c.sizes.device, "--out", str(out))
+    try:
+        c.python("benchmarks/decode_speed.py", *model, *extra, "--device", c.sizes.device, "--out", str(out))
+    except StepTimeout as e:
+        if (out / "results.json").is_file():  # the batch sizes measured before the cap
+            e.figures = dict(rows=json.loads((out / "results.json").read_text())["results"], partial=True)
+        raise
     return json.loads((out / "results.json").read_text())["results"]
 
 
@@ -818,7 +874,11 @@ def summary(state: dict[str, Any]) -> str:
         lines += ["## Build", "", f"Extension: {(b.get('extension') or {}).get('detail')}.",
                   "GPU backends unavailable: " + ("none" if not unavailable else
                   "; ".join(f"{k} ({v})" for k, v in unavailable.items())) + ".",
-                  f"Missing packages: {', '.join(b['missing_packages']) or 'none'}.", ""]  # fmt: skip
+                  f"Missing packages: {', '.join(b['missing_packages']) or 'none'}."]  # fmt: skip
+        if e := b.get("error_path"):
+            lines += [f"Error path of the compiled ops (a bad argument's message): {e.get('status')}"
+                      + (f"; libstdc++: {e['libstdcxx']}" if e.get("libstdcxx") else "") + "."]  # fmt: skip
+        lines += [""]
     if t := figures("tests"):
         ran = (f"killed at its cap after {t['finished']} tests" if t.get("partial")
                else f"{t['tests']} tests in {t['seconds']:.0f} s")  # fmt: skip

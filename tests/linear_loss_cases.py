@@ -15,9 +15,12 @@ EPS = 0.1
 SCALES = LossScales(ar=0.3, nar=0.5, aux=0.7, skl_ar_nar=1.1, skl_ar_aux=1.3, skl_nar_aux=1.7)
 
 
-def problem(N: int, M: int, seed: int, streams: str = "abc", shuffled: bool = True, ignored: float = 0.2):
+def problem(
+    N: int, M: int, seed: int, streams: str = "abc", shuffled: bool = True, ignored: float = 0.2, device: str = "cpu"
+):
     """States of the streams in ``streams`` (a: N AR rows, b/c: M masked rows), a (V, D) projection,
-    targets with a share ``ignored`` of ignored rows, and a pairing (sorted unless ``shuffled``)."""
+    targets with a share ``ignored`` of ignored rows, and a pairing (sorted unless ``shuffled``), on
+    ``device`` (drawn on the CPU: the same values on every device)."""
     g = torch.Generator().manual_seed(seed)
     hidden = {k: (torch.randn(n, D, generator=g) if k in streams else None) for k, n in zip("abc", (N, M, M))}
     weight = torch.randn(V, D, generator=g) * 0.6
@@ -28,7 +31,8 @@ def problem(N: int, M: int, seed: int, streams: str = "abc", shuffled: bool = Tr
     pair = torch.randperm(N, generator=g)[:M]
     if not shuffled:
         pair = pair.sort().values
-    return hidden, weight, ya, y, pair
+    hidden = {k: (v.to(device) if v is not None else None) for k, v in hidden.items()}
+    return hidden, weight.to(device), ya.to(device), y.to(device), pair.to(device)
 
 
 def run(fn, hidden, weight, ya, y, pair, dtype, scales=SCALES, **kwargs):

@@ -1,6 +1,6 @@
 """The fused linear + JANUS loss (kernels/janus_loss.py's chunked driver) against janus_linear_loss_ref.
 
-Runs the Triton kernel through the interpreter on a CPU-only torch (tests/conftest.py).
+Runs the Triton kernel through the interpreter on a CPU-only torch (tests/conftest.py), else on the GPU.
 Values, gradients of the states and of the projection, chunk sizes from one row to all
 rows, every stream layout, masked rows paired in any order, low precision and autocast,
 and that no chunk ever forms more logits than its own rows.
@@ -9,16 +9,22 @@ and that no chunk ever forms more logits than its own rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 
+import linear_loss_cases
 import pytest
 import torch
-from linear_loss_cases import EPS, SCALES, check_backend, problem, run
+from linear_loss_cases import EPS, SCALES, check_backend, run
 
 from janus.kernels import janus_loss as kernel
 from janus.ops._dispatch import triton_available
 from janus.ops.janus_linear_loss import JANUS_LINEAR_LOSS, janus_linear_loss_ref, janus_linear_loss_triton
 
 pytestmark = pytest.mark.triton
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+problem = functools.partial(linear_loss_cases.problem, device=DEVICE)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,7 +90,7 @@ def test_no_chunk_forms_more_logits_than_its_rows(monkeypatch):
 
 def test_autocast_computes_in_the_autocast_dtype():
     hidden, weight, ya, y, pair = problem(9, 4, seed=7)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         got = run(janus_linear_loss_triton, hidden, weight, ya, y, pair, torch.float32, chunk_rows=4)
         want = run(janus_linear_loss_ref, hidden, weight, ya, y, pair, torch.float32)
     assert got[2]["w"].dtype == torch.float32 and got[2]["a"].dtype == torch.float32
@@ -115,8 +121,8 @@ def test_training_loss_through_the_fused_path_matches(objective, monkeypatch):
     from janus.model import JanusModel
 
     torch.manual_seed(0)
-    model = JanusModel(preset("tiny", vocab_size=40, dropout=0.0))
-    src, tgt, masked = toy_batch()
+    model = JanusModel(preset("tiny", vocab_size=40, dropout=0.0)).to(DEVICE)
+    src, tgt, masked = (t.to(DEVICE) for t in toy_batch())
     kw = dict(objective=objective, weights=LossWeights.for_objective(objective), label_smoothing=0.1)
     results = []
     for fn in (janus_linear_loss_ref, partial(janus_linear_loss_triton, chunk_rows=5)):

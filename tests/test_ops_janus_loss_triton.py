@@ -36,8 +36,11 @@ def fused():
     return JANUS_LOSS.backend("triton").impl
 
 
-def problem(N: int, M: int, seed: int, streams: str = "abc", ignored: float = 0.2, pairs: str = "sorted"):
-    """Logits (fp32, spread like a trained model's), targets with some ignored, and a pairing."""
+def problem(
+    N: int, M: int, seed: int, streams: str = "abc", ignored: float = 0.2, pairs: str = "sorted", device: str = DEVICE
+):
+    """Logits (fp32, spread like a trained model's), targets with some ignored, and a pairing, on ``device``
+    (drawn on the CPU: the same values on every device)."""
     g = torch.Generator().manual_seed(seed)
     logits = {k: (torch.randn(n, V, generator=g) * 2.5 if k in streams else None) for k, n in zip("abc", (N, M, M))}
     ya = torch.randint(0, V, (N,), generator=g)
@@ -51,7 +54,8 @@ def problem(N: int, M: int, seed: int, streams: str = "abc", ignored: float = 0.
     else:  # "repeated": two masked rows share an AR row
         pair = torch.randint(0, max(N, 1), (M,), generator=g)
         pair[-1] = pair[0]
-    return logits, ya, y, pair
+    logits = {k: (v.to(device) if v is not None else None) for k, v in logits.items()}
+    return logits, ya.to(device), y.to(device), pair.to(device)
 
 
 def run(fn, logits, ya, y, pair, dtype, grad_scale=2.5, device=DEVICE, scales=SCALES):
@@ -168,9 +172,10 @@ def test_backward_scales_by_the_incoming_gradient_and_runs_once(fused):
     logits, ya, y, pair = problem(5, 3, seed=10)
     a = logits["a"].clone().requires_grad_()
     out = fused(a, ya, logits["b"], logits["c"], y, pair, EPS, SCALES)
-    out.loss.backward(torch.tensor(-3.0), retain_graph=True)
+    upstream = torch.tensor(-3.0, device=DEVICE)
+    out.loss.backward(upstream, retain_graph=True)
     ref_a = logits["a"].clone().requires_grad_()
-    janus_loss_ref(ref_a, ya, logits["b"], logits["c"], y, pair, EPS, SCALES).loss.backward(torch.tensor(-3.0))
+    janus_loss_ref(ref_a, ya, logits["b"], logits["c"], y, pair, EPS, SCALES).loss.backward(upstream)
     torch.testing.assert_close(a.grad, ref_a.grad, rtol=1e-4, atol=1e-5)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         out.loss.backward()
@@ -196,7 +201,7 @@ def test_gradients_for_some_logits_only_leave_the_others_alone(fused):
 
 
 def test_dispatch_keeps_cpu_tensors_on_the_reference():
-    logits, ya, y, pair = problem(3, 2, seed=11)
+    logits, ya, y, pair = problem(3, 2, seed=11, device="cpu")
     backend = JANUS_LOSS.select(logits["a"], ya, logits["b"], logits["c"], y, pair, EPS, SCALES)
     assert backend.name == "reference"
     why = JANUS_LOSS.backend("triton").verdict(logits["a"], ya, logits["b"], logits["c"], y, pair, EPS, SCALES)[1]

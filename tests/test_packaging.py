@@ -113,3 +113,49 @@ def test_wheel_ships_kernels_and_sources(tmp_path):
     ):
         assert expected in names, sorted(names)
     assert not any(n.startswith("kernels/") or n.startswith("csrc/") for n in names), sorted(names)
+
+
+LINK_TEST_SOURCE = r"""
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+void fail(int64_t n) { TORCH_CHECK_VALUE(false, "n=", n, ", shape ", c10::IntArrayRef({3, 4})); }
+
+TORCH_LIBRARY(janus_link_test, m) { m.def("fail(int n) -> ()", &fail); }
+"""
+
+LINK_TEST_BUILD = """
+import importlib.util, sys
+from setuptools import setup
+from torch.utils import cpp_extension
+spec = importlib.util.spec_from_file_location("janus_setup", sys.argv[1])
+janus_setup = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(janus_setup)
+ext = cpp_extension.CppExtension("janus_link_test", ["link_test.cpp"], extra_link_args=janus_setup.STDCXX_LINK)
+build_ext = janus_setup._build_ext(cpp_extension.BuildExtension)
+setup(name="janus_link_test", ext_modules=[ext], cmdclass={"build_ext": build_ext},
+      script_args=["build_ext", "--inplace"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.cpp
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="-static-libstdc++ is a GNU toolchain flag")
+def test_extension_shares_torchs_libstdcxx_even_when_ldflags_ask_for_a_static_one(tmp_path):
+    """setup.py's link of a C++ op library under LDFLAGS=-static-libstdc++ (as some CUDA images set): the
+    library still uses the process's libstdc++, so an error message formats its numbers (with a static
+    copy they came out cut short here, and crashed the process on a GPU machine)."""
+    (tmp_path / "link_test.cpp").write_text(LINK_TEST_SOURCE)
+    (tmp_path / "build.py").write_text(LINK_TEST_BUILD)
+    env = dict(os.environ, LDFLAGS="-static-libstdc++")
+    proc = subprocess.run([sys.executable, "build.py", str(REPO / "setup.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "dropped -static-libstdc++" in proc.stderr
+    (library,) = tmp_path.glob("janus_link_test*.so")
+    call = ("import torch, sys\ntorch.ops.load_library(sys.argv[1])\ntry:\n    torch.ops.janus_link_test.fail(7)\n"
+            "except ValueError as e:\n    print(str(e).splitlines()[0])")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", call, str(library)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "n=7, shape [3, 4]"
