@@ -23,6 +23,9 @@ The steps, in order (``STEPS``; each runs as a subprocess under its own time cap
   reference, and the targets: janus_loss >= 2x time and >= 3x peak memory, janus_linear_loss
   >= 4x peak memory (N=8192, M=5600, V=32000, bf16), mask_predict_update >= 3x time.
 - prepare: ``janus prepare`` of ``--corpus`` (8000-piece joint vocabulary).
+- profile: ``torch.profiler`` (CPU and CUDA activities) around two batch-1 decodes of the shipped
+  sample, greedy and mask-predict T=10 l=3, iwslt preset with random weights: ms per sentence and
+  the ops with the most host time and the most device time (where a decoder pass's time goes).
 - decode: ``benchmarks/decode_speed.py --device cuda``, iwslt preset with random weights, on
   the first 64 test sentences of the corpus at batch 1 (the first 4) and 64.
 - decode_trained: the same on ``--checkpoint`` (the shipped sample at batch 1 and 64),
@@ -106,6 +109,7 @@ STEPS = (
     Step("tests", "pytest: gpu, triton and cpp tests", 150, 90, 30),
     Step("kernels", "benchmarks/kernels.py: fused ops against their references, the targets", 75, 60, 20),
     Step("prepare", "janus prepare of the corpus", 45, 30, 10),
+    Step("profile", "torch.profiler of a greedy and a mask-predict decode at batch 1", 45, 30, 15),
     Step("decode", "benchmarks/decode_speed.py, random weights, batch 1 and 64", 120, 60, 30, ("prepare",)),
     Step("decode_trained", "benchmarks/decode_speed.py on --checkpoint, with BLEU", 60, 60, 20),
     Step("train_compare", "janus train: fused linear + loss against the reference path", 120, 60, 40, ("prepare",)),
@@ -133,6 +137,8 @@ class Sizes:
     kernel_args: tuple[str, ...]
     # prepare: joint sentencepiece vocabulary size (capped by janus prepare on a small corpus).
     vocab_size: int
+    # profile: the model preset whose decodes are profiled (random weights).
+    profile_preset: str
     # decode / decode_trained: benchmarks/decode_speed.py arguments besides --device, --out and the model.
     decode_args: tuple[str, ...]
     decode_trained_args: tuple[str, ...]
@@ -165,6 +171,7 @@ GPU = Sizes(
     test_workers=4,
     kernel_args=("--budget", "1.5", "--warmup", "10"),
     vocab_size=8000,
+    profile_preset="iwslt",
     decode_args=("--preset", "iwslt", "--split", "test", "--sentences", "64", "--b1-sentences", "4",
                  "--batch-sizes", "1,64", "--rounds", "3", "--batch-seconds", "20"),
     decode_trained_args=("--sentences", "64", "--b1-sentences", "4", "--batch-sizes", "1,64", "--rounds", "3",
@@ -194,6 +201,7 @@ DRY_RUN = Sizes(
     kernel_args=("--rows", "8", "--length", "16", "--classes", "32", "--ar-rows", "512", "--masked-rows", "256",
                  "--vocab", "1000", "--dim", "64", "--calls", "3", "--warmup", "1", "--budget", "0.1"),
     vocab_size=1000,
+    profile_preset="tiny",
     decode_args=("--preset", "tiny", "--split", "test", "--sentences", "8", "--b1-sentences", "2",
                  "--batch-sizes", "1,4,8", "--rounds", "3", "--batch-seconds", "1",
                  "--methods", "greedy,beam5,nar-T10-l3,spec"),
@@ -589,6 +597,54 @@ def decode_run(c: Check, out: Path, model: Sequence[str], extra: Sequence[str]) 
     return json.loads((out / "results.json").read_text())["results"]
 
 
+PROFILE_WORKER = f"""
+import dataclasses, json, sys, time
+import torch
+from torch.profiler import ProfilerActivity, profile
+from janus.api import Generator
+from janus.config import DecodeConfig, preset
+from janus.model import JanusModel
+from janus.samples import libreoffice_sample
+from janus.vocab import Vocab
+
+device, name = sys.argv[1], sys.argv[2]
+sample = libreoffice_sample()
+vocab = Vocab(sample.spm_model)
+torch.manual_seed(0)
+gen = Generator(JanusModel(preset(name, vocab_size=len(vocab), dropout=0.0)), vocab, device=device)
+src = sample.source[:3]
+lengths = [len(t) for t in vocab.encode(sample.target[:3])]
+cuda = gen.device.type == "cuda"
+activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+sync = torch.cuda.synchronize if cuda else (lambda: None)
+out = {{}}
+for method, options in (("greedy", DecodeConfig(mode="ar", beam_size=1, max_batch_size=1)),
+                        ("nar-T10-l3", DecodeConfig(mode="nar", iterations=10, length_beam=3, max_batch_size=1))):
+    gen.generate(src[:1], options, target_lengths=lengths[:1])  # warm-up
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        hyps = gen.generate(src[1:], options, target_lengths=lengths[1:])
+        sync()
+        seconds = time.perf_counter() - t0
+    events = prof.key_averages()
+    def top(key):
+        rows = sorted(events, key=lambda e: getattr(e, key, 0) or 0, reverse=True)[:12]
+        return [dict(op=e.key[:80], calls=e.count, self_cpu_ms=round(e.self_cpu_time_total / 1e3, 3),
+                     self_device_ms=round((getattr(e, "self_device_time_total", 0) or 0) / 1e3, 3)) for e in rows]
+    out[method] = dict(sentences=len(hyps), ms_per_sentence=1e3 * seconds / len(hyps),
+                       passes=sum(h.passes for h in hyps) / len(hyps), top_host=top("self_cpu_time_total"),
+                       top_device=top("self_device_time_total") if cuda else [])
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+print({RESULT!r} + json.dumps(out))
+"""
+
+
+def step_profile(c: Check) -> dict[str, Any]:
+    """Where a batch-1 decode's time goes: the profiler's ops by host and by device time."""
+    return c.python("-c", PROFILE_WORKER, c.sizes.device, c.sizes.profile_preset).result()
+
+
 def step_decode(c: Check) -> dict[str, Any]:
     out = c.work / "decode"
     rows = decode_run(c, out, ["--data", str(c.work / "data")], c.sizes.decode_args)
@@ -747,6 +803,7 @@ RUNNERS: dict[str, Callable[[Check], dict[str, Any]]] = {
     "tests": step_tests,
     "kernels": step_kernels,
     "prepare": step_prepare,
+    "profile": step_profile,
     "decode": step_decode,
     "decode_trained": step_decode_trained,
     "train_compare": step_train_compare,
@@ -897,6 +954,16 @@ def summary(state: dict[str, Any]) -> str:
                        [[r["case"], r["backend"], fmt(r["us_p50"], ",.1f"), fmt(r.get("speedup_vs_reference"), ".2f"),
                          fmt(r.get("peak_mib"), ",.1f"), fmt(r.get("memory_vs_reference"), ".2f")]
                         for r in k["rows"]])  # fmt: skip
+    if pr := figures("profile"):
+        lines += ["## Profile of batch-1 decodes (random weights)", ""]
+        for method, f in pr.items():
+            lines += [f"{method}: {fmt(f['ms_per_sentence'], ',.1f')} ms per sentence, {fmt(f['passes'], '.1f')} "
+                      "passes; the ops with the most host time (ms), then with the most device time:", ""]  # fmt: skip
+            for key in ("top_host", "top_device"):
+                if f[key]:
+                    lines += table(["op", "calls", "self host ms", "self device ms"],
+                                   [[r["op"], str(r["calls"]), fmt(r["self_cpu_ms"], ".2f"),
+                                     fmt(r["self_device_ms"], ".2f")] for r in f[key][:8]])  # fmt: skip
     for name, heading in (("decode", "Decoding, random weights"), ("decode_trained", "Decoding a trained model")):
         if d := figures(name):
             lines += [f"## {heading}", "", "ms per sentence (p50, encoder included) and speedup over AR beam 5:", ""]

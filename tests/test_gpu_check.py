@@ -47,6 +47,9 @@ def test_dry_run_runs_every_step_then_resumes(tmp_path):
     kernels = steps["kernels"]["figures"]
     assert {t["case"] for t in kernels["targets"]} == {c for c, _, _ in gpu_check.TARGETS}
     assert {r["case"] for r in kernels["rows"]} >= {"janus_loss fwd+bwd", "mask_predict_update"}
+    profiled = steps["profile"]["figures"]
+    assert set(profiled) == {"greedy", "nar-T10-l3"} and profiled["nar-T10-l3"]["passes"] == 10
+    assert all(f["top_host"] and f["ms_per_sentence"] > 0 for f in profiled.values())
     assert {r["batch"] for r in steps["decode"]["figures"]["rows"]} == {1, 4, 8}
     compare = steps["train_compare"]["figures"]
     assert compare["runs"]["reference"]["backend"] == "reference"
