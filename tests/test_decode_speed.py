@@ -62,8 +62,31 @@ def test_random_weights_default_workload_forced_lengths(tmp_path, capsys):
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["forced_lengths"] is True and saved["environment"]["git_commit"]
     assert len(saved["results"]) == 10 and all(r["runs"] == 3 for r in saved["results"])
+    assert saved["complete"] is True
     assert not (out / "bleu_vs_speed.png").exists()
     check_plots(out / "speedup.png")
+
+
+def test_results_are_saved_after_each_batch_size(tmp_path, monkeypatch):
+    """A run stopped during its last batch size keeps the rows of the ones before (complete: false)."""
+    out = tmp_path / "out"
+    real = decode_speed.interleaved
+    calls = []
+
+    def stop_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a run killed at its time cap
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode_speed, "interleaved", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        decode_speed.main(["--preset", "tiny", "--methods", "greedy,beam5", "--sentences", "4", "--b1-sentences", "2",
+                           "--batch-sizes", "1,4", "--rounds", "3", "--out", str(out)])  # fmt: skip
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["complete"] is False
+    assert {(r["method"], r["batch"]) for r in saved["results"]} == {("greedy", 1), ("beam5", 1)}
+    assert all(r["vs_greedy"] > 0 for r in saved["results"])
 
 
 @pytest.mark.slow
