@@ -598,7 +598,7 @@ def decode_run(c: Check, out: Path, model: Sequence[str], extra: Sequence[str]) 
 
 
 PROFILE_WORKER = f"""
-import dataclasses, json, sys, time
+import json, sys, time
 import torch
 from torch.profiler import ProfilerActivity, profile
 from janus.api import Generator
