@@ -17,7 +17,11 @@ Cases (``Case``; sizes from the flags):
 - janus_loss (forward + backward): N AR rows, M masked rows of P_NAR and P_AUX over
   V = 32000 (default on CUDA: N = 8192, M = 5600, bf16; on the CPU 1/32 of the rows);
 - janus_linear_loss (forward + backward): the same from decoder states of width D = 512
-  and the projection; the reference forms all (N + 2M, V) logits.
+  and the projection; the reference forms all (N + 2M, V) logits;
+- skinny_linear: the GEMMs of one incremental decoder step, as one product of M rows
+  (``--skinny-rows``, default 2, 10 and 16: greedy, beam 5 and greedy at batch 8) with an
+  (N, 512) weight of the iwslt decoder's size (N = 39,936: 80 MB in fp32, far beyond the
+  L2 cache), in fp32 and in bf16.
 
 For each case and each backend available on the device (the compiled "cpp"/"cuda"
 kernels, "triton", "reference", and "dispatch": the public function, which picks a
@@ -160,6 +164,20 @@ def loss_inputs(ar_rows: int, masked_rows: int, vocab: int, dim: int) -> Callabl
     return make
 
 
+def skinny_inputs(rows: int, dtype: torch.dtype) -> Callable[[torch.device, int], tuple]:
+    # The weights an iwslt decoder step reads: 6 x (3 + 1 + 1 + 1 + 2 + 2) x 512^2 (self-attention q, k,
+    # v and out, cross-attention q and out, FFN in and out) + the 10k x 512 output projection.
+    n, k = 6 * 10 * 512 + 10_000 - 64, 512
+
+    def make(device: torch.device, seed: int) -> tuple:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(rows, k, generator=g).to(device, dtype)
+        w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
+        return x, w, torch.randn(n, generator=g).to(device, dtype)
+
+    return make
+
+
 def forward_backward(fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple:
     """The loss, its term sums and the gradients of every input that requires one (set to None first)."""
     leaves = [x for x in args if isinstance(x, torch.Tensor) and x.requires_grad]
@@ -235,6 +253,16 @@ def cases(args: argparse.Namespace) -> list[Case]:
             call=forward_backward,
             agree=close(rtol=2e-2, atol=2e-3),
         ),
+    ] + [
+        Case(
+            f"skinny_linear {str(dtype).replace('torch.', '')} M={m}",
+            "skinny_linear",
+            f"M={m} N=39936 K=512",
+            skinny_inputs(m, dtype),
+            agree=close(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else close(rtol=1e-2, atol=1e-2),
+        )
+        for dtype in (torch.float32, torch.bfloat16)
+        for m in (int(r) for r in args.skinny_rows.split(","))
     ]
 
 
@@ -356,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--masked-rows", type=int, default=5600, help="masked rows M of the loss cases (default 5600)")
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary V of the loss cases (default 32000)")
     parser.add_argument("--dim", type=int, default=512, help="model width D of janus_linear_loss (default 512)")
+    parser.add_argument("--skinny-rows", default="2,10,16", help="rows M of the skinny_linear cases (default 2,10,16)")
     parser.add_argument("--calls", type=int, default=300, help="timed calls per backend at most (default 300)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed calls first, at most (default 20)")
     parser.add_argument("--budget", type=float, default=10.0, help="about this many seconds per backend (default 10)")

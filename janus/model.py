@@ -268,18 +268,14 @@ _FUSE_ROWS = 32
 
 
 def _skinny(x: Tensor) -> bool:
-    """Whether a product of x (..., K) with a weight is an inference step's few bf16 CPU rows, for
-    ``janus.ops.skinny_linear`` (see there why fp32 stays with torch's BLAS)."""
-    return (
-        x.dtype == torch.bfloat16
-        and x.device.type == "cpu"
-        and x.numel() <= SKINNY_ROWS * x.shape[-1]
-        and not torch.is_grad_enabled()
-    )
+    """Whether a product of x (..., K) with a weight is an inference step's few fp32 or bf16 CPU rows,
+    for ``janus.ops.skinny_linear`` (see there how few, by dtype, and why)."""
+    rows = SKINNY_ROWS.get(x.dtype, 0)
+    return rows > 0 and x.device.type == "cpu" and x.numel() <= rows * x.shape[-1] and not torch.is_grad_enabled()
 
 
 def infer_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``F.linear(x, weight, bias)``; an inference step's few bf16 CPU rows go through
+    """``F.linear(x, weight, bias)``; an inference step's few fp32 or bf16 CPU rows go through
     ``janus.ops.skinny_linear``, which reads the weight once for them."""
     if _skinny(x) and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
         return skinny_linear_checked(x, weight, bias)

@@ -93,17 +93,20 @@ def test_fused_qkv_equals_separate_projections_and_follows_weight_changes():
     m = JanusModel(preset("tiny", vocab_size=60)).eval()
     attn = m.decoder[0].self_attn
     x = torch.randn(3, 5, m.cfg.d_model)
+    # fp32 rounding: one GEMM vs three, and 15 rows go through janus.ops.skinny_linear, which sums in
+    # another order than the BLAS (the weight + 1 below makes outputs of about 10).
+    tol = dict(rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         q, k, v = attn.project_qkv(x, 2)
-        torch.testing.assert_close(q, attn.q(x), rtol=1e-6, atol=1e-6)  # fp32 rounding: one GEMM vs three
-        torch.testing.assert_close(k, attn.split(attn.k(x[:, :2])), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(v, attn.split(attn.v(x[:, :2])), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(q, attn.q(x), **tol)
+        torch.testing.assert_close(k, attn.split(attn.k(x[:, :2])), **tol)
+        torch.testing.assert_close(v, attn.split(attn.v(x[:, :2])), **tol)
         w = attn.fused_qkv_weights()[0]
         assert attn.fused_qkv_weights()[0] is w  # concatenated once ...
         attn.k.weight.add_(1.0)  # ... and again after an in-place update (optimizer step, load_state_dict)
-        torch.testing.assert_close(attn.project_qkv(x, 2)[1], attn.split(attn.k(x[:, :2])), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(attn.project_qkv(x, 2)[1], attn.split(attn.k(x[:, :2])), **tol)
         m.load_state_dict(JanusModel(preset("tiny", vocab_size=60)).state_dict())
-        torch.testing.assert_close(attn.project_qkv(x, 2)[2], attn.split(attn.v(x[:, :2])), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(attn.project_qkv(x, 2)[2], attn.split(attn.v(x[:, :2])), **tol)
     assert "decoder.0.self_attn.q.weight" in m.state_dict()  # the checkpoint format is unchanged
     assert not any("qkv" in name or "fused" in name for name in m.state_dict())
 

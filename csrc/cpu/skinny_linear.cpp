@@ -4,16 +4,18 @@
 // An incremental decoder step multiplies 1-24 rows (greedy: a content and a query row per sentence;
 // beam search: twice the beam) by every weight matrix of the model, tens of MB in all, which do not
 // stay in any cache from one step to the next. A BLAS sgemm at these shapes (weight as the transposed
-// operand) costs about one pass over the weight per input row; this kernel streams each weight row
-// once for up to kGroup input rows, so a step costs about one pass over the model's weights whatever
-// the number of rows: memory bound, as it should be.
+// operand) costs about one pass over the weight per few input rows; this kernel streams each weight
+// row from memory once whatever the number of rows, and prefetches the rows it reads next, so a step
+// costs about one pass over the model's weights: memory bound, as it should be.
 //
 // Layout: x (M, K) and weight (N, K) row-major (the nn.Linear parameter as it is: no copy, no
 // repacking), both float32 or both bfloat16; bias (N,) in their dtype or absent; out (M, N) in their
 // dtype (bf16: round to nearest even). Products and sums in fp32: per output, 16 lanes of K/16 fused
-// multiply-adds in order, then the lanes' sum, then the bias (the BLAS sums in another order: results
-// agree to rounding, not bit for bit). The weight's rows are split across threads; every output is
-// computed by one thread in one order, so results do not depend on the thread count.
+// multiply-adds in order, then the lanes' sum in a fixed tree, then the K tail, then the bias (the
+// BLAS sums in another order: results agree to rounding, not bit for bit). Work is tiled by 4 weight
+// rows x up to 4 input rows; an output's sum does not depend on its tile, so a row's result does not
+// depend on the other rows of x. The weight's rows are split across threads; every output is computed
+// by one thread in one order, so results do not depend on the thread count either.
 //
 // Compiled for AVX-512, AVX2 and the baseline (target_clones) with GCC on x86-64, GCC/Clang vector
 // types elsewhere; on other compilers the op is not compiled and F.linear runs.
@@ -39,9 +41,9 @@ namespace {
 
 using namespace lanes;
 
-// Input rows per pass over the weight: 12 rows x 2 weight rows = 24 accumulators, with the two weight
-// vectors and one input vector 27 of AVX-512's 32 registers.
-constexpr int kGroup = 12;
+// A tile: kGroup input rows by kRows weight rows, 16 accumulators.
+constexpr int kGroup = 4;
+constexpr int kRows = 4;
 
 JANUS_INLINE vf load(const float* p) { return lanes::load(vf{}, p); }
 JANUS_INLINE vf load(const bf16_raw* p) { return lanes::load(vf{}, p); }
@@ -52,15 +54,6 @@ JANUS_INLINE float load1(const T* p) {
 template <typename T>
 JANUS_INLINE void store1(T* p, float x) {
   lanes::store(p, x);
-}
-JANUS_INLINE float lane_sum(vf v) {
-  // A fixed tree: 8 + 8, 4 + 4, 2 + 2, 1 + 1.
-  float s[kLanes];
-  std::memcpy(s, &v, sizeof s);
-  for (int w = kLanes / 2; w >= 1; w /= 2) {
-    for (int i = 0; i < w; ++i) s[i] += s[i + w];
-  }
-  return s[0];
 }
 
 struct Problem {
@@ -102,78 +95,71 @@ JANUS_INLINE vf lane_sums16(const vf* a) {
   return fold<1>(l3[0], l3[1]);
 }
 
-// Outputs [n0, n1) of input rows [r0, r0 + G), J weight rows at a time: each weight row read once for
-// the G rows, G * J accumulators, their lane sums 16 at a time.
+// One tile: outputs [n, n + J) of input rows [r0, r0 + G), each weight row read once for the G rows,
+// G * J accumulators (at most 16: with the J weight vectors and one input vector, 21 of AVX-512's 32
+// registers), their lane sums in one tree. `next` is the weight row where the thread's next tile
+// starts, or null: its J rows are prefetched alongside, so that the memory is read ahead of the
+// arithmetic (without it, a tile of many input rows waits on each weight line it reads).
 template <typename T, int G, int J>
-JANUS_INLINE void rows_block(const Problem& P, int64_t r0, int64_t n0, int64_t n1) {
-  constexpr int A = G * J, A16 = (A + kLanes - 1) / kLanes * kLanes;
+JANUS_INLINE void tile(const Problem& P, int64_t r0, int64_t n, const T* next) {
+  static_assert(G * J <= kLanes, "tile: at most 16 accumulators");
   const int64_t K = P.K, K16 = K / kLanes * kLanes;
-  const T* W = static_cast<const T*>(P.w);
+  const T* w0 = static_cast<const T*>(P.w) + n * K;
   const T* B = static_cast<const T*>(P.b);
   T* O = static_cast<T*>(P.out);
   const float* X = P.x + r0 * K;
-  int64_t n = n0;
-  for (; n + J <= n1; n += J) {
-    const T* w0 = W + n * K;
-    vf acc[A16];
-    for (int a = 0; a < A16; ++a) acc[a] = vf{};
-    for (int64_t k = 0; k < K16; k += kLanes) {
-      vf u[J];
-      for (int j = 0; j < J; ++j) u[j] = load(w0 + j * K + k);
-      for (int g = 0; g < G; ++g) {
-        const vf xv = load(X + g * K + k);
-        for (int j = 0; j < J; ++j) acc[g * J + j] += u[j] * xv;
-      }
-    }
-    float sums[A16];
-    for (int a = 0; a < A16; a += kLanes) {
-      const vf s16 = lane_sums16(acc + a);
-      std::memcpy(sums + a, &s16, sizeof s16);
+  vf acc[kLanes];
+  for (int a = 0; a < kLanes; ++a) acc[a] = vf{};
+  for (int64_t k = 0; k < K16; k += kLanes) {
+    vf u[J];
+    for (int j = 0; j < J; ++j) u[j] = load(w0 + j * K + k);
+    if (next != nullptr) {
+      for (int j = 0; j < J; ++j) __builtin_prefetch(next + j * K + k, 0, 3);
     }
     for (int g = 0; g < G; ++g) {
-      for (int j = 0; j < J; ++j) {
-        float s = sums[g * J + j];
-        for (int64_t k = K16; k < K; ++k) s += load1(w0 + j * K + k) * X[g * K + k];
-        if (B != nullptr) s += load1(B + n + j);
-        store1(O + (r0 + g) * P.N + n + j, s);
-      }
+      const vf xv = load(X + g * K + k);
+      for (int j = 0; j < J; ++j) acc[g * J + j] += u[j] * xv;
     }
   }
-  for (; n < n1; ++n) {  // the last outputs, one at a time
-    const T* w0 = W + n * K;
-    vf acc[G];
-    for (int g = 0; g < G; ++g) acc[g] = vf{};
-    for (int64_t k = 0; k < K16; k += kLanes) {
-      const vf u0 = load(w0 + k);
-      for (int g = 0; g < G; ++g) acc[g] += u0 * load(X + g * K + k);
-    }
-    for (int g = 0; g < G; ++g) {
-      float s = lane_sum(acc[g]);
-      for (int64_t k = K16; k < K; ++k) s += load1(w0 + k) * X[g * K + k];
-      if (B != nullptr) s += load1(B + n);
-      store1(O + (r0 + g) * P.N + n, s);
+  float sums[kLanes];
+  const vf s16 = lane_sums16(acc);
+  std::memcpy(sums, &s16, sizeof s16);
+  for (int g = 0; g < G; ++g) {
+    for (int j = 0; j < J; ++j) {
+      float s = sums[g * J + j];
+      for (int64_t k = K16; k < K; ++k) s += load1(w0 + j * K + k) * X[g * K + k];
+      if (B != nullptr) s += load1(B + n + j);
+      store1(O + (r0 + g) * P.N + n + j, s);
     }
   }
 }
 
-// Weight rows per pass by input rows: G * J accumulators and J weight vectors within 32 registers, and
-// G * J a multiple of 16 where it can be (no lane sums of padding).
+// Input rows per tile: up to kGroup, in groups of 4 with the last group's size a template argument.
+template <typename T, int J>
+JANUS_INLINE void tile_rows(const Problem& P, int64_t r0, int64_t n, const T* next) {
+  switch (std::min<int64_t>(kGroup, P.M - r0)) {
+    case 1: tile<T, 1, J>(P, r0, n, next); break;
+    case 2: tile<T, 2, J>(P, r0, n, next); break;
+    case 3: tile<T, 3, J>(P, r0, n, next); break;
+    default: tile<T, 4, J>(P, r0, n, next); break;
+  }
+}
+
+// Outputs [n0, n1): kRows weight rows at a time, for all input rows (groups of kGroup), so a weight
+// row comes from memory once, for the first group, and from the L1 cache for the others; the next
+// block's rows are prefetched during the first group's tile.
 template <typename T>
 JANUS_INLINE void run_block(const Problem& P, int64_t n0, int64_t n1) {
-  for (int64_t r0 = 0; r0 < P.M; r0 += kGroup) {
-    switch (std::min<int64_t>(kGroup, P.M - r0)) {
-      case 1: rows_block<T, 1, 16>(P, r0, n0, n1); break;
-      case 2: rows_block<T, 2, 8>(P, r0, n0, n1); break;
-      case 3: rows_block<T, 3, 5>(P, r0, n0, n1); break;
-      case 4: rows_block<T, 4, 4>(P, r0, n0, n1); break;
-      case 5: rows_block<T, 5, 3>(P, r0, n0, n1); break;
-      case 6: rows_block<T, 6, 3>(P, r0, n0, n1); break;
-      case 7: rows_block<T, 7, 2>(P, r0, n0, n1); break;
-      case 8: rows_block<T, 8, 2>(P, r0, n0, n1); break;
-      case 9: rows_block<T, 9, 2>(P, r0, n0, n1); break;
-      case 10: rows_block<T, 10, 2>(P, r0, n0, n1); break;
-      case 11: rows_block<T, 11, 2>(P, r0, n0, n1); break;
-      default: rows_block<T, 12, 2>(P, r0, n0, n1); break;
+  const T* W = static_cast<const T*>(P.w);
+  for (int64_t n = n0; n < n1; n += kRows) {
+    const T* next = n + 2 * kRows <= n1 ? W + (n + kRows) * P.K : nullptr;
+    for (int64_t r0 = 0; r0 < P.M; r0 += kGroup) {
+      const T* ahead = r0 == 0 ? next : nullptr;
+      if (n + kRows <= n1) {
+        tile_rows<T, kRows>(P, r0, n, ahead);
+      } else {
+        for (int64_t m = n; m < n1; ++m) tile_rows<T, 1>(P, r0, m, nullptr);  // the last rows, one at a time
+      }
     }
   }
 }
@@ -207,8 +193,9 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   Problem P{M, N, K, xf.const_data_ptr<float>(), w.const_data_ptr(), b.defined() ? b.const_data_ptr() : nullptr,
             out.data_ptr()};
   auto* run = dt == at::kFloat ? block_f32 : block_bf16;
-  // Blocks of whole weight rows; about 64 KB of weight each, so that every thread gets many.
-  const int64_t grain = std::max<int64_t>(2, (int64_t{1} << 16) / std::max<int64_t>(1, K * w.element_size()) / 2 * 2);
+  // Blocks of whole tiles of weight rows, about 64 KB of weight each at least.
+  const int64_t grain =
+      std::max<int64_t>(kRows, (int64_t{1} << 16) / std::max<int64_t>(1, K * w.element_size()) / kRows * kRows);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { run(P, n0, n1); });
   return out;
 }

@@ -1,14 +1,25 @@
 """skinny_linear: ``x @ weight.T + bias`` for a few rows of x, the GEMM of an incremental decoder step.
 
-A decoder step multiplies a few rows (greedy: a content and a query row per sentence) by every weight
-matrix of the model, which do not stay in any cache from one step to the next: the step is bound by
-reading the weights. The "cpp" kernel reads each weight row once for up to 12 input rows, with fp32
-products and sums, bf16 weights widened in registers. Measured on the 2-core AVX-512 CPU of the
-project's CI (36 matrices of the iwslt preset, 31 MB in bf16, 2 threads): 0.98 ms in bf16 at 1-2
-rows where torch's bf16 GEMM takes 2.24 ms, 2.13 against 2.33 ms at 8 rows, slower from 10 rows
-(torch's bf16 GEMM is flat in the rows there); in fp32 both read the weights at the memory's 42 GB/s
-at 1-2 rows and torch's is faster from 5 rows, so fp32 stays with torch. Hence the model calls it
-(``janus.model.infer_linear``) for bf16 inference rows up to ``MAX_ROWS``.
+A decoder step multiplies a few rows (greedy: a content and a query row per sentence; beam search:
+twice the beam) by every weight matrix of the model, which do not stay in any cache from one step to
+the next: the step is bound by reading the weights. The "cpp" kernel streams each weight row from
+memory once for all the rows (tiles of 4 weight rows by up to 4 input rows, the later tiles reading
+the weight from L1), prefetching the rows of its next tile, with fp32 products and sums and bf16
+weights widened in registers. BLAS GEMMs at these shapes grow with the row count (the weight is read
+again, from cache or not, per few rows). Measured by ``benchmarks/kernels.py --case skinny_linear``
+(one (M, 512) x (39936, 512) product: the 80 MB of fp32 weights an iwslt-preset decoder step reads)
+on a 2-core AVX-512 Xeon with AMX, 2 threads (``benchmarks/results/kernels_cpu_skinny.json``):
+
+    rows M            2        10       16
+    fp32 torch     2.31 ms  10.08 ms  10.77 ms
+    fp32 cpp       1.90      3.53      6.53
+    bf16 torch     1.98      1.99      2.08    (oneDNN with AMX tiles: flat in the rows)
+    bf16 cpp       1.18      3.84      5.92
+
+Hence the model calls it (``janus.model.infer_linear``) for inference rows up to ``MAX_ROWS`` of the
+dtype: 16 in fp32 (a beam of 5 at batch 1 is 10 rows, greedy at batch 8 is 16), and 8 in bf16, where
+the gain is on CPUs without AMX (on an AVX-512 AMD EPYC, torch's bf16 GEMM took 2.2-2.3 ms at 1-8
+rows of this size); with AMX it is a gain at 1-2 rows, a loss from about 8.
 
 ``skinny_linear_ref`` (``F.linear``) is the specification and the fallback; ``skinny_linear``
 dispatches (janus.ops._dispatch) between:
@@ -31,8 +42,8 @@ from torch import Tensor
 from janus import _ext
 from janus.ops._dispatch import Backend, Verdict, all_on_cpu, compiled, register_op
 
-# bf16 rows up to which the kernel beats torch's GEMM (measured above).
-MAX_ROWS = 8
+# Rows up to which the kernel beats torch's GEMM, by dtype (measured above).
+MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
 
 
 def skinny_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
