@@ -1,6 +1,6 @@
 """skinny_linear (csrc/cpu/skinny_linear.cpp) against F.linear: every row count of its row groups, odd
-shapes, bf16, no bias; thread-count invariance; named errors; dispatch; and the model's bf16 decoder
-step through it equal to the step through the reference."""
+shapes, bf16, no bias; thread-count and row invariance; named errors; dispatch; and the model's fp32
+and bf16 decoder steps through it equal to the steps through the reference."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def exact(x, w, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11, 12, 13, 25])
 def test_matches_f_linear_for_every_row_group(rows, dtype):
-    """Rows 1-12 are one pass each (their own accumulator layouts), 13 and 25 split into passes of 12."""
+    """Tiles of up to 4 input rows (1, 2, 3 and 4 have their own accumulator layouts; 5 .. 25 several
+    tiles, the last one short); 37 and 7 outputs leave a tail of weight rows after tiles of 4."""
     g = torch.Generator().manual_seed(rows)
     for n, k in ((37, 512), (64, 48), (7, 33)):  # odd output counts, a K tail below 16 lanes
         x = torch.randn(rows, k, generator=g).to(dtype)
@@ -59,6 +60,18 @@ def test_result_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_result_does_not_depend_on_the_other_rows(dtype):
+    """Tiles of up to 4 input rows: a row's output is the same bits alone, in a group of 4, or after
+    other rows (decoding's batch invariance rests on it)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(11, 200, generator=g).to(dtype)
+    w, b = torch.randn(45, 200, generator=g).to(dtype), torch.randn(45, generator=g).to(dtype)
+    full = torch.ops.janus.skinny_linear(x, w, b)
+    for rows in (slice(0, 1), slice(3, 4), slice(2, 5), slice(7, 11), slice(5, 11)):
+        assert torch.equal(torch.ops.janus.skinny_linear(x[rows].contiguous(), w, b), full[rows]), rows
 
 
 def test_nan_propagates():
@@ -106,14 +119,15 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.janus.skinny_linear.default, args)
 
 
-def test_bf16_decoder_step_through_the_kernel_equals_the_reference(monkeypatch):
-    """The model routes a bf16 step's few rows through the kernel; its hidden states agree with the same
-    step through F.linear to bf16 rounding."""
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_decoder_step_through_the_kernel_equals_the_reference(monkeypatch, dtype, tol):
+    """The model routes a step's few fp32 or bf16 rows through the kernel; its hidden states and logits
+    agree with the same step through F.linear to the dtype's rounding."""
     from janus.config import preset
     from janus.model import JanusModel, KVCache
 
     torch.manual_seed(0)
-    model = JanusModel(preset("tiny", vocab_size=300)).eval().to(torch.bfloat16)
+    model = JanusModel(preset("tiny", vocab_size=300)).eval().to(dtype)
     src = torch.randint(5, 300, (2, 9))
     calls = []
     real = torch.ops.janus.skinny_linear
@@ -134,7 +148,7 @@ def test_bf16_decoder_step_through_the_kernel_equals_the_reference(monkeypatch):
 
     monkeypatch.setattr(torch.ops.janus, "skinny_linear", counted, raising=False)
     kernel = step("cpp")
-    assert calls, "the bf16 step did not use the kernel"
+    assert calls, f"the {dtype} step did not use the kernel"
     reference = step("reference")
     for a, r in zip(kernel, reference):
-        torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(a, r, rtol=tol, atol=tol)
