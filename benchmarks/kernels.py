@@ -24,7 +24,7 @@ Cases (``Case``; sizes from the flags):
   L2 cache), in fp32 and in bf16.
 
 For each case and each backend available on the device (the compiled "cpp"/"cuda"
-kernels, "triton", "reference", and "dispatch": the public function, which picks a
+kernels, "triton", "blocked", "reference", and "dispatch": the public function, which picks a
 backend per call), the script first checks that the backend agrees with the reference
 (bit for bit for the selection ops, within a tolerance for the floating-point ones),
 then times single calls after untimed warm-up calls: the wall clock on the CPU, CUDA

@@ -300,11 +300,12 @@ def test_clear_errors_and_nothing_written(launch, device):
 
 def test_registered_first_and_loaded_lazily():
     op = registry()["mask_predict_update"]
-    assert [b.name for b in op.backends] == ["triton", "reference"]
+    assert [b.name for b in op.backends] == ["triton", "blocked", "reference"]
     triton_backend = op.backend("triton")
     cpu = torch.zeros(1)
     ok, why = triton_backend.supports(cpu)
-    assert not ok and "cuda" in why  # the dispatch sends CPU tensors to the reference
+    assert not ok and "cuda" in why  # the dispatch sends CPU tensors to the blocked backend
+    assert op.select(cpu, cpu, cpu, cpu, MASK, []).name == "blocked"
 
 
 # ----------------------------------------------------------------------------------------- GPU
