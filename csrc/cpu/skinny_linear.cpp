@@ -134,7 +134,7 @@ JANUS_INLINE void tile(const Problem& P, int64_t r0, int64_t n, const T* next) {
   }
 }
 
-// Input rows per tile: up to kGroup, in groups of 4 with the last group's size a template argument.
+// The tile of input rows [r0, r0 + kGroup), or of the fewer left: each count its own accumulator layout.
 template <typename T, int J>
 JANUS_INLINE void tile_rows(const Problem& P, int64_t r0, int64_t n, const T* next) {
   switch (std::min<int64_t>(kGroup, P.M - r0)) {

@@ -7,14 +7,14 @@ memory once for all the rows (tiles of 4 weight rows by up to 4 input rows, the 
 the weight from L1), prefetching the rows of its next tile, with fp32 products and sums and bf16
 weights widened in registers. BLAS GEMMs at these shapes grow with the row count (the weight is read
 again, from cache or not, per few rows). Measured by ``benchmarks/kernels.py --case skinny_linear``
-(one (M, 512) x (39936, 512) product: the 80 MB of fp32 weights an iwslt-preset decoder step reads)
+(one (M, 512) x (38720, 512) product: the 79 MB of fp32 weights an iwslt-preset decoder step reads)
 on a 2-core AVX-512 Xeon with AMX, 2 threads (``benchmarks/results/kernels_cpu_skinny.json``):
 
     rows M            2        10       16
-    fp32 torch     2.31 ms  10.08 ms  10.77 ms
-    fp32 cpp       1.90      3.53      6.53
-    bf16 torch     1.98      1.99      2.08    (oneDNN with AMX tiles: flat in the rows)
-    bf16 cpp       1.18      3.84      5.92
+    fp32 torch     1.92 ms   8.05 ms   8.46 ms
+    fp32 cpp       1.73      2.74      5.30
+    bf16 torch     1.76      1.87      1.90    (oneDNN with AMX tiles: flat in the rows)
+    bf16 cpp       1.02      3.54      4.92
 
 Hence the model calls it (``janus.model.infer_linear``) for inference rows up to ``MAX_ROWS`` of the
 dtype: 16 in fp32 (a beam of 5 at batch 1 is 10 rows, greedy at batch 8 is 16), and 8 in bf16, where
