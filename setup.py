@@ -113,8 +113,8 @@ def _readme() -> str:
 def main() -> None:
     packages, package_dir = _packages()
     package_data = {p: CSRC_GLOBS for p in packages if p.startswith("janus.csrc")}
-    # The text sample of the benchmarks' embedded default, its vocabulary and its license.
-    package_data["janus.samples"] = ["*.de", "*.en", "*.model", "NOTICE", "LICENSE.*"]
+    # The text sample of the benchmarks' embedded default, its license, and the shipped model (de-en/).
+    package_data["janus.samples"] = ["*.de", "*.en", "NOTICE", "LICENSE.*", "de-en/*"]
     ext_modules, cmdclass = _extensions()
     setup(
         long_description=_readme(),

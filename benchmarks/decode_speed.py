@@ -49,16 +49,20 @@ from typing import Any, Optional
 
 import torch
 from harness import environment, interleaved, percentile, plot_bleu_vs_speed, print_table, pyplot, write_json
+from tqdm import tqdm
 
 from janus.api import Generator, make_decode_batches
 from janus.cli import auto_threads
 from janus.config import DecodeConfig, preset
 from janus.memory import keep_freed_memory
 from janus.model import JanusModel
+from janus.samples import BUILTIN_PREFIX
+
+BUILTIN = BUILTIN_PREFIX + "de-en"
 
 # One number format per column of the printed table, and what each column means.
 FORMATS = {"passes": ".1f", "ms_step": ".2f", "ms_p50": ",.1f", "ms_p90": ",.1f", "sent_s": ",.1f", "tok_s": ",.0f",
-           "vs_beam5": ".2f", "vs_greedy": ".2f", "bleu": ".2f"}  # fmt: skip
+           "vs_beam5": ".2f", "vs_greedy": ".2f", "bleu": ".2f", "same": ".2f"}  # fmt: skip
 LEGEND = """
 passes     decoder passes per sentence (AR: steps; NAR: T, whatever the length beam)
 ms_step    milliseconds per decoder pass: the median run divided by the passes it made one after another
@@ -69,7 +73,9 @@ sent_s     sentences per second at the median run
 tok_s      output tokens (eos included) per second at the median run
 vs_beam5   speedup over AR beam 5 at the same batch size (its ms_p50 / this ms_p50; above 1 is faster)
 vs_greedy  speedup over AR greedy, likewise"""
-BLEU_LEGEND = "\nbleu       sacreBLEU (13a) of the hypotheses against the references"
+BLEU_LEGEND = """
+bleu       sacreBLEU (13a) of the method in that precision over all {n} sentences, decoded at batch {batch}
+same       fraction of the timed sentences whose output equals that decode's (decoding is batch-invariant: 1.00)"""
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,16 @@ def methods() -> list[Method]:
     for T in (1, 4, 10):
         for beam in (1, 3):
             out.append(Method(f"nar-T{T}-l{beam}", DecodeConfig(mode="nar", iterations=T, length_beam=beam)))
+    out.append(Method("nar-T10-l3-rerank", DecodeConfig(mode="nar", iterations=10, length_beam=3, rerank=True)))
     out.append(Method("spec", DecodeConfig(mode="spec")))
+    out.append(Method("spec-always", DecodeConfig(mode="spec", draft_policy="always")))
+    # Relaxed verification: NOT greedy's output (JANUS.md section 4; its BLEU says what it costs).
+    out.append(Method("spec-relaxed", DecodeConfig(mode="spec", verify_top_beta=3, verify_tolerance=2.0)))
     return out
+
+
+# The methods of the precisions after the first (--dtype a,b,c): the first runs every method.
+DTYPE_METHODS = "greedy,beam5,nar-T4-l1,nar-T10-l3,spec"
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -109,12 +123,12 @@ class Workload:
 
 
 def load_workload(args: argparse.Namespace, gen: Generator) -> Workload:
-    """The shipped sample, or the first sentences of a prepared folder's split."""
+    """The shipped sample, or the first sentences of a prepared folder's split (``--sentences`` of them; 0: all)."""
     if args.data:
         from janus.data import Dataset
 
         data = Dataset(args.data, args.split)
-        n = min(args.sentences, len(data))
+        n = min(args.sentences or len(data), len(data))
         targets = [data.tgt(i).astype("int64").tolist() for i in range(n)]
         references = [gen.vocab.decode(t) for t in targets] if gen.vocab is not None else []
         return Workload(f"{args.data}:{args.split}", [data.src(i).astype("int64").tolist() for i in range(n)],
@@ -122,7 +136,7 @@ def load_workload(args: argparse.Namespace, gen: Generator) -> Workload:
     from janus.samples import libreoffice_sample
 
     sample = libreoffice_sample()
-    n = min(args.sentences, len(sample.source))
+    n = min(args.sentences or len(sample.source), len(sample.source))
     if gen.vocab is None:
         raise SystemExit("the model has no vocabulary to encode the shipped sample with; pass --data")
     lengths = [len(t) for t in gen.vocab.encode(sample.target[:n])]
@@ -165,26 +179,41 @@ def plot(rows: list[dict[str, Any]], out: Path, with_bleu: bool, title: str) -> 
     if with_bleu:
         groups = {f"batch {b}": [(label(r), r["ms_p50"], r["bleu"]) for r in rows
                                  if r["batch"] == b and r["bleu"] is not None] for b in sizes}  # fmt: skip
-        written.append(plot_bleu_vs_speed(groups, out / "bleu_vs_speed.png", title, "ms per sentence (p50)"))
+        path = plot_bleu_vs_speed(groups, out / "bleu_vs_speed.png", title, "ms per sentence (p50)", front=True)
+        written.append(path)
     return written
+
+
+def same_output(hyps: list[Any], reference: list[Any]) -> float:
+    """Fraction of ``hyps`` whose ids equal those of ``reference`` (the same sentences decoded another way)."""
+    return sum(h.ids == r.ids for h, r in zip(hyps, reference, strict=True)) / max(len(hyps), 1)
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="", help="a trained model; default: random weights of --preset")
-    p.add_argument("--preset", default="iwslt", help="model preset of the random-weights run (default iwslt)")
+    p.add_argument("--checkpoint", default=BUILTIN, help=f"the model to decode with (default {BUILTIN})")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights of --preset instead, every method forced to the reference lengths")  # fmt: skip
+    p.add_argument("--preset", default="iwslt", help="model preset of --random-weights (default iwslt)")
     p.add_argument("--data", default="", help="a `janus prepare` folder instead of the shipped sample")
     p.add_argument("--split", default="test", help="split of --data (default test)")
-    p.add_argument("--sentences", type=int, default=32, help="sentences to decode (default 32)")
-    p.add_argument("--b1-sentences", type=int, default=8, help="of those, how many batch 1 decodes (default 8)")
+    p.add_argument("--sentences", type=int, default=-1,
+                   help="sentences decoded (0: all; default all, 32 with --random-weights)")  # fmt: skip
+    p.add_argument("--b1-sentences", type=int, default=-1,
+                   help="of those, how many batch 1 times (default 32, 8 with --random-weights)")  # fmt: skip
+    p.add_argument("--timed-sentences", type=int, default=-1,
+                   help="of those, how many batches over 1 time (default 128; 0, --random-weights: all)")  # fmt: skip
     p.add_argument("--batch-sizes", default="1,32", help="comma list (default 1,32)")
     p.add_argument("--methods", default="", help="comma list of method names (default: all)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default cpu)")
     p.add_argument(
         "--dtype",
-        default="auto",
-        help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16, int8, or a comma list of them",
+        default="",
+        help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16, int8, or a comma list of them "
+        "(default: float32,bfloat16,int8 for a trained model on the CPU, else auto)",
     )
+    p.add_argument("--dtype-methods", default=DTYPE_METHODS,
+                   help=f"methods of the precisions after the first (default {DTYPE_METHODS}; or all)")  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--rounds", type=int, default=3,
                    help="timed rounds, every method once per round (default 3, at least 3)")  # fmt: skip
@@ -192,6 +221,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                    help="after 3 rounds, no new round once a batch size has taken this long (default 600)")  # fmt: skip
     p.add_argument("--out", default="decode_speed_results", help="output folder (default decode_speed_results)")
     args = p.parse_args(argv)
+    trained = not args.random_weights
+    if args.sentences < 0:
+        args.sentences = 0 if trained else 32
+    if args.b1_sentences < 0:
+        args.b1_sentences = 32 if trained else 8
+    if args.timed_sentences < 0:
+        args.timed_sentences = 128 if trained else 0
+    if not args.dtype:
+        args.dtype = "float32,bfloat16,int8" if trained and args.device == "cpu" else "auto"
     keep_freed_memory()  # the same allocator for every method, first or last
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,7 +240,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
               f"than on a quiet machine; run it alone, or with --threads {free}", file=sys.stderr)  # fmt: skip
 
     dtypes = list(dict.fromkeys(d.strip() for d in args.dtype.split(",") if d.strip())) or ["auto"]
-    if args.checkpoint:
+    if trained:
         gens = [Generator.from_checkpoint(args.checkpoint, device=args.device, dtype=d) for d in dtypes]
     else:
         from janus.samples import libreoffice_sample
@@ -223,36 +261,56 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     gen = gens[0]
     names = {id(g): str(g.dtype).replace("torch.", "").replace("qint8", "int8") for g in gens}
     work = load_workload(args, gen)
-    forced = None if args.checkpoint else work.target_lengths
+    forced = None if trained else work.target_lengths
+    known = [m.name for m in methods()]
+    for option in ("methods", "dtype_methods"):
+        unknown = set(getattr(args, option).split(",")) - set(known) - {"all"} if getattr(args, option) else set()
+        if unknown:
+            raise SystemExit(f"unknown methods {sorted(unknown)} in --{option.replace('_', '-')}; choose from {known}")
     chosen = [m for m in methods() if not args.methods or m.name in args.methods.split(",")]
-    unknown = set(args.methods.split(",")) - {m.name for m in methods()} if args.methods else set()
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {[m.name for m in methods()]}")
+    later = set(known) if args.dtype_methods == "all" else set(args.dtype_methods.split(","))
+    runs_of = [(g, m) for g in gens for m in chosen if g is gen or m.name in later]
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     env = environment(gen.device)
-    model_name = args.checkpoint or f"{args.preset} (random weights)"
+    model_name = f"{args.preset} (random weights)" if not trained else args.checkpoint
     title = (f"{env['device_name']} ({gen.device}, {env['cpu_threads']} threads), {model_name}, "
              f"{gen.model.num_parameters() / 1e6:.1f}M parameters, {', '.join(names.values())}")  # fmt: skip
-    counts = {b: min(len(work.sources), args.b1_sentences) if b == 1 else len(work.sources) for b in sizes}
-    decoded = "; ".join(f"batch {b}: {'the first ' if counts[b] < len(work.sources) else ''}{counts[b]} sentences"
+    total = len(work.sources)
+    counts = {b: min(total, args.b1_sentences) if b == 1 else min(total, args.timed_sentences or total) for b in sizes}
+    decoded = "; ".join(f"batch {b}: {'the first ' if counts[b] < total else ''}{counts[b]} sentences"
                         + (", one at a time" if b == 1 else "") for b in sizes)  # fmt: skip
-    print(f"{title}\n{work.name}, {decoded}; {args.rounds} rounds, every method once per round"
-          + ("; every method forced to the reference target lengths" if forced else ""))  # fmt: skip
+    print(f"{title}\n{work.name}, timed: {decoded}; {args.rounds} rounds, every method once per round"
+          + ("; every method forced to the reference target lengths" if forced else "")
+          + (f"; BLEU over all {total} sentences at batch {max(sizes)}" if trained else ""), flush=True)  # fmt: skip
 
     # Warm-up: two sentences through every method, precision and batch size (allocators, caches, kernels).
-    runs_of = [(g, m) for g in gens for m in chosen]
     for batch in sizes:
         for g, m in runs_of:
             g.generate(work.sources[:2], dataclasses.replace(m.options, max_batch_size=batch),
                        target_lengths=forced[:2] if forced else None)  # fmt: skip
 
+    # Quality: every method and precision decodes the whole set once, at the largest batch size (decoding is
+    # batch-invariant: the timed runs' outputs are compared with these, column `same`).
+    full: list[list[Any]] = []
+    if trained:
+        for g, m in tqdm(runs_of, desc=f"BLEU of {total} sentences", unit="method", file=sys.stdout):
+            full.append(g.generate(work.sources, dataclasses.replace(m.options, max_batch_size=max(sizes))))
+    scores = [bleu([h.text for h in hyps], work.references) for hyps in full]
+
     columns = (["method"] + (["dtype"] if len(gens) > 1 else [])
                + ["batch", "sentences", "passes", "ms_step", "ms_p50", "ms_p90", "sent_s", "tok_s", "vs_beam5",
-                  "vs_greedy"] + (["bleu"] if args.checkpoint else []))  # fmt: skip
+                  "vs_greedy"] + (["bleu", "same"] if trained else []))  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(vars(args), workload=work.name, forced_lengths=forced is not None, model=model_name,
-                    parameters=gen.model.num_parameters(), dtype=", ".join(names.values()))  # fmt: skip
+                    parameters=gen.model.num_parameters(), dtype=", ".join(names.values()),
+                    bleu_sentences=total if trained else 0)  # fmt: skip
+    if trained:
+        import sacrebleu
+
+        metric = sacrebleu.BLEU()
+        metric.corpus_score([h.text for h in full[0]], [work.references])
+        settings["bleu_signature"] = str(metric.get_signature())
     rows = []
     for batch in sizes:
         n = counts[batch]
@@ -266,26 +324,27 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
                 for (g, m), hyps in zip(runs_of, outputs)]  # fmt: skip
         print(f"batch {batch}: timing {len(runs)} decodes in turn, {args.rounds} rounds", flush=True)
         times = interleaved(runs, gen.device, rounds=args.rounds, budget_s=args.batch_seconds)
-        for (g, m), hyps, ms in zip(runs_of, outputs, times):
+        for k, ((g, m), hyps, ms) in enumerate(zip(runs_of, outputs, times)):
             p50, p90 = percentile(ms, 0.5) / 1e3, percentile(ms, 0.9) / 1e3
             tokens = sum(len(h.ids) + 1 for h in hyps)  # + eos
-            texts = [h.text for h in hyps]
             opts = dataclasses.replace(m.options, max_batch_size=batch)
             groups = make_decode_batches([len(ids) + 1 for ids in gen.encode(sources)], opts)
             sequential = sum(max(hyps[i].passes for i in g) for g in groups)
             rows.append(dict(method=m.name, dtype=names[id(g)], batch=batch, sentences=n, runs=len(ms), tokens=tokens,
                              passes=sum(h.passes for h in hyps) / n, ms_step=1e3 * p50 / max(sequential, 1),
                              ms_p50=1e3 * p50 / n, ms_p90=1e3 * p90 / n, sent_s=n / p50, tok_s=tokens / p50,
-                             bleu=bleu(texts, work.references[:n]) if args.checkpoint else None))  # fmt: skip
+                             bleu=scores[k] if trained else None,
+                             same=same_output(hyps, full[k][:n]) if trained else None))  # fmt: skip
         add_speedups(rows)
         if batch != sizes[-1]:  # what is measured so far, in case the run is stopped before the end
             print_table([r for r in rows if r["batch"] == batch], columns, FORMATS)
             write_json(out / "results.json", dict(environment=env, settings=settings, results=rows, complete=False))
     print()
     print_table(rows, columns, FORMATS)
-    print(LEGEND + (BLEU_LEGEND if args.checkpoint else ""))
+    legend = LEGEND + (BLEU_LEGEND.format(n=total, batch=max(sizes)) if trained else "")
+    print(legend)
     write_json(out / "results.json", dict(environment=env, settings=settings, results=rows, complete=True))
-    for path in plot(rows, out, bool(args.checkpoint), title):
+    for path in plot(rows, out, trained, title):
         print(f"wrote {path}")
     return rows
 

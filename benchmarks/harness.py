@@ -221,19 +221,34 @@ def save_figure(fig: Any, ax: Any, path: Path, title: str, legend: Optional[dict
     return path
 
 
+def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
+    """The (label, ms, BLEU) points no other point beats: none is as fast or faster with a higher BLEU,
+    or faster with at least its BLEU. Sorted by ms (so BLEU rises along it)."""
+    front: list[tuple[str, float, float]] = []
+    for p in sorted(points, key=lambda p: (p[1], -p[2])):
+        if not front or p[2] > front[-1][2]:
+            front.append(p)
+    return front
+
+
 def plot_bleu_vs_speed(
-    groups: dict[str, list[tuple[str, float, float]]], path: Path, title: str, xlabel: str
+    groups: dict[str, list[tuple[str, float, float]]], path: Path, title: str, xlabel: str, *, front: bool = False
 ) -> Optional[Path]:
-    """Scatter of (label, ms per sentence, BLEU) points, one colour per group, ms on a log axis."""
+    """Scatter of (label, ms per sentence, BLEU) points, one colour per group, ms on a log axis; with
+    ``front``, each group's Pareto front (``pareto_front``) drawn as a step line through its points."""
     plt = pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5) if front else (6, 4))
     for group, points in groups.items():
-        ax.scatter([p[1] for p in points], [p[2] for p in points], label=group or None)
+        dots = ax.scatter([p[1] for p in points], [p[2] for p in points], label=group or None)
         for label, ms, score in points:
             ax.annotate(label, (ms, score), fontsize=7)
+        if front and points:
+            best = pareto_front(points)
+            ax.step([p[1] for p in best], [p[2] for p in best], where="post", color=dots.get_facecolor()[0],
+                    lw=1, alpha=0.7, label=f"{group + ': ' if group else ''}Pareto front")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("BLEU")
-    return save_figure(fig, ax, path, title, {} if any(groups) else None)
+    return save_figure(fig, ax, path, title, {"fontsize": 7} if any(groups) or front else None)

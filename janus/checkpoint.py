@@ -805,10 +805,15 @@ def load_model_state(
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """The model file or folder that ``path`` names: a checkpoint folder, an averaged folder or a
-    .safetensors file as it is, a training folder as its latest checkpoint.
+    .safetensors file as it is, a training folder as its latest checkpoint, ``builtin:NAME`` as the
+    folder of that model shipped in ``janus.samples`` (e.g. ``builtin:de-en``).
 
     Raises FileNotFoundError naming ``path`` (the message the ``janus`` commands print) when it is none.
     """
+    from janus.samples import builtin_model, is_builtin
+
+    if is_builtin(path):
+        return builtin_model(str(path))
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a .safetensors file (it does not exist)")
@@ -821,7 +826,9 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def average_checkpoints(paths: list[str | os.PathLike], output: str | os.PathLike) -> Path:
+def average_checkpoints(
+    paths: list[str | os.PathLike], output: str | os.PathLike, *, dtype: torch.dtype | None = None
+) -> Path:
     """Write the mean of the model weights of ``paths`` to the folder ``output``, atomically.
 
     Floating tensors are summed in float64 and cast back to their dtype; integer and bool
@@ -832,6 +839,8 @@ def average_checkpoints(paths: list[str | os.PathLike], output: str | os.PathLik
     Args:
         paths: checkpoint folders or .safetensors files, all with the same names, shapes, dtypes.
         output: folder to write (replaced if it exists).
+        dtype: the floating tensors are written in this dtype (e.g. torch.float16 to ship a model at half
+            the size; loading casts them to the model's dtype); None keeps theirs.
 
     Returns:
         ``output`` as a Path.
@@ -862,10 +871,10 @@ def average_checkpoints(paths: list[str | os.PathLike], output: str | os.PathLik
                 f"cannot average {f} with {files[0]}: names differ; missing from it: {missing[:5]}"
                 f"{' ...' if len(missing) > 5 else ''}, extra in it: {extra[:5]}{' ...' if len(extra) > 5 else ''}"
             )
-        for k, (shape, dtype) in shapes.items():
-            if (shape, dtype) != ref_shapes[k]:
+        for k, (shape, kind) in shapes.items():
+            if (shape, kind) != ref_shapes[k]:
                 raise ValueError(
-                    f"cannot average {f} with {files[0]}: {k!r} is {shape} {dtype} there, {ref_shapes[k]} in the first"
+                    f"cannot average {f} with {files[0]}: {k!r} is {shape} {kind} there, {ref_shapes[k]} in the first"
                 )
         if _aliases_of(f) != first_aliases:
             raise ValueError(f"cannot average {f} with {files[0]}: they tie different weights")
@@ -876,7 +885,9 @@ def average_checkpoints(paths: list[str | os.PathLike], output: str | os.PathLik
                 raise ValueError(f"cannot average {f} with {files[0]}: non-floating tensor {k!r} ({t.dtype}) differs")
     if len(paths) == 1:
         config = load_model_state(paths[0])[1]
-    averaged = {k: (s / len(paths)).to(first[k].dtype) for k, s in sums.items()}
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype}: averaged weights are written in a floating dtype")
+    averaged = {k: (s / len(paths)).to(dtype or first[k].dtype) for k, s in sums.items()}
     averaged.update(exact)
 
     output = Path(output)

@@ -81,10 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(mg, ModelConfig, optional=True)
 
     ap = sub.add_parser("average", help="average the weights of the last N checkpoints")
-    ap.add_argument("--save-dir", required=True, help="checkpoint folder of a training run")
+    ap.add_argument("--save-dir", default="", help="checkpoint folder of a training run (or --inputs)")
     ap.add_argument("--last", type=int, default=5, help="how many of the newest checkpoints (default: 5)")
     ap.add_argument("--inputs", nargs="*", default=None, help="explicit checkpoint folders instead of --last")
     ap.add_argument("--output", required=True, help="output folder of the averaged checkpoint")
+    ap.add_argument("--dtype", default="", choices=["", "float32", "float16", "bfloat16"],
+                    help="write the weights in this dtype (float16: half the size, to ship a model; "
+                         "default: the checkpoints' own)")  # fmt: skip
 
     xp = sub.add_parser(
         "translate",
@@ -170,7 +173,10 @@ _NOT_BEAM_SEARCH = frozenset(
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--checkpoint", required=True, help="checkpoint folder, averaged folder, or training folder (its latest)"
+        "--checkpoint",
+        required=True,
+        help="checkpoint folder, averaged folder, training folder (its latest), or builtin:de-en (the model shipped "
+        "with janus)",
     )
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument(
@@ -243,10 +249,14 @@ def _run(args: argparse.Namespace) -> int:
         if result:
             print(json.dumps({"valid": result}))
     elif args.command == "average":
+        import torch
+
         from janus.checkpoint import average_checkpoints, last_checkpoints
 
+        if not args.inputs and not args.save_dir:
+            raise ValueError("janus average needs --save-dir (its last --last checkpoints) or --inputs")
         paths = [Path(x) for x in args.inputs] if args.inputs else last_checkpoints(Path(args.save_dir), args.last)
-        out = average_checkpoints(paths, Path(args.output))
+        out = average_checkpoints(paths, Path(args.output), dtype=getattr(torch, args.dtype) if args.dtype else None)
         print(f"averaged {len(paths)} checkpoints -> {out}")
     elif args.command == "translate":
         _translate(args)
@@ -417,6 +427,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     import janus
     from janus.data import atomic_write, read_lines
+    from janus.samples import is_builtin
 
     modes = _parse_modes(args.modes)
     base = dataclass_from_args(DecodeConfig, args)
@@ -486,7 +497,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     if args.output_json:
         doc = {
-            "checkpoint": str(Path(args.checkpoint).resolve()),
+            "checkpoint": args.checkpoint if is_builtin(args.checkpoint) else str(Path(args.checkpoint).resolve()),
             "src": str(Path(args.src).resolve()),
             "ref": str(Path(args.ref).resolve()),
             "sentences": len(src),

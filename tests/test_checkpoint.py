@@ -308,6 +308,20 @@ def test_average_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="averaged weights"):
         load_checkpoint(out)
 
+    # Written in half precision (a model to ship): the same means, rounded once; integers kept; ties kept.
+    half = average_checkpoints(paths, tmp_path / "avg16", dtype=torch.float16)
+    sd16, _ = load_model_state(half)
+    assert (half / "model.safetensors").stat().st_size < (out / "model.safetensors").stat().st_size
+    for k, v in sd.items():
+        if v.is_floating_point():
+            mean = sum(m.state_dict()[k].double() for m in models) / 3
+            assert sd16[k].dtype == torch.float16 and torch.equal(sd16[k], mean.half()), k
+        else:
+            assert torch.equal(sd16[k], v)
+    assert sd16["out.weight"] is sd16["embed.weight"]
+    with pytest.raises(ValueError, match="floating dtype"):
+        average_checkpoints(paths, tmp_path / "avg8", dtype=torch.int8)
+
     # Mismatched names, and integer buffers that differ.
     other = nn.Linear(2, 2)
     save_checkpoint(tmp_path / "o", 1, model_state=other.state_dict(), optimizer=None, state={}, config={})

@@ -21,10 +21,10 @@ from janus.vocab import Vocab  # noqa: E402
 
 def test_shipped_sample_is_aligned_and_licensed():
     sample = libreoffice_sample()
-    assert len(sample.source) == len(sample.target) == 64 and all(sample.source) and all(sample.target)
+    assert len(sample.source) == len(sample.target) == 500 and all(sample.source) and all(sample.target)
     vocab = Vocab(sample.spm_model)
     assert len(vocab) == 8000
-    folder = sample.spm_model.parent
+    folder = sample.spm_model.parent.parent
     assert "Mozilla Public License" in (folder / "LICENSE.MPL-2.0").read_text()
     assert "LibreOffice" in (folder / "NOTICE").read_text()
 
@@ -33,8 +33,8 @@ def test_shipped_sample_is_aligned_and_licensed():
 def test_random_weights_default_workload_forced_lengths(tmp_path, capsys):
     out = tmp_path / "out"
     rows = decode_speed.main(["--preset", "tiny", "--methods", "greedy,beam5,nar-T1-l1,nar-T4-l3,spec",
-                              "--sentences", "6", "--b1-sentences", "2", "--batch-sizes", "1,4", "--rounds", "3",
-                              "--out", str(out)])  # fmt: skip
+                              "--random-weights", "--sentences", "6", "--b1-sentences", "2", "--batch-sizes", "1,4",
+                              "--rounds", "3", "--out", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert "forced to the reference target lengths" in printed
     assert "batch 1: the first 2 sentences, one at a time; batch 4: 6 sentences; 3 rounds" in printed
@@ -82,6 +82,7 @@ def test_results_are_saved_after_each_batch_size(tmp_path, monkeypatch):
     monkeypatch.setattr(decode_speed, "interleaved", stop_at_the_second)
     with pytest.raises(KeyboardInterrupt):
         decode_speed.main(["--preset", "tiny", "--methods", "greedy,beam5", "--sentences", "4", "--b1-sentences", "2",
+                           "--random-weights",
                            "--batch-sizes", "1,4", "--rounds", "3", "--out", str(out)])  # fmt: skip
     saved = json.loads((out / "results.json").read_text())
     assert saved["complete"] is False
@@ -94,9 +95,10 @@ def test_checkpoint_reports_bleu_and_its_plot(tmp_path, synthetic_model):
     out = tmp_path / "out"
     args = ["--checkpoint", str(synthetic_model.checkpoint), "--data", str(synthetic_model.data), "--methods",
             "greedy,beam5,nar-T10-l3,spec", "--sentences", "12", "--b1-sentences", "3", "--batch-sizes", "1,12",
-            "--rounds", "3", "--out", str(out)]  # fmt: skip
+            "--rounds", "3", "--dtype", "float32", "--out", str(out)]  # fmt: skip
     rows = decode_speed.main(args)
     assert all(r["bleu"] is not None for r in rows)
+    assert all(r["same"] == 1.0 for r in rows)  # fp32 decoding is batch-invariant
     for r in rows:
         if r["method"] in ("greedy", "spec"):
             assert r["bleu"] == pytest.approx(100.0)  # the learned code, exactly
@@ -108,8 +110,8 @@ def test_several_precisions_give_rows_of_each_from_one_run(tmp_path, capsys):
     """--dtype float32,int8: every method in both precisions, taking turns; speedups within a precision."""
     out = tmp_path / "out"
     rows = decode_speed.main(["--preset", "tiny", "--dtype", "float32,int8", "--methods", "greedy,beam5",
-                              "--sentences", "3", "--b1-sentences", "2", "--batch-sizes", "1,3", "--rounds", "3",
-                              "--out", str(out)])  # fmt: skip
+                              "--random-weights", "--sentences", "3", "--b1-sentences", "2", "--batch-sizes", "1,3",
+                              "--rounds", "3", "--out", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert "float32, int8" in printed.splitlines()[0]
     assert sorted((r["method"], r["dtype"], r["batch"]) for r in rows) == sorted(
@@ -124,9 +126,45 @@ def test_several_precisions_give_rows_of_each_from_one_run(tmp_path, capsys):
     assert {r["dtype"] for r in saved["results"]} == {"float32", "int8"}
 
 
+@pytest.mark.slow
+def test_the_default_decodes_the_builtin_model_with_bleu_and_the_pareto_front(tmp_path, capsys):
+    """No --random-weights: the shipped model on the shipped sample, its own lengths, BLEU over every
+    decoded sentence beside the speed of each method and precision, and the BLEU-vs-latency plot."""
+    out = tmp_path / "out"
+    rows = decode_speed.main(["--methods", "greedy,nar-T4-l1,spec", "--dtype", "float32,int8", "--dtype-methods",
+                              "greedy", "--sentences", "10", "--b1-sentences", "2", "--timed-sentences", "4",
+                              "--batch-sizes", "1,4", "--rounds", "3", "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "builtin:de-en" in printed.splitlines()[0] and "forced" not in printed
+    assert "BLEU over all 10 sentences at batch 4" in printed and "\nsame " in printed
+    assert sorted((r["method"], r["dtype"], r["batch"]) for r in rows) == sorted(
+        [(m, "float32", b) for m in ("greedy", "nar-T4-l1", "spec") for b in (1, 4)]
+        + [("greedy", "int8", 1), ("greedy", "int8", 4)]
+    )
+    by = {(r["method"], r["dtype"], r["batch"]): r for r in rows}
+    for r in rows:
+        assert 0 <= r["bleu"] <= 100 and r["sentences"] == (2 if r["batch"] == 1 else 4)
+        if r["dtype"] == "float32":
+            assert r["same"] == 1.0, r
+    assert by[("spec", "float32", 1)]["bleu"] == by[("greedy", "float32", 1)]["bleu"]  # greedy's output
+    assert by[("greedy", "float32", 1)]["bleu"] > 10  # a trained model, not random weights
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["forced_lengths"] is False and saved["settings"]["bleu_sentences"] == 10
+    assert saved["settings"]["bleu_signature"].startswith("nrefs:1")
+    check_plots(out / "bleu_vs_speed.png", out / "speedup.png")
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    import harness
+
+    points = [("a", 10.0, 30.0), ("b", 5.0, 20.0), ("c", 20.0, 25.0), ("d", 5.0, 10.0), ("e", 40.0, 31.0)]
+    assert [p[0] for p in harness.pareto_front(points)] == ["b", "a", "e"]
+    assert harness.pareto_front([]) == []
+
+
 def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown methods"):
-        decode_speed.main(["--preset", "tiny", "--methods", "greedy,beam7", "--out", str(tmp_path)])
+        decode_speed.main(["--random-weights", "--preset", "tiny", "--methods", "greedy,beam7", "--out", str(tmp_path)])
 
 
 def test_a_missing_matplotlib_is_said_once_and_json_still_written(tmp_path, capsys, monkeypatch):

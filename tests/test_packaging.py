@@ -107,7 +107,12 @@ def test_wheel_ships_kernels_and_sources(tmp_path):
         "janus/samples/__init__.py",
         "janus/samples/libreoffice.de",
         "janus/samples/libreoffice.en",
-        "janus/samples/libreoffice.spm.model",
+        "janus/samples/de-en/model.safetensors",
+        "janus/samples/de-en/average.json",
+        "janus/samples/de-en/config.json",
+        "janus/samples/de-en/spm.model",
+        "janus/samples/de-en/scores.json",
+        "janus/samples/de-en/MODEL.md",
         "janus/samples/NOTICE",
         "janus/samples/LICENSE.MPL-2.0",
     ):

@@ -217,6 +217,16 @@ def test_average_cli_and_resume_guard(data_bin, tmp_path):
     avg = load_file(str(out / "model.safetensors"))
     for k in ("embed.weight", "decoder.0.ffn.ff1.weight"):
         torch.testing.assert_close(avg[k], (ws[0][k] + ws[1][k] + ws[2][k]) / 3)
+    # --inputs instead of --save-dir, written in float16 (to ship); neither: a one-line error
+    half = tmp_path / "half"
+    janus("average", "--inputs", *[str(save / f"checkpoint_{s:08d}") for s in (4, 6)], "--output", str(half),
+          "--dtype", "float16")  # fmt: skip
+    small = load_file(str(half / "model.safetensors"))
+    assert small["embed.weight"].dtype == torch.float16
+    torch.testing.assert_close(small["embed.weight"], ((ws[1]["embed.weight"] + ws[2]["embed.weight"]) / 2).half())
+    neither = subprocess.run([sys.executable, "-m", "janus", "average", "--output", str(tmp_path / "x")], env=env(),
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert neither.returncode == 2 and "needs --save-dir" in neither.stderr
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
