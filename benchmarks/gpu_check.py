@@ -26,7 +26,7 @@ The steps, in order (``STEPS``; each runs as a subprocess under its own time cap
 - profile: ``torch.profiler`` (CPU and CUDA activities) around two batch-1 decodes of the shipped
   sample, greedy and mask-predict T=10 l=3, iwslt preset with random weights: ms per sentence and
   the ops with the most host time and the most device time (where a decoder pass's time goes).
-- decode: ``benchmarks/decode_speed.py --device cuda``, iwslt preset with random weights, on
+- decode: ``benchmarks/decode_speed.py --random-weights --device cuda``, iwslt preset, on
   the first 64 test sentences of the corpus at batch 1 (the first 4) and 64.
 - decode_trained: the same on ``--checkpoint`` (the shipped sample at batch 1 and 64),
   with BLEU; skipped without one.
@@ -172,7 +172,7 @@ GPU = Sizes(
     kernel_args=("--budget", "1.5", "--warmup", "10"),
     vocab_size=8000,
     profile_preset="iwslt",
-    decode_args=("--preset", "iwslt", "--split", "test", "--sentences", "64", "--b1-sentences", "4",
+    decode_args=("--random-weights", "--preset", "iwslt", "--split", "test", "--sentences", "64", "--b1-sentences", "4",
                  "--batch-sizes", "1,64", "--rounds", "3", "--batch-seconds", "20"),
     decode_trained_args=("--sentences", "64", "--b1-sentences", "4", "--batch-sizes", "1,64", "--rounds", "3",
                          "--batch-seconds", "15"),
@@ -202,7 +202,7 @@ DRY_RUN = Sizes(
                  "--vocab", "1000", "--dim", "64", "--calls", "3", "--warmup", "1", "--budget", "0.1"),
     vocab_size=1000,
     profile_preset="tiny",
-    decode_args=("--preset", "tiny", "--split", "test", "--sentences", "8", "--b1-sentences", "2",
+    decode_args=("--random-weights", "--preset", "tiny", "--split", "test", "--sentences", "8", "--b1-sentences", "2",
                  "--batch-sizes", "1,4,8", "--rounds", "3", "--batch-seconds", "1",
                  "--methods", "greedy,beam5,nar-T10-l3,spec"),
     decode_trained_args=("--sentences", "4", "--b1-sentences", "2", "--batch-sizes", "1,4", "--rounds", "3",

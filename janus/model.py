@@ -26,6 +26,7 @@ from torch.ao.nn.quantized.dynamic import Linear as _DynamicInt8Linear
 
 from janus.config import ModelConfig
 from janus.ops.skinny_linear import MAX_ROWS as SKINNY_ROWS
+from janus.ops.skinny_linear import MIN_WEIGHT as SKINNY_MIN_WEIGHT
 from janus.ops.skinny_linear import skinny_linear_checked
 from janus.streams import DecoderRows
 
@@ -276,8 +277,13 @@ def _skinny(x: Tensor) -> bool:
 
 def infer_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``F.linear(x, weight, bias)``; an inference step's few fp32 or bf16 CPU rows go through
-    ``janus.ops.skinny_linear``, which reads the weight once for them."""
-    if _skinny(x) and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
+    ``janus.ops.skinny_linear``, which reads the weight once for them, where the weight is large."""
+    if (
+        _skinny(x)
+        and weight.numel() >= SKINNY_MIN_WEIGHT
+        and weight.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
+    ):
         return skinny_linear_checked(x, weight, bias)
     return F.linear(x, weight, bias)
 

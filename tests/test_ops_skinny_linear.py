@@ -147,8 +147,26 @@ def test_decoder_step_through_the_kernel_equals_the_reference(monkeypatch, dtype
             return torch.cat([h1, h2]).float(), model.project(h2).float()
 
     monkeypatch.setattr(torch.ops.janus, "skinny_linear", counted, raising=False)
+    monkeypatch.setattr("janus.model.SKINNY_MIN_WEIGHT", 0)  # the tiny preset's weights are all small
     kernel = step("cpp")
     assert calls, f"the {dtype} step did not use the kernel"
     reference = step("reference")
     for a, r in zip(kernel, reference):
         torch.testing.assert_close(a, r, rtol=tol, atol=tol)
+
+
+def test_small_weights_stay_with_torch(monkeypatch):
+    """Inference rows meet the kernel only where the weight has MIN_WEIGHT elements or more."""
+    from janus.model import infer_linear
+    from janus.ops.skinny_linear import MIN_WEIGHT
+
+    calls = []
+    real = torch.ops.janus.skinny_linear
+    monkeypatch.setattr(torch.ops.janus, "skinny_linear", lambda *a: calls.append(a[1].numel()) or real(*a),
+                        raising=False)  # fmt: skip
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        small, large = torch.randn(512, 128), torch.randn(MIN_WEIGHT // 128, 128)
+        torch.testing.assert_close(infer_linear(x, small, None), x @ small.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(infer_linear(x, large, None), x @ large.T, rtol=1e-5, atol=1e-4)
+    assert calls == [MIN_WEIGHT]

@@ -20,7 +20,7 @@ y_0 .. y_{p-1} (initially bos) and a draft d_p .. d_{e-1} (initially none):
    against greedy's (300 test sentences, the default policy and block), 0.618 against 0.649 with
    the AR's tokens in their place (``janus-sched`` of the quality study), 0.788 against 0.850
    (``janus-light``), 0.753 against 0.829 (``janus-ar-init-stopgrad``). With random weights it is the
-   other way round (the AR's tokens repeat, the draft's are wrong): decode_speed.py's default, 26.6
+   other way round (the AR's tokens repeat, the draft's are wrong): decode_speed.py --random-weights, 26.6
    passes against 13.6. ``keep_draft=False`` (``DecodeConfig.draft_keep``) makes the AR's tokens replace the
    draft's past a rejection. If a NAR canvas rode along, its tokens past
    the new prefix replace the draft instead (up to the canvas' eos); with ``draft_iterations``
@@ -60,7 +60,7 @@ sentence took more passes than greedy):
   after a length slip the rest misses (moving the draft back a column where the AR's token is the
   draft's next one gained 0.756 -> 0.748).
 
-- the iwslt preset with random weights (decode_speed.py's default: the first 8 shipped sentences,
+- the iwslt preset with random weights (decode_speed.py --random-weights: the first 8 shipped sentences,
   forced reference lengths), greedy 28.6 passes: exhausted 12.5 passes (Jacobi drafts converge on
   the repetitive output of random weights), wall 1.09 of greedy's, with ``block`` 4 13.6 passes and
   wall 0.86 (v1, a NAR draft pass and a verification pass per round: 41.4 passes, wall 3.57).

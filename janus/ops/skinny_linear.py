@@ -19,7 +19,11 @@ on a 2-core AVX-512 Xeon with AMX, 2 threads (``benchmarks/results/kernels_cpu_s
 Hence the model calls it (``janus.model.infer_linear``) for inference rows up to ``MAX_ROWS`` of the
 dtype: 16 in fp32 (a beam of 5 at batch 1 is 10 rows, greedy at batch 8 is 16), and 8 in bf16, where
 the gain is on CPUs without AMX (on an AVX-512 AMD EPYC, torch's bf16 GEMM took 2.2-2.3 ms at 1-8
-rows of this size); with AMX it is a gain at 1-2 rows, a loss from about 8.
+rows of this size); with AMX it is a gain at 1-2 rows, a loss from about 8. Only for weights of at
+least ``MIN_WEIGHT`` elements: a small one (the 128-wide layers of the ``small`` preset: 16-65k
+elements) is in cache whatever the row count, and the kernel's fixed cost loses (one thread, M = 1 /
+5 / 10 / 16 rows, us, kernel / torch: 128 x 128 27/12, 31/7, 41/24, 49/26; 384 x 128 30/21, 44/20,
+72/44, 105/65), while from 512 x 512 (262k) on the two are level or the kernel ahead.
 
 ``skinny_linear_ref`` (``F.linear``) is the specification and the fallback; ``skinny_linear``
 dispatches (janus.ops._dispatch) between:
@@ -44,6 +48,8 @@ from janus.ops._dispatch import Backend, Verdict, all_on_cpu, compiled, register
 
 # Rows up to which the kernel beats torch's GEMM, by dtype (measured above).
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
+# Weights (elements) from which it does (measured above).
+MIN_WEIGHT = 1 << 18
 
 
 def skinny_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
