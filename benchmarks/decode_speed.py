@@ -1,38 +1,40 @@
-"""Decoding speed, the main job: AR greedy, AR beam 5, mask-predict and self-speculative decoding.
+"""Decoding speed beside quality, the main job: AR greedy and beam 5, mask-predict, self-speculative.
 
     python benchmarks/decode_speed.py                          # the embedded default (below)
-    python benchmarks/decode_speed.py --checkpoint run/avg     # a trained model: its own lengths, BLEU beside speed
+    python benchmarks/decode_speed.py --checkpoint run/avg     # your trained model, on the shipped sample
+    python benchmarks/decode_speed.py --data bin --split test  # ... or on a `janus prepare` folder's split
     python benchmarks/decode_speed.py --device cuda --batch-sizes 1,8,32,128 --rounds 5
-    python benchmarks/decode_speed.py --data bin --split test --sentences 500   # a `janus prepare` folder
-    python benchmarks/decode_speed.py --dtype float32,bfloat16,int8 --methods greedy,beam5  # precisions side by side
+    python benchmarks/decode_speed.py --random-weights --preset iwslt   # the compute benchmark, forced lengths
 
-The embedded default runs in a few minutes on 2 CPU cores: the iwslt preset (6+6 layers,
-width 512, 8000-piece vocabulary) with random weights, on the 64 LibreOffice help
-sentences shipped in janus.samples (German -> English, MPL-2.0), at batch sizes 1 and
-32. Batch 1 decodes the first ``--b1-sentences`` (8) of the ``--sentences`` (32), one at a
-time; the other batch sizes decode all of them. Every method sees the same sentences at
-a given batch size.
+The embedded default (under 5 minutes on 2 CPU cores): the model shipped as ``builtin:de-en`` (a small
+janus model trained on the LibreOffice help corpus: janus/samples/de-en/MODEL.md) on the 500 test
+sentences shipped in janus.samples (German -> English, MPL-2.0), with the model's own lengths.
 
-Methods: AR greedy, AR beam 5, mask-predict with T in {1, 4, 10} passes and length beam
-l in {1, 3}, and self-speculative decoding. With random weights every method is forced to
-the reference target lengths (said in the output), so all produce the same number of
-tokens (a length beam of 3 tries the reference length and its two neighbours, so it may
-end a token off); with ``--checkpoint`` the lengths are the model's own and sacreBLEU is
-printed.
+Methods (``methods()``): AR greedy, AR beam 5, mask-predict with T in {1, 4, 10} passes and length beam l
+in {1, 3}, T=10 l=3 re-ranked by the model's AR head, self-speculative decoding (exactly greedy's
+output) and its relaxed verification (top-3 within 2 nats: not greedy's output, its BLEU says what that
+costs); ``spec-always`` by name only. Precisions: ``--dtype`` takes one or a comma list (float32,
+bfloat16, float16, int8: dynamic int8 linear layers on the CPU); the first runs every method, the others
+``--dtype-methods``; default float32, bfloat16 and int8 for a trained model on the CPU.
 
-Timing: a warm-up (two sentences through every method), then, per batch size, ``--rounds``
-rounds in which every method decodes the whole set once, the methods taking turns (in
-reverse order every other round), so that a slow spell of a shared machine falls on all of
-them alike; after 3 rounds no new round starts once ``--batch-seconds`` were spent. Each run
-has the encoder included and a device sync; p50 and p90 over the runs. Writes
-``results.json`` (device, versions, git commit, settings, every row; rewritten after each batch
-size with ``complete: false`` until the last) and
-``speedup.png`` (speedup over AR beam 5 by batch size; with a checkpoint also
-``bleu_vs_speed.png``) to ``--out``.
+Quality: every method and precision decodes all ``--sentences`` (default: all) once at the largest batch
+size, for its sacreBLEU (13a, signature in the JSON). Fp32 decoding is batch-invariant, so that BLEU is
+the batch-1 output's too; column ``same`` checks it on the timed sentences (in bf16 and int8 a GEMM's
+rounding, or int8's per-batch activation scale, depends on the other rows: their ``same`` may be < 1).
 
-Precisions: ``--dtype`` takes one or a comma list (float32, bfloat16, float16, int8: dynamic int8
-linear layers on the CPU); with several, every method runs in each, all of them taking turns in
-the same rounds, the rows carry their ``dtype`` and the speedups compare within a precision.
+Timing: a warm-up (two sentences through every method), then, per batch size, ``--rounds`` rounds in
+which every method decodes the timed sentences once (batch 1: the first ``--b1-sentences``, one at a
+time; larger batches: the first ``--timed-sentences``), the methods taking turns (in reverse order every
+other round), so that a slow spell of a shared machine falls on all of them alike; after 3 rounds no new
+round starts once ``--batch-seconds`` were spent. Each run has the encoder included and a device sync;
+p50 and p90 over the runs. Writes ``results.json`` (device, versions, git commit, settings, every row;
+rewritten after each batch size with ``complete: false`` until the last), ``speedup.png`` (speedup over AR
+beam 5 by batch size) and, with BLEU, ``bleu_vs_speed.png`` (BLEU against ms per sentence, the Pareto
+front of each batch size marked) to ``--out``.
+
+``--random-weights``: random weights of ``--preset`` instead, on the first 32 sentences (batch 1: the
+first 8), every method forced to the reference target lengths (said in the output; a length beam of 3
+tries the reference length and its two neighbours, so it may end a token off), no BLEU.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ same       fraction of the timed sentences whose output equals that decode's (de
 class Method:
     name: str
     options: DecodeConfig
+    default: bool = True  # run without --methods
 
 
 def methods() -> list[Method]:
@@ -94,7 +97,9 @@ def methods() -> list[Method]:
             out.append(Method(f"nar-T{T}-l{beam}", DecodeConfig(mode="nar", iterations=T, length_beam=beam)))
     out.append(Method("nar-T10-l3-rerank", DecodeConfig(mode="nar", iterations=10, length_beam=3, rerank=True)))
     out.append(Method("spec", DecodeConfig(mode="spec")))
-    out.append(Method("spec-always", DecodeConfig(mode="spec", draft_policy="always")))
+    # A NAR canvas in every pass: fewer passes than the default policy, each dearer (slower on every model
+    # measured: janus/decoding/speculative.py); by name only.
+    out.append(Method("spec-always", DecodeConfig(mode="spec", draft_policy="always"), default=False))
     # Relaxed verification: NOT greedy's output (JANUS.md section 4; its BLEU says what it costs).
     out.append(Method("spec-relaxed", DecodeConfig(mode="spec", verify_top_beta=3, verify_tolerance=2.0)))
     return out
@@ -204,7 +209,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p.add_argument("--timed-sentences", type=int, default=-1,
                    help="of those, how many batches over 1 time (default 128; 0, --random-weights: all)")  # fmt: skip
     p.add_argument("--batch-sizes", default="1,32", help="comma list (default 1,32)")
-    p.add_argument("--methods", default="", help="comma list of method names (default: all)")
+    p.add_argument("--methods", default="", help="comma list of method names (default: all but spec-always)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default cpu)")
     p.add_argument(
         "--dtype",
@@ -267,7 +272,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         unknown = set(getattr(args, option).split(",")) - set(known) - {"all"} if getattr(args, option) else set()
         if unknown:
             raise SystemExit(f"unknown methods {sorted(unknown)} in --{option.replace('_', '-')}; choose from {known}")
-    chosen = [m for m in methods() if not args.methods or m.name in args.methods.split(",")]
+    chosen = (
+        [m for m in methods() if m.name in args.methods.split(",")]
+        if args.methods
+        else [m for m in methods() if m.default]
+    )
     later = set(known) if args.dtype_methods == "all" else set(args.dtype_methods.split(","))
     runs_of = [(g, m) for g in gens for m in chosen if g is gen or m.name in later]
     sizes = [int(x) for x in args.batch_sizes.split(",")]

@@ -101,8 +101,18 @@ def test_fast_generate_by_name_in_every_mode():
 
 
 @pytest.mark.slow
-def test_the_command_line_translates_with_the_builtin_model():
+def test_the_command_line_translates_and_evaluates_with_the_builtin_model(tmp_path):
     run = subprocess.run([sys.executable, "-m", "janus", "translate", "--checkpoint", "builtin:de-en", "--mode", "nar",
                           "--threads", "1"], input="Klicken Sie auf OK.\n", capture_output=True, text=True,
                          timeout=300, check=True)  # fmt: skip
     assert "OK" in run.stdout and run.stdout.count("\n") == 1
+    sample = libreoffice_sample()
+    (tmp_path / "t.de").write_text("\n".join(sample.source[:4]) + "\n", encoding="utf-8")
+    (tmp_path / "t.en").write_text("\n".join(sample.target[:4]) + "\n", encoding="utf-8")
+    subprocess.run([sys.executable, "-m", "janus", "evaluate", "--checkpoint", "builtin:de-en", "--src",
+                    str(tmp_path / "t.de"), "--ref", str(tmp_path / "t.en"), "--modes", "ar,spec", "--threads", "1",
+                    "--output-json", str(tmp_path / "e.json")],
+                   capture_output=True, timeout=300, check=True)  # fmt: skip
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["checkpoint"] == "builtin:de-en" and report["sentences"] == 4
+    assert set(report["modes"]) == {"ar", "spec"} and report["modes"]["ar"]["bleu"] > 0
