@@ -48,4 +48,10 @@ TORCH_LIBRARY(janus, m) {
   // x float32|bfloat16 [M, K], weight [N, K] and bias [N] (or None) of x's dtype -> [M, N] of x's dtype.
   m.set_python_module("janus.ops.skinny_linear");
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+
+  // Per row of logits float32 [R, V]: the id of the largest logit among the ids not in `banned` (ties: the
+  // smaller) and its log-probability under the softmax of the whole row -> scores float32 [R], ids int64 [R].
+  // The reduction of one mask-predict pass (CPU).
+  m.set_python_module("janus.ops.mask_predict_update");
+  m.def("best_token(Tensor logits, int[] banned) -> (Tensor, Tensor)");
 }

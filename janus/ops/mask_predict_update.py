@@ -27,9 +27,12 @@ are left untouched; works in place and returns its inputs.
   product is most of it). In a batch-32 mask-predict decode of the iwslt preset the time is the
   same as the reference's (its calls are small: one per group of canvases). Scores are the best
   logit minus the log-sum-exp, where the reference subtracts the maximum first: equal to rounding;
+- "cpp": ``mask_predict_update_cpp``, CPU tensors with the compiled ops: blocked's products, each
+  block reduced by ``torch.ops.janus.best_token`` (csrc/cpu/best_token.cpp: two passes over a row,
+  where torch's log-sum-exp, fill and max take five). Scores as blocked's, to rounding;
 - "reference": ``mask_predict_update_ref``, which forms the logits of the masked slots.
 
-Force one with ``JANUS_BACKEND_MASK_PREDICT_UPDATE=triton|blocked|reference``.
+Force one with ``JANUS_BACKEND_MASK_PREDICT_UPDATE=triton|cpp|blocked|reference``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from janus.ops._dispatch import Backend, Verdict, all_on_cpu, all_on_cuda, register_op, triton_available
+from janus import _ext
+from janus.ops._dispatch import Backend, Verdict, all_on_cpu, all_on_cuda, compiled, register_op, triton_available
 
 # fp32 logits per block of "blocked" (8 MB: 262 masked rows at V = 8000, 65 at V = 32000), small enough
 # to stay in a CPU's cache between the product and the reductions, large enough for an efficient product.
@@ -77,10 +81,25 @@ def mask_predict_update_ref(
     return tokens, scores
 
 
-def mask_predict_update_blocked(
-    hidden: Tensor, weight: Tensor, tokens: Tensor, scores: Tensor, mask: int, banned: Sequence[int]
+def _reduce_torch(logits: Tensor, banned: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """(log-probability, id) of every row's best allowed logit, in torch ops (``mask_predict_update_blocked``)."""
+    # The normaliser over the whole vocabulary, banned ids included; then the best allowed id (ties: the
+    # smaller) and its log-probability.
+    lse = torch.logsumexp(logits, dim=-1)
+    if banned:
+        logits.index_fill_(1, torch.tensor(banned, dtype=torch.long, device=logits.device), float("-inf"))
+    top, ids = logits.max(dim=-1)
+    return top.sub_(lse), ids
+
+
+def _reduce_cpp(logits: Tensor, banned: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The same in one kernel, two passes over each row (csrc/cpu/best_token.cpp)."""
+    return torch.ops.janus.best_token(logits, list(banned))
+
+
+def _blocked(
+    hidden: Tensor, weight: Tensor, tokens: Tensor, scores: Tensor, mask: int, banned: Sequence[int], reduce
 ) -> tuple[Tensor, Tensor]:
-    """``mask_predict_update_ref`` in blocks of masked rows (see the module docstring); same contract."""
     slots = (tokens == mask).reshape(-1).nonzero().squeeze(1)  # (M,)
     M = slots.numel()
     if M == 0:
@@ -89,21 +108,37 @@ def mask_predict_update_blocked(
     step = max(16, _BLOCK_BYTES // (4 * weight.shape[0]))
     best = torch.empty(M, dtype=torch.float32, device=h.device)
     tok = torch.empty(M, dtype=torch.long, device=h.device)
-    ban = torch.tensor(sorted(set(banned)), dtype=torch.long, device=h.device) if banned else None
+    ban = sorted(set(banned))
     for r in range(0, M, step):
-        # 1. The block's logits in fp32 (a copy for low-precision inputs, else the product itself).
+        # The block's logits in fp32 (a copy for low-precision inputs, else the product itself), reduced.
         logits = F.linear(h[r : r + step], weight).float()  # (m, V)
-        # 2. The normaliser over the whole vocabulary, banned ids included.
-        lse = torch.logsumexp(logits, dim=-1)
-        # 3. The best allowed id (ties: the smaller) and its log-probability.
-        if ban is not None:
-            logits.index_fill_(1, ban, float("-inf"))
-        top, ids = logits.max(dim=-1)
-        torch.sub(top, lse, out=best[r : r + step])
-        tok[r : r + step] = ids
+        best[r : r + step], tok[r : r + step] = reduce(logits, ban)
     tokens.view(-1).index_copy_(0, slots, tok)
     scores.view(-1).index_copy_(0, slots, best.to(scores.dtype))
     return tokens, scores
+
+
+def mask_predict_update_blocked(
+    hidden: Tensor, weight: Tensor, tokens: Tensor, scores: Tensor, mask: int, banned: Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """``mask_predict_update_ref`` in blocks of masked rows (see the module docstring); same contract."""
+    return _blocked(hidden, weight, tokens, scores, mask, banned, _reduce_torch)
+
+
+def mask_predict_update_cpp(
+    hidden: Tensor, weight: Tensor, tokens: Tensor, scores: Tensor, mask: int, banned: Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """``mask_predict_update_blocked`` with each block reduced by ``torch.ops.janus.best_token``; same contract."""
+    return _blocked(hidden, weight, tokens, scores, mask, banned, _reduce_cpp)
+
+
+def _best_token_fake(logits: Tensor, banned: list[int]) -> tuple[Tensor, Tensor]:
+    return logits.new_empty(logits.shape[:1]), logits.new_empty(logits.shape[:1], dtype=torch.long)
+
+
+@_ext.when_loaded  # registering a fake needs the C++ schema (csrc/ops.cpp) to exist
+def _register_fake() -> None:
+    torch.library.register_fake("janus::best_token", _best_token_fake)
 
 
 def _mask_predict_update_triton(
@@ -126,6 +161,7 @@ MASK_PREDICT_UPDATE = register_op(
     "mask_predict_update",
     [
         Backend("triton", _mask_predict_update_triton, available=triton_available, supports=_fits_triton_kernel),
+        Backend("cpp", mask_predict_update_cpp, available=compiled("best_token", "cpu"), supports=all_on_cpu),
         Backend("blocked", mask_predict_update_blocked, supports=all_on_cpu),
         Backend("reference", mask_predict_update_ref),
     ],
