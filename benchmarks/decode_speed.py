@@ -207,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     p.add_argument("--b1-sentences", type=int, default=-1,
                    help="of those, how many batch 1 times (default 32, 8 with --random-weights)")  # fmt: skip
     p.add_argument("--timed-sentences", type=int, default=-1,
-                   help="of those, how many batches over 1 time (default 128; 0, --random-weights: all)")  # fmt: skip
+                   help="of those, how many batches over 1 time (default 64; 0, --random-weights: all)")  # fmt: skip
     p.add_argument("--batch-sizes", default="1,32", help="comma list (default 1,32)")
     p.add_argument("--methods", default="", help="comma list of method names (default: all but spec-always)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default cpu)")
@@ -232,7 +232,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     if args.b1_sentences < 0:
         args.b1_sentences = 32 if trained else 8
     if args.timed_sentences < 0:
-        args.timed_sentences = 128 if trained else 0
+        args.timed_sentences = 64 if trained else 0
     if not args.dtype:
         args.dtype = "float32,bfloat16,int8" if trained and args.device == "cpu" else "auto"
     keep_freed_memory()  # the same allocator for every method, first or last

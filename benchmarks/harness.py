@@ -235,20 +235,27 @@ def plot_bleu_vs_speed(
     groups: dict[str, list[tuple[str, float, float]]], path: Path, title: str, xlabel: str, *, front: bool = False
 ) -> Optional[Path]:
     """Scatter of (label, ms per sentence, BLEU) points, one colour per group, ms on a log axis; with
-    ``front``, each group's Pareto front (``pareto_front``) drawn as a step line through its points."""
+    ``front``, each group's Pareto front (``pareto_front``) drawn as a step line through its points, and
+    only those points labelled (the others are dominated: a faster point scores at least as well)."""
     plt = pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5) if front else (6, 4))
+    fig, ax = plt.subplots(figsize=(8, 5) if front else (6, 4))
     for group, points in groups.items():
-        dots = ax.scatter([p[1] for p in points], [p[2] for p in points], label=group or None)
-        for label, ms, score in points:
-            ax.annotate(label, (ms, score), fontsize=7)
+        dots = ax.scatter([p[1] for p in points], [p[2] for p in points], label=group or None, s=16)
+        best = pareto_front(points) if front else points
+        for label, ms, score in best:
+            ax.annotate(label, (ms, score), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if front and points:
-            best = pareto_front(points)
             ax.step([p[1] for p in best], [p[2] for p in best], where="post", color=dots.get_facecolor()[0],
                     lw=1, alpha=0.7, label=f"{group + ': ' if group else ''}Pareto front")  # fmt: skip
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda x, _: f"{x:g}")  # 2, 5, 10 rather than 2 x 10^0
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("BLEU")
     return save_figure(fig, ax, path, title, {"fontsize": 7} if any(groups) or front else None)
