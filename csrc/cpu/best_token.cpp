@@ -89,25 +89,7 @@ JANUS_CLONES Row best_of_row(const float* z, int64_t V, const std::vector<int64_
   if (smax == mx) id = std::min(id, sidx);
 
   // 2. log(sum exp(z - max)).
-  vf vexp = {};
-  float sexp = 0.0f;
-  double sum_exp = 0.0;
-  sum_columns(
-      V,
-      [&](auto tag, int64_t c) JANUS_BODY {
-        using L = decltype(tag);
-        const L e = exp_neg(load(tag, z + c) - splat<L>(mx));
-        if constexpr (sizeof(L) == sizeof(float)) {
-          sexp += e;
-        } else {
-          vexp += e;
-        }
-      },
-      [&]() JANUS_BODY {
-        sum_exp += hsum(vexp) + sexp;
-        vexp = vf{}, sexp = 0.0f;
-      });
-  const float log_sum = static_cast<float>(std::log(sum_exp));
+  const float log_sum = static_cast<float>(std::log(sum_exp_below(z, V, mx)));
 
   // 3. The best allowed id, when the maximum's is banned.
   if (is_banned(id, banned)) {

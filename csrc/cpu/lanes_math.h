@@ -101,6 +101,31 @@ JANUS_INLINE void sum_columns(int64_t V, Body&& body, Flush&& flush) {
   flush();
 }
 
+// sum over the columns of exp(z[v] - mx), mx >= every z[v] (the row's maximum): fp32 lanes flushed into
+// double every kBlock columns (sum_columns), the tail in double.
+template <typename In>
+JANUS_INLINE double sum_exp_below(const In* z, int64_t V, float mx) {
+  vf vexp = {};
+  double sexp = 0.0;
+  double sum_exp = 0.0;
+  sum_columns(
+      V,
+      [&](auto tag, int64_t v) JANUS_BODY {
+        using L = decltype(tag);
+        const L e = exp_neg(load(tag, z + v) - splat<L>(mx));
+        if constexpr (sizeof(L) == sizeof(float)) {
+          sexp += e;
+        } else {
+          vexp += e;
+        }
+      },
+      [&]() JANUS_BODY {
+        sum_exp += hsum(vexp) + sexp;
+        vexp = vf{}, sexp = 0.0;
+      });
+  return sum_exp;
+}
+
 }  // namespace lanes
 }  // namespace janus
 

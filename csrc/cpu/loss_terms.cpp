@@ -99,24 +99,7 @@ JANUS_INLINE Lse row_stats(const Problem& P, const In* z, int64_t row) {
         vsum = vf{}, ssum = 0.0;
       });
   const float mx = max_of(hmax(vmax), smax);
-  vf vexp = {};
-  double sexp = 0.0;
-  double sum_exp = 0.0;
-  sum_columns(
-      V,
-      [&](auto tag, int64_t v) JANUS_BODY {
-        using L = decltype(tag);
-        const L e = exp_neg(load(tag, z + v) - splat<L>(mx));
-        if constexpr (sizeof(L) == sizeof(float)) {
-          sexp += e;
-        } else {
-          vexp += e;
-        }
-      },
-      [&]() JANUS_BODY {
-        sum_exp += hsum(vexp) + sexp;
-        vexp = vf{}, sexp = 0.0;
-      });
+  const double sum_exp = sum_exp_below(z, V, mx);
   const float bad = static_cast<float>(hsum(vbad)) + sbad;  // 0, or NaN for a row with NaN or inf
   const Lse lse{mx, static_cast<float>(std::log(sum_exp)) + bad};
   const float nll = -log_prob(0.0f, z + P.targets[row], lse);
