@@ -7,7 +7,7 @@
 # (default builtin-work) gets the prepared data and the checkpoints. About 3 hours on one CPU thread
 # (170 min measured); interrupted, the same command resumes the training where it stopped. The recipe is
 # janus-light (README: Quality study): every JANUS term but P_AR's at a tenth of its published weight.
-# Training is seeded, but another CPU's kernels round differently: expect figures a few tenths apart.
+# Training is seeded, but another CPU's kernels round differently: the result is not bit for bit the shipped one.
 set -euo pipefail
 D=${1:?usage: rebuild_builtin.sh CORPUS [WORK]}
 W=${2:-builtin-work}
