@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # DecodeConfig fields that beam search ignores (mask-predict's and spec's): no flags for janus distill.
 _NOT_BEAM_SEARCH = frozenset(
-    {"mode", "iterations", "length_beam", "rerank", "history", "window"}
+    {"mode", "iterations", "length_beam", "rerank", "dedup", "history", "window"}
     | {f.name for f in dataclasses.fields(DecodeConfig) if f.name.startswith(("draft_", "verify_"))}
 )
 
@@ -409,7 +409,11 @@ def _mode_settings(options: DecodeConfig) -> str:
     if options.mode == "ar":
         text = f"beam {options.beam_size}"
     elif options.mode == "nar":
-        text = f"T={options.iterations} l={options.length_beam}" + (" rerank" if options.rerank else "")
+        text = (
+            f"T={options.iterations} l={options.length_beam}"
+            + (" rerank" if options.rerank else "")
+            + (" dedup" if options.dedup else "")
+        )
     else:
         block = options.draft_block or "all"
         text = f"draft {options.draft_iterations} {options.draft_policy} k={block}"

@@ -276,6 +276,11 @@ class DecodeConfig:
     iterations: int = _doc("nar: T, the number of decoder passes of mask-predict", default=10)
     length_beam: int = _doc("nar: l, candidates from the l most likely lengths", default=3)
     rerank: bool = _doc("nar: choose among the l candidates by the model's own P_AR (one more pass)", default=False)
+    dedup: bool = _doc(
+        "nar: collapse each run of one repeated token in the output into one token (the post-processing of "
+        "much non-autoregressive work; mask-predict's own output keeps them)",
+        default=False,
+    )
     draft_iterations: int = _doc(
         "spec: passes a NAR draft canvas stays in (mask-predict refinements), each shared with a verification",
         default=1,

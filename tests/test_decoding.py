@@ -220,6 +220,17 @@ def test_remask_counts_follow_the_formula_and_history_has_every_canvas(T):
     assert all(h.history is None for h in mask_predict(m, src, iterations=T))
 
 
+def test_dedup_collapses_runs_of_a_token_and_nothing_else():
+    m = random_model(11)
+    src = random_sources(11, 6)
+    plain = mask_predict(m, src, iterations=2, length_beam=2)
+    collapsed = mask_predict(m, src, iterations=2, length_beam=2, dedup=True)
+    assert any(len(p.ids) != len(c.ids) for p, c in zip(plain, collapsed))  # random weights repeat tokens
+    for p, c in zip(plain, collapsed):
+        want = [t for i, t in enumerate(p.ids) if i == 0 or t != p.ids[i - 1]]
+        assert c.ids == want and c.score == p.score and c.passes == p.passes
+
+
 def test_candidate_choice_and_rerank():
     m = random_model(11)
     src = random_sources(11, 4)

@@ -231,6 +231,7 @@ def mask_predict(
     max_len_b: int = 10,
     min_len: int = 1,
     rerank: bool = False,
+    dedup: bool = False,
     history: bool = False,
     target_lengths: Optional[Tensor] = None,
 ) -> list[Hypothesis]:
@@ -243,6 +244,8 @@ def mask_predict(
         length_beam: l candidates per sentence.
         max_len_a, max_len_b, min_len: token-count limits, as in ``DecodeConfig``.
         rerank: choose the candidate by mean log P_AR (one more pass).
+        dedup: collapse runs of one repeated token in the chosen candidate's ids (its score and history
+            stay the canvas's).
         history: return the chosen canvas after every pass.
         target_lengths: int64 (B,) token counts to use instead of the length head; with l > 1
             the candidates are n, n-1, n+1, ... (clamped).
@@ -293,5 +296,7 @@ def mask_predict(
                     for tk, sc, rm in steps
                 ]
             ids = tokens[r, 1 : n - 1].tolist()
+            if dedup:
+                ids = [t for i, t in enumerate(ids) if i == 0 or t != ids[i - 1]]
             out.append(Hypothesis(ids=ids, score=float(mean[r]), passes=T + int(rerank), history=hist))
         return out
