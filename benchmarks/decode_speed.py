@@ -148,12 +148,15 @@ def load_workload(args: argparse.Namespace, gen: Generator) -> Workload:
     return Workload(sample.name, sample.source[:n], sample.target[:n], lengths)
 
 
-def bleu(hyps: list[str], refs: list[str]) -> Optional[float]:
-    if not refs or len(refs) != len(hyps):
-        return None
+def bleu_scores(outputs: list[list[Any]], refs: list[str]) -> tuple[list[Optional[float]], Optional[str]]:
+    """sacreBLEU of each list of hypotheses against ``refs``, and the metric's signature (None without refs)."""
+    if not refs:
+        return [None] * len(outputs), None
     import sacrebleu
 
-    return sacrebleu.corpus_bleu(hyps, [refs]).score
+    metric = sacrebleu.BLEU()
+    scores: list[Optional[float]] = [metric.corpus_score([h.text for h in hyps], [refs]).score for hyps in outputs]
+    return scores, str(metric.get_signature()) if outputs else None
 
 
 def plot(rows: list[dict[str, Any]], out: Path, with_bleu: bool, title: str) -> list[Path]:
@@ -304,7 +307,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     if trained:
         for g, m in tqdm(runs_of, desc=f"BLEU of {total} sentences", unit="method", file=sys.stdout):
             full.append(g.generate(work.sources, dataclasses.replace(m.options, max_batch_size=max(sizes))))
-    scores = [bleu([h.text for h in hyps], work.references) for hyps in full]
+    scores, signature = bleu_scores(full, work.references)
 
     columns = (["method"] + (["dtype"] if len(gens) > 1 else [])
                + ["batch", "sentences", "passes", "ms_step", "ms_p50", "ms_p90", "sent_s", "tok_s", "vs_beam5",
@@ -313,13 +316,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(vars(args), workload=work.name, forced_lengths=forced is not None, model=model_name,
                     parameters=gen.model.num_parameters(), dtype=", ".join(names.values()),
-                    bleu_sentences=total if trained else 0)  # fmt: skip
-    if trained:
-        import sacrebleu
-
-        metric = sacrebleu.BLEU()
-        metric.corpus_score([h.text for h in full[0]], [work.references])
-        settings["bleu_signature"] = str(metric.get_signature())
+                    bleu_sentences=total if trained else 0, bleu_signature=signature)  # fmt: skip
     rows = []
     for batch in sizes:
         n = counts[batch]

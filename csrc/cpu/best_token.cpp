@@ -84,7 +84,7 @@ JANUS_CLONES Row best_of_row(const float* z, int64_t V, const std::vector<int64_
   if (sbad || mx == -kInf) return {std::numeric_limits<float>::quiet_NaN(), first_allowed(V, banned)};
   int64_t id = V;
   for (int i = 0; i < kLanes; ++i) {
-    if (vmax[i] == mx && V >= kLanes) id = std::min<int64_t>(id, vidx[i]);
+    if (vmax[i] == mx) id = std::min<int64_t>(id, vidx[i]);  // lanes never written hold -inf < mx
   }
   if (smax == mx) id = std::min(id, sidx);
 
@@ -109,14 +109,13 @@ std::tuple<at::Tensor, at::Tensor> best_token_cpu(const at::Tensor& logits, at::
                     logits.scalar_type());
   const int64_t R = logits.size(0), V = logits.size(1);
   std::vector<int64_t> banned(banned_ids.begin(), banned_ids.end());
-  int64_t allowed = V;
   for (int64_t b : banned) {
     TORCH_CHECK_VALUE(b >= 0 && b < V, "best_token: banned id ", b, " is outside the vocabulary [0, ", V, ")");
   }
   std::sort(banned.begin(), banned.end());
   banned.erase(std::unique(banned.begin(), banned.end()), banned.end());
-  allowed -= static_cast<int64_t>(banned.size());
-  TORCH_CHECK_VALUE(R == 0 || allowed > 0, "best_token: every one of the ", V, " ids is banned");
+  TORCH_CHECK_VALUE(R == 0 || static_cast<int64_t>(banned.size()) < V, "best_token: every one of the ", V,
+                    " ids is banned");
   const at::Tensor z = logits.contiguous();
   at::Tensor scores = at::empty({R}, logits.options());
   at::Tensor ids = at::empty({R}, logits.options().dtype(at::kLong));

@@ -37,7 +37,7 @@ Force one with ``JANUS_BACKEND_MASK_PREDICT_UPDATE=triton|cpp|blocked|reference`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,9 @@ from janus.ops._dispatch import Backend, Verdict, all_on_cpu, all_on_cuda, compi
 # fp32 logits per block of "blocked" (8 MB: 262 masked rows at V = 8000, 65 at V = 32000), small enough
 # to stay in a CPU's cache between the product and the reductions, large enough for an efficient product.
 _BLOCK_BYTES = 1 << 23
+
+# (log-probability, id) of each row's best allowed token: float32 (m,), int64 (m,).
+Reduced = tuple[Tensor, Tensor]
 
 
 def mask_predict_update_ref(
@@ -81,25 +84,11 @@ def mask_predict_update_ref(
     return tokens, scores
 
 
-def _reduce_torch(logits: Tensor, banned: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """(log-probability, id) of every row's best allowed logit, in torch ops (``mask_predict_update_blocked``)."""
-    # The normaliser over the whole vocabulary, banned ids included; then the best allowed id (ties: the
-    # smaller) and its log-probability.
-    lse = torch.logsumexp(logits, dim=-1)
-    if banned:
-        logits.index_fill_(1, torch.tensor(banned, dtype=torch.long, device=logits.device), float("-inf"))
-    top, ids = logits.max(dim=-1)
-    return top.sub_(lse), ids
-
-
-def _reduce_cpp(logits: Tensor, banned: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """The same in one kernel, two passes over each row (csrc/cpu/best_token.cpp)."""
-    return torch.ops.janus.best_token(logits, list(banned))
-
-
 def _blocked(
-    hidden: Tensor, weight: Tensor, tokens: Tensor, scores: Tensor, mask: int, banned: Sequence[int], reduce
+    hidden: Tensor, weight: Tensor, tokens: Tensor, scores: Tensor, mask: int, reduce: Callable[[Tensor], Reduced]
 ) -> tuple[Tensor, Tensor]:
+    """The masked slots' products in blocks of about _BLOCK_BYTES of fp32 logits, each block turned into
+    (log-probability, id) of its rows' best allowed token by ``reduce`` while in cache."""
     slots = (tokens == mask).reshape(-1).nonzero().squeeze(1)  # (M,)
     M = slots.numel()
     if M == 0:
@@ -108,11 +97,10 @@ def _blocked(
     step = max(16, _BLOCK_BYTES // (4 * weight.shape[0]))
     best = torch.empty(M, dtype=torch.float32, device=h.device)
     tok = torch.empty(M, dtype=torch.long, device=h.device)
-    ban = sorted(set(banned))
     for r in range(0, M, step):
         # The block's logits in fp32 (a copy for low-precision inputs, else the product itself), reduced.
         logits = F.linear(h[r : r + step], weight).float()  # (m, V)
-        best[r : r + step], tok[r : r + step] = reduce(logits, ban)
+        best[r : r + step], tok[r : r + step] = reduce(logits)
     tokens.view(-1).index_copy_(0, slots, tok)
     scores.view(-1).index_copy_(0, slots, best.to(scores.dtype))
     return tokens, scores
@@ -122,14 +110,27 @@ def mask_predict_update_blocked(
     hidden: Tensor, weight: Tensor, tokens: Tensor, scores: Tensor, mask: int, banned: Sequence[int]
 ) -> tuple[Tensor, Tensor]:
     """``mask_predict_update_ref`` in blocks of masked rows (see the module docstring); same contract."""
-    return _blocked(hidden, weight, tokens, scores, mask, banned, _reduce_torch)
+    ban = torch.tensor(sorted(set(banned)), dtype=torch.long, device=hidden.device) if banned else None
+
+    def reduce(logits: Tensor) -> Reduced:
+        # The normaliser over the whole vocabulary, banned ids included; then the best allowed id (ties: the
+        # smaller) and its log-probability.
+        lse = torch.logsumexp(logits, dim=-1)
+        if ban is not None:
+            logits.index_fill_(1, ban, float("-inf"))
+        top, ids = logits.max(dim=-1)
+        return top.sub_(lse), ids
+
+    return _blocked(hidden, weight, tokens, scores, mask, reduce)
 
 
 def mask_predict_update_cpp(
     hidden: Tensor, weight: Tensor, tokens: Tensor, scores: Tensor, mask: int, banned: Sequence[int]
 ) -> tuple[Tensor, Tensor]:
-    """``mask_predict_update_blocked`` with each block reduced by ``torch.ops.janus.best_token``; same contract."""
-    return _blocked(hidden, weight, tokens, scores, mask, banned, _reduce_cpp)
+    """``mask_predict_update_blocked`` with each block reduced by ``torch.ops.janus.best_token`` (csrc/cpu/
+    best_token.cpp: two passes over each row); same contract."""
+    ban = sorted(set(banned))
+    return _blocked(hidden, weight, tokens, scores, mask, lambda logits: torch.ops.janus.best_token(logits, ban))
 
 
 def _best_token_fake(logits: Tensor, banned: list[int]) -> tuple[Tensor, Tensor]:
