@@ -49,6 +49,18 @@ TORCH_LIBRARY(janus, m) {
   m.set_python_module("janus.ops.skinny_linear");
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 
+  // Every decoder layer of one incremental inference pass over a few rows (CPU, float32): x [N, R, D] (the
+  // first num_content rows of each hypothesis are content rows, written to its self-attention caches
+  // [N, H, W, D/H] at columns int64 [N, num_content]); row r of hypothesis n sees cache columns
+  // [0, limits[n, r]) (int64 [N, R]) and the source positions where keep (bool [B, S]) holds, through the
+  // cross-attention keys/values [B, H, S, D/H] of sentence n / (N / B); weights: 18 per layer
+  // (janus.ops.decoder_step.LAYER_WEIGHTS). -> the final hidden states [N, R, D].
+  m.set_python_module("janus.ops.decoder_step");
+  m.def(
+      "decoder_step(Tensor x, int num_content, Tensor limits, Tensor columns, Tensor(a!)[] self_k, "
+      "Tensor(b!)[] self_v, Tensor[] cross_k, Tensor[] cross_v, Tensor keep, Tensor[] weights, int n_heads, "
+      "float eps) -> Tensor");
+
   // Per row of logits float32 [R, V]: the id of the largest logit among the ids not in `banned` (ties: the
   // smaller) and its log-probability under the softmax of the whole row -> scores float32 [R], ids int64 [R].
   // The reduction of one mask-predict pass (CPU).

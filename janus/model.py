@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from torch.ao.nn.quantized.dynamic import Linear as _DynamicInt8Linear
 
 from janus.config import ModelConfig
+from janus.ops.decoder_step import MAX_ROWS as FUSED_ROWS
+from janus.ops.decoder_step import decoder_step_checked, kernel_ready
 from janus.ops.skinny_linear import MAX_ROWS as SKINNY_ROWS
 from janus.ops.skinny_linear import MIN_WEIGHT as SKINNY_MIN_WEIGHT
 from janus.ops.skinny_linear import skinny_linear_checked
@@ -48,6 +50,7 @@ class EncoderOut:
     # first use by ``attention_mask`` (one host sync per batch, not one per decoder pass).
     mask: Optional[Tensor] = None
     mask_known: bool = False
+    keep: Optional[Tensor] = None  # (B, S) bool, True at real source tokens (``source_keep``)
 
     def select(self, index: Tensor) -> "EncoderOut":
         """The sentences ``index`` (int64 (B',)), in that order, with their cached keys/values."""
@@ -61,6 +64,12 @@ class EncoderOut:
             self.mask = (~self.padding)[:, None, None, :] if bool(self.padding.any()) else None
             self.mask_known = True
         return self.mask
+
+    def source_keep(self) -> Tensor:
+        """(B, S) bool, True at real source tokens (made on first use)."""
+        if self.keep is None:
+            self.keep = ~self.padding
+        return self.keep
 
 
 @dataclass
@@ -76,6 +85,19 @@ class LayerCache:
     self_v: Optional[Tensor] = None
     reserve: int = 0  # columns to allocate at the first write (KVCache.capacity)
 
+    def ensure(self, need: int, N: int, H: int, dk: int, like: Tensor) -> None:
+        """Buffers (N, H, >= need, dk) in ``like``'s dtype and on its device (the columns in use kept)."""
+        cap = 0 if self.self_k is None else self.self_k.shape[2]
+        if need > cap:
+            new_cap = max(need, self.reserve) if cap == 0 and self.reserve else max(need, 2 * cap, 16)
+            # Zeros, not empty: a column no row sees still enters attention with weight 0, and
+            # uninitialised memory may hold NaN, which survives multiplication by 0.
+            grown_k, grown_v = like.new_zeros(N, H, new_cap, dk), like.new_zeros(N, H, new_cap, dk)
+            if cap:
+                grown_k[:, :, :cap] = self.self_k
+                grown_v[:, :, :cap] = self.self_v
+            self.self_k, self.self_v = grown_k, grown_v
+
     def write(self, k: Tensor, v: Tensor, start: int, columns: Optional[Tensor], width: int) -> tuple[Tensor, Tensor]:
         """Store new content keys/values and return columns [0, width) of the buffers.
 
@@ -87,16 +109,7 @@ class LayerCache:
         """
         N, H, C, dk = k.shape
         need = max(width, start + C) if columns is None else max(width, int(columns.max()) + 1 if C else 0)
-        cap = 0 if self.self_k is None else self.self_k.shape[2]
-        if need > cap:
-            new_cap = max(need, self.reserve) if cap == 0 and self.reserve else max(need, 2 * cap, 16)
-            # Zeros, not empty: a column no row sees still enters attention with weight 0, and
-            # uninitialised memory may hold NaN, which survives multiplication by 0.
-            grown_k, grown_v = k.new_zeros(N, H, new_cap, dk), v.new_zeros(N, H, new_cap, dk)
-            if cap:
-                grown_k[:, :, :cap] = self.self_k
-                grown_v[:, :, :cap] = self.self_v
-            self.self_k, self.self_v = grown_k, grown_v
+        self.ensure(need, N, H, dk, k)
         if columns is None:
             self.self_k[:, :, start : start + C] = k
             self.self_v[:, :, start : start + C] = v
@@ -434,6 +447,10 @@ class JanusModel(nn.Module):
         self.length_head = nn.Linear(D, cfg.length_classes)
         self.drop = Dropout(cfg.dropout)
         self.scale = math.sqrt(D)
+        # The parameters and weights of ``fused_weights`` (inference passes through janus.ops.decoder_step).
+        self._fused_params: Optional[list[Tensor]] = None
+        self._fused_list: Optional[tuple[tuple, list[Tensor]]] = None
+        self._fused_float = True  # False in the int8 copy of quantize_dynamic_int8, whose layers differ
         self.out_proj: Optional[nn.Module] = None  # (D -> V) set by quantize_dynamic_int8 only
         self.reset_parameters()
 
@@ -515,6 +532,16 @@ class JanusModel(nn.Module):
                 f"target position {rows.max_position} exceeds max_target_positions={self.cfg.max_target_positions}"
             )
         x = self.drop(self.embed(rows.tokens) * self.scale + self.tgt_pos(rows.positions))  # (B, R, D)
+        if (
+            cache is not None
+            and rows.visible_prefix is not None
+            and rows.cache_columns is not None
+            and self.fused_step_ok(x)
+        ):
+            width = rows.visibility.shape[-1]
+            x = self._fused_pass(x, rows.num_content, rows.visible_prefix, rows.cache_columns, enc, cache, width)
+            cache.length = width
+            return x
         self_mask = rows.visibility[:, None]  # (B, 1, R, C)
         keep_cross = not torch.is_grad_enabled()  # never reuse a graph across training passes
         cross_mask = enc.attention_mask() if keep_cross else (~enc.padding)[:, None, None, :]  # (B, 1, 1, S)
@@ -546,9 +573,93 @@ class JanusModel(nn.Module):
         content = self.embed(last) * self.scale + pos[0]  # (N, D)
         query = self.embed.weight[self.cfg.specials.mask] * self.scale + pos[1]  # (D,)
         x = torch.stack([content, query.expand_as(content)], 1)  # (N, 2, D)
-        x = self._run_decoder(x, 1, None, enc, enc.attention_mask(), cache, t, None)
+        if self.fused_step_ok(x):
+            limits = torch.full((N, 2), t + 1, dtype=torch.long, device=x.device)
+            x = self._fused_pass(x, 1, limits, limits[:, :1] - 1, enc, cache, t + 1)
+        else:
+            x = self._run_decoder(x, 1, None, enc, enc.attention_mask(), cache, t, None)
         cache.length = t + 1
         return x[:, 1]
+
+    def fused_step_ok(self, x: Tensor) -> bool:
+        """Whether an inference pass over rows x (N, R, D) runs through ``janus.ops.decoder_step``'s kernel:
+        float32 on the CPU, eval mode without autograd, at most ``decoder_step.MAX_ROWS`` rows, the decoder's
+        own float layers (not the int8 copy's), and the kernel compiled and not forced away."""
+        return (
+            x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and x.shape[0] * x.shape[1] <= FUSED_ROWS
+            and self._fused_float
+            and not self.training
+            and not torch.is_grad_enabled()
+            and kernel_ready()
+        )
+
+    def fused_weights(self) -> list[Tensor]:
+        """The decoder's weights in ``janus.ops.decoder_step.LAYER_WEIGHTS`` order, each self-attention's
+        q, k, v concatenated. Kept between calls while every parameter keeps its storage and version (a step
+        of a small model cannot afford to walk the modules: ~150 us)."""
+        if self._fused_params is None:
+            params: list[Tensor] = []
+            for layer in self.decoder:
+                a, c, f = layer.self_attn, layer.cross_attn, layer.ffn
+                params += [a.q.weight, a.k.weight, a.v.weight, a.q.bias, a.k.bias, a.v.bias]
+                params += [a.out.weight, a.out.bias, layer.norm1.weight, layer.norm1.bias]
+                params += [c.q.weight, c.q.bias, c.out.weight, c.out.bias, layer.norm2.weight, layer.norm2.bias]
+                params += [f.ff1.weight, f.ff1.bias, f.ff2.weight, f.ff2.bias, layer.norm3.weight, layer.norm3.bias]
+            self._fused_params = params
+        params = self._fused_params
+        # Inference tensors have no version counter: their weights are rebuilt every call.
+        key = None if params[0].is_inference() else tuple((p.data_ptr(), p._version) for p in params)
+        if key is not None and self._fused_list is not None and self._fused_list[0] == key:
+            return self._fused_list[1]
+        out: list[Tensor] = []
+        per = 22
+        with torch.no_grad():
+            for i in range(0, len(params), per):
+                p = [t.detach() for t in params[i : i + per]]
+                out += [torch.cat(p[0:3]), torch.cat(p[3:6]), *p[6:]]
+        if key is not None:
+            self._fused_list = (key, out)
+        return out
+
+    def _fused_pass(
+        self, x: Tensor, num_content: int, limits: Tensor, columns: Tensor, enc: EncoderOut, cache: KVCache, width: int
+    ) -> Tensor:
+        """x (N, R, D) through every decoder layer in one ``decoder_step`` call: content rows written to cache
+        ``columns`` (N, C), row r of hypothesis n seeing cache columns [0, limits[n, r]); ``width`` (a host
+        int) bounds every column and limit."""
+        N = x.shape[0]
+        H, dk = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
+        if not cache.layers:
+            cache.layers = [LayerCache(reserve=cache.capacity) for _ in self.decoder]
+        for c in cache.layers:
+            c.ensure(width, N, H, dk, x)
+        cross = self._cross_kv(enc)
+        return decoder_step_checked(
+            x,
+            num_content,
+            limits,
+            columns,
+            [c.self_k for c in cache.layers],
+            [c.self_v for c in cache.layers],
+            [kv[0] for kv in cross],
+            [kv[1] for kv in cross],
+            enc.source_keep(),
+            self.fused_weights(),
+            H,
+            self.decoder[0].norm1.eps,
+        )
+
+    def _cross_kv(self, enc: EncoderOut) -> list[tuple[Tensor, Tensor]]:
+        """Every decoder layer's cross-attention keys/values of ``enc``, computed on first use and kept on it
+        (inference only)."""
+        if len(enc.cross) != len(self.decoder):
+            enc.cross = [None] * len(self.decoder)
+        for i, layer in enumerate(self.decoder):
+            if enc.cross[i] is None:
+                enc.cross[i] = layer.cross_attn.project_kv(enc.states)
+        return enc.cross
 
     def _run_decoder(
         self,
@@ -565,16 +676,9 @@ class JanusModel(nn.Module):
         there is no autograd)."""
         if cache is not None and not cache.layers:
             cache.layers = [LayerCache(reserve=cache.capacity) for _ in self.decoder]
-        keep_cross = not torch.is_grad_enabled()
-        if keep_cross and len(enc.cross) != len(self.decoder):
-            enc.cross = [None] * len(self.decoder)
+        kept = self._cross_kv(enc) if not torch.is_grad_enabled() else None
         for i, layer in enumerate(self.decoder):
-            if keep_cross:
-                if enc.cross[i] is None:
-                    enc.cross[i] = layer.cross_attn.project_kv(enc.states)
-                cross_kv = enc.cross[i]
-            else:
-                cross_kv = layer.cross_attn.project_kv(enc.states)
+            cross_kv = kept[i] if kept is not None else layer.cross_attn.project_kv(enc.states)
             layer_cache = None if cache is None else cache.layers[i]
             x = layer(x, num_content, self_mask, cross_kv, cross_mask, layer_cache, start, columns)
         return x
@@ -618,6 +722,7 @@ def quantize_dynamic_int8(model: JanusModel) -> JanusModel:
     from torch.ao import quantization as tq
 
     q = copy.deepcopy(model).float().eval()
+    q._fused_params, q._fused_list, q._fused_float = None, None, False
     with torch.no_grad():
         for attn in [layer.attn for layer in q.encoder] + [layer.self_attn for layer in q.decoder]:
             attn.qkv = nn.Linear(attn.q.in_features, 3 * attn.q.out_features)

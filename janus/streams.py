@@ -80,6 +80,9 @@ class DecoderRows:
     pair_index: Optional[Tensor] = None  # (M,) index into ar_rows of the AR row with the same target
     masked_sentence: Optional[Tensor] = None  # (M,) int64 sentence of each masked token
     cache_columns: Optional[Tensor] = None  # (B, C) int64 KV-cache column of each content row (decoding)
+    # (B, R) int64, where each row sees exactly the cache columns [0, visible_prefix) (AR decoding passes): the
+    # visibility in the form janus.ops.decoder_step takes, or None
+    visible_prefix: Optional[Tensor] = None
 
     @property
     def num_rows(self) -> int:
@@ -299,4 +302,14 @@ def build_ar_verify_rows(tokens: Tensor, starts: Tensor, ends: Tensor, *, pad: i
     vis[:, :, 0] |= kinds == K.PAD
     ranks = torch.full_like(row_tokens, -1)
     max_position = int(ends.max()) if B else 0
-    return DecoderRows(row_tokens, positions, kinds, ranks, C, vis, max_position=max_position, cache_columns=columns)
+    return DecoderRows(
+        row_tokens,
+        positions,
+        kinds,
+        ranks,
+        C,
+        vis,
+        max_position=max_position,
+        cache_columns=columns,
+        visible_prefix=limit.clamp_min(1),  # a pad query row (limit 0) sees column 0, as a pad content row
+    )

@@ -176,6 +176,30 @@ def test_decoding_runs_in_eval_and_inference_mode_and_restores_training():
     assert [[h.ids for h in x] for x in out] == [[h.ids for h in x] for x in again]
 
 
+def test_a_model_in_eval_mode_is_not_switched_and_a_stray_training_module_is():
+    """Switching every module's mode costs more than a batch-1 decode of a small model: a model in eval
+    mode throughout is left alone; one training submodule (dropout on) is enough to switch them all."""
+    m = random_model(8)
+    src = random_sources(8, 2)
+    switches = []
+    original = type(m).train
+
+    def spy(module, mode=True):
+        switches.append(mode)
+        return original(module, mode)
+
+    m.train = spy.__get__(m)
+    m.eval = lambda: m.train(False)
+    greedy_search(m, src)
+    assert switches == []
+    m.decoder[0].drop.train()
+    seen = []
+    original_step = m.decode_ar_step
+    m.decode_ar_step = lambda *a, **k: seen.append(m.decoder[0].drop.training) or original_step(*a, **k)
+    greedy_search(m, src)
+    assert switches == [False, False] and seen and not any(seen)
+
+
 # -------------------------------------------------------------------------------- mask-predict
 
 

@@ -122,10 +122,12 @@ def test_opcheck():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 def test_decoder_step_through_the_kernel_equals_the_reference(monkeypatch, dtype, tol):
     """The model routes a step's few fp32 or bf16 rows through the kernel; its hidden states and logits
-    agree with the same step through F.linear to the dtype's rounding."""
+    agree with the same step through F.linear to the dtype's rounding. (The model's own layers: fp32 steps
+    otherwise run through janus.ops.decoder_step, tests/test_ops_decoder_step.py.)"""
     from janus.config import preset
     from janus.model import JanusModel, KVCache
 
+    monkeypatch.setenv("JANUS_BACKEND_DECODER_STEP", "reference")
     torch.manual_seed(0)
     model = JanusModel(preset("tiny", vocab_size=300)).eval().to(dtype)
     src = torch.randint(5, 300, (2, 9))

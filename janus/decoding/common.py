@@ -16,14 +16,20 @@ from janus.model import EncoderOut, JanusModel
 
 @contextlib.contextmanager
 def inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode and ``torch.inference_mode`` for the duration; the model's mode is restored after."""
+    """Eval mode and ``torch.inference_mode`` for the duration; the model's mode is restored after.
+
+    A model already in eval mode throughout is left alone: switching every module's mode costs ~1.5 ms
+    (the small preset's 200 modules, twice), a tenth of decoding a sentence at batch 1."""
     was_training = model.training
-    model.eval()
+    switch = any(m.training for m in model.modules())
+    if switch:
+        model.eval()
     try:
         with torch.inference_mode():
             yield
     finally:
-        model.train(was_training)
+        if switch:
+            model.train(was_training)
 
 
 def length_limits(

@@ -1,0 +1,141 @@
+"""The decoder layers of one incremental pass: ``janus.ops.decoder_step``'s kernel against the model's own layers.
+
+    python benchmarks/decoder_step.py                       # small and iwslt presets, CPU
+    python benchmarks/decoder_step.py --preset small --hypotheses 1,5,16 --json out.json
+
+Every pass is a ``JanusModel.decode`` of AR rows over a KV cache of ``--cached`` columns (random weights,
+eval mode, no autograd, float32), with R rows per hypothesis: R = 2 is a greedy or beam step (a content and
+a query row), R = 10 a speculative verification of a block of 4 drafted tokens (5 content and 5 query
+rows). For each preset and (hypotheses, R), the kernel (``decoder_step``, "cpp") and the model's layers
+("layers": JANUS_BACKEND_DECODER_STEP=reference) take turns in ``--rounds`` rounds of ``--calls`` passes;
+the table gives microseconds per pass (median over rounds), the speedup, and whether the model sends that
+pass to the kernel (rows <= ``janus.ops.decoder_step.MAX_ROWS``; lifted here, so that every size is
+timed). Both return the same hidden states to fp32 rounding (checked first, every size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from harness import environment, interleaved, print_table, write_json
+
+import janus.model
+from janus.config import PRESETS, ModelConfig
+from janus.model import JanusModel, KVCache
+from janus.ops.decoder_step import MAX_ROWS, kernel_ready
+from janus.streams import build_ar_verify_rows
+
+VOCAB = 8000
+FORCE = "JANUS_BACKEND_DECODER_STEP"
+
+
+@contextlib.contextmanager
+def through(kernel: bool) -> Iterator[None]:
+    """Passes of any size through the kernel (the model's MAX_ROWS lifted), or none (the model's layers)."""
+    janus.model.FUSED_ROWS = 1 << 30
+    if not kernel:
+        os.environ[FORCE] = "reference"
+    try:
+        yield
+    finally:
+        janus.model.FUSED_ROWS = MAX_ROWS
+        os.environ.pop(FORCE, None)
+
+
+def make_pass(model: JanusModel, hypotheses: int, rows: int, cached: int, seed: int):
+    """A closure running one decode of ``hypotheses`` x ``rows`` AR rows over a cache of ``cached`` columns."""
+    g = torch.Generator().manual_seed(seed)
+    sp = model.cfg.specials
+    src = torch.randint(5, VOCAB, (1, 24), generator=g)
+    src[:, -1] = sp.eos
+    enc = model.encode(src)
+    C = rows // 2
+    tokens = torch.randint(5, VOCAB, (hypotheses, cached + C + 1), generator=g)
+    starts = torch.full((hypotheses,), cached, dtype=torch.long)
+    built = build_ar_verify_rows(tokens, starts, starts + C, pad=sp.pad, mask=sp.mask)
+    cache = KVCache()  # filled once with the first `cached` columns
+    model.decode(build_ar_verify_rows(tokens, starts * 0, starts, pad=sp.pad, mask=sp.mask), enc, cache)
+
+    def run() -> torch.Tensor:
+        cache.length = cached
+        return model.decode(built, enc, cache)
+
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small,iwslt", help="model presets (default small,iwslt)")
+    parser.add_argument("--hypotheses", default="1,5,8,16,32", help="hypotheses per pass (default 1,5,8,16,32)")
+    parser.add_argument("--rows", default="2,10", help="rows per hypothesis (default 2,10)")
+    parser.add_argument("--cached", type=int, default=20, help="cached columns before the pass (default 20)")
+    parser.add_argument("--calls", type=int, default=50, help="passes per timed run (default 50)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if os.environ.get(FORCE) or os.environ.get("JANUS_BACKEND"):
+        raise SystemExit(f"unset {FORCE} and JANUS_BACKEND: this script switches between the two itself")
+    if not kernel_ready():
+        raise SystemExit("the decoder_step kernel is not available here (python -m janus.info says why)")
+    results = []
+    torch.manual_seed(0)
+    for preset in args.preset.split(","):
+        model = JanusModel(ModelConfig(vocab_size=VOCAB, **PRESETS[preset])).eval()
+        for rows in (int(r) for r in args.rows.split(",")):
+            for n in (int(h) for h in args.hypotheses.split(",")):
+                with torch.inference_mode():
+                    run = make_pass(model, n, rows, args.cached, seed=n * 100 + rows)
+                    with through(kernel=False):
+                        want = run().clone()
+                    with through(kernel=True):
+                        got = run()
+                    err = (got - want).abs().max().item()
+                    if not err <= 1e-4:
+                        raise AssertionError(f"{preset} {n}x{rows}: kernel and layers differ by {err}")
+
+                    def timed(kernel: bool, run=run):
+                        def go() -> None:
+                            with through(kernel):
+                                for _ in range(args.calls):
+                                    run()
+
+                        return go
+
+                    times = interleaved([timed(True), timed(False)], torch.device("cpu"), rounds=args.rounds)
+                fused, layers = (statistics.median(t) * 1e3 / args.calls for t in times)
+                row = {
+                    "preset": preset,
+                    "hypotheses": n,
+                    "rows_per_hyp": rows,
+                    "rows": n * rows,
+                    "kernel_us": fused,
+                    "layers_us": layers,
+                    "speedup": layers / fused,
+                    "used": n * rows <= MAX_ROWS,
+                    "max_abs_diff": err,
+                }
+                results.append(row)
+                print(f"  {preset} {n} x {rows}: kernel {fused:.0f} us, layers {layers:.0f} us", flush=True)
+    print()
+    print_table(results, ["preset", "hypotheses", "rows_per_hyp", "rows", "kernel_us", "layers_us", "speedup", "used"])
+    if args.json:
+        payload = {
+            "environment": environment(torch.device("cpu")),
+            "settings": vars(args) | {"json": str(args.json)},
+            "max_rows": MAX_ROWS,
+            "results": results,
+        }
+        write_json(args.json, payload)
+
+
+if __name__ == "__main__":
+    main()

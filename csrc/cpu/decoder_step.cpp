@@ -1,0 +1,276 @@
+// janus::decoder_step on CPU: every decoder layer of one incremental inference pass over a few rows, in one
+// call (fp32).
+//
+// A step of a small model is overhead, not arithmetic: the `small` preset's decoder step (3 layers of width
+// 128, two rows) is about 0.7 MFLOP, yet torch runs it as ~60 operator calls of 5-15 us each from Python
+// (0.9 ms on one thread of this CPU, about 90% of it dispatch, allocation and the framework around each
+// kernel). Here the same layers run as plain loops over preallocated buffers: the products through the
+// skinny_linear tiles (each weight row read once for all rows), attention over the cached keys/values by
+// rows and heads, the post-norm residuals in place.
+//
+// Per layer (JANUS.md section 2's decoder in its inference form; rows (N, R, D), the first C of each
+// hypothesis being content rows):
+//   1. q, k, v = x Wqkv^T + bqkv for every row; the content rows' keys/values are written into the layer's
+//      self-attention cache at columns[n, j];
+//   2. row r of hypothesis n attends to cache columns [0, limits[n, r]) (every row type of an AR pass sees a
+//      prefix of the columns: JANUS.md section 4), x = LN1(x + (attention) Wo^T + bo);
+//   3. cross-attention over the source positions s of sentence n / g with keep[n / g, s] (g = N / B rows per
+//      sentence: beams), x = LN2(x + ...);
+//   4. x = LN3(x + relu(x W1^T + b1) W2^T + b2).
+// Softmax in fp32 with the maximum subtracted; layer norm with the biased variance, as torch's. Sums run in
+// another order than torch's kernels: results agree to fp32 rounding, not bit for bit. Each output is
+// computed by one thread in one order, so results depend on neither the thread count nor the other rows.
+//
+// Weights: 18 tensors per layer, in this order: Wqkv (3D, D), bqkv (3D), Wo (D, D), bo, LN1 weight, LN1 bias,
+// cross Wq (D, D), cross bq, cross Wo (D, D), cross bo, LN2 weight, LN2 bias, W1 (F, D), b1 (F), W2 (D, F),
+// b2 (D), LN3 weight, LN3 bias; all fp32, contiguous.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/vector_lanes.h"
+
+#ifdef JANUS_VECTOR_LANES
+
+#include "cpu/skinny_gemm.h"
+
+namespace janus {
+namespace {
+
+constexpr int64_t kPerLayer = 18;
+
+// A (B, H, S, dk) keys or values tensor with unit stride in dk (the cross-attention's are transposed views).
+struct Heads {
+  const float* data;
+  int64_t sb, sh, ss;
+  const float* at(int64_t b, int64_t h, int64_t s) const { return data + b * sb + h * sh + s * ss; }
+};
+
+Heads heads_of(const at::Tensor& t) { return {t.const_data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+// One attention problem: rows (N * R), each of H heads of width dk, its query at q + row * ldq + h * dk, its
+// output at out + row * D + h * dk. Row (n, r) sees columns [0, limit(n, r)) of keys/values sentence n / g,
+// except those with keep[sentence * S + s] == false (keep null: all).
+struct Attention {
+  int64_t N, R, H, dk, D, g, ldq;
+  const float* q;
+  Heads k, v;
+  const int64_t* limits;  // (N, R), or null: every row sees S columns
+  int64_t S;
+  const bool* keep;  // (N / g, S) or null
+  float* out;
+};
+
+JANUS_CLONES void attend_items(const Attention& A, int64_t i0, int64_t i1) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(A.dk));
+  std::vector<float> p(static_cast<size_t>(A.S));
+  for (int64_t item = i0; item < i1; ++item) {
+    const int64_t h = item % A.H, row = item / A.H, n = row / A.R, b = n / A.g;
+    const int64_t width = A.limits != nullptr ? A.limits[row] : A.S;
+    const float* q = A.q + row * A.ldq + h * A.dk;
+    const bool* keep = A.keep != nullptr ? A.keep + b * A.S : nullptr;
+    const int64_t src = A.limits != nullptr ? n : b;  // self-attention caches are per hypothesis
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < width; ++s) {
+      if (keep != nullptr && !keep[s]) {
+        p[s] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const float* k = A.k.at(src, h, s);
+      float dot = 0.0f;
+      for (int64_t d = 0; d < A.dk; ++d) dot += q[d] * k[d];
+      p[s] = dot * scale;
+      top = std::max(top, p[s]);
+    }
+    float total = 0.0f;
+    for (int64_t s = 0; s < width; ++s) {
+      p[s] = std::exp(p[s] - top);
+      total += p[s];
+    }
+    float* o = A.out + row * A.D + h * A.dk;
+    std::fill(o, o + A.dk, 0.0f);
+    for (int64_t s = 0; s < width; ++s) {
+      if (p[s] == 0.0f) continue;
+      const float w = p[s] / total;
+      const float* v = A.v.at(src, h, s);
+      for (int64_t d = 0; d < A.dk; ++d) o[d] += w * v[d];
+    }
+  }
+}
+
+void attend(const Attention& A) {
+  const int64_t items = A.N * A.R * A.H;
+  // About 32k multiply-adds of scores and sums per task: a step's few rows stay on the calling thread.
+  const int64_t per_item = std::max<int64_t>(1, 2 * A.S * A.dk);
+  at::parallel_for(0, items, std::max<int64_t>(1, (int64_t{1} << 15) / per_item),
+                   [&](int64_t i0, int64_t i1) { attend_items(A, i0, i1); });
+}
+
+// x = LN(x + y) row by row (M, D), torch's layer norm: biased variance, eps inside the square root.
+JANUS_CLONES void add_norm(float* x, const float* y, int64_t M, int64_t D, const float* w, const float* b, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* r = x + m * D;
+    const float* u = y + m * D;
+    float mean = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      r[d] += u[d];
+      mean += r[d];
+    }
+    mean /= static_cast<float>(D);
+    float var = 0.0f;
+    for (int64_t d = 0; d < D; ++d) var += (r[d] - mean) * (r[d] - mean);
+    const float inv = 1.0f / std::sqrt(var / static_cast<float>(D) + eps);
+    for (int64_t d = 0; d < D; ++d) r[d] = (r[d] - mean) * inv * w[d] + b[d];
+  }
+}
+
+void check_matrix(const at::Tensor& t, int64_t rows, int64_t cols, const char* what, int64_t layer) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
+                    "janus::decoder_step: layer ", layer, " ", what, " must be a contiguous float32 CPU tensor, got ",
+                    t.scalar_type(), t.is_contiguous() ? "" : " (not contiguous)");
+  const bool ok = cols < 0 ? (t.dim() == 1 && t.size(0) == rows) : (t.dim() == 2 && t.size(0) == rows && t.size(1) == cols);
+  TORCH_CHECK_VALUE(ok, "janus::decoder_step: layer ", layer, " ", what, " has shape ", t.sizes(), ", expected (",
+                    rows, cols < 0 ? "" : ", ", cols < 0 ? std::string() : std::to_string(cols), ")");
+}
+
+void check_heads(const at::Tensor& t, int64_t n, int64_t H, int64_t dk, const char* what, int64_t layer) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 4 && t.size(0) == n &&
+                        t.size(1) == H && t.size(3) == dk && t.stride(3) == 1,
+                    "janus::decoder_step: layer ", layer, " ", what, " must be float32 (", n, ", ", H, ", columns, ",
+                    dk, ") on the CPU with unit stride in its last dim, got ", t.scalar_type(), " ", t.sizes(),
+                    " strides ", t.strides());
+}
+
+at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::Tensor& limits,
+                            const at::Tensor& columns, at::TensorList self_k, at::TensorList self_v,
+                            at::TensorList cross_k, at::TensorList cross_v, const at::Tensor& keep,
+                            at::TensorList weights, int64_t n_heads, double eps) {
+  // 1. Arguments.
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+                    "janus::decoder_step: x must be float32 (N, R, D) on the CPU, got ", x.scalar_type(), " ",
+                    x.sizes());
+  const int64_t N = x.size(0), R = x.size(1), D = x.size(2), L = static_cast<int64_t>(self_k.size());
+  const int64_t C = num_content;
+  TORCH_CHECK_VALUE(n_heads >= 1 && D % n_heads == 0, "janus::decoder_step: n_heads=", n_heads,
+                    " does not divide the width ", D);
+  const int64_t H = n_heads, dk = D / H;
+  TORCH_CHECK_VALUE(C >= 0 && C <= R, "janus::decoder_step: num_content=", C, " must be in [0, ", R, "]");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(self_v.size()) == L && static_cast<int64_t>(cross_k.size()) == L &&
+                        static_cast<int64_t>(cross_v.size()) == L &&
+                        static_cast<int64_t>(weights.size()) == kPerLayer * L,
+                    "janus::decoder_step: ", L, " layers need ", L, " of each cache list and ", kPerLayer * L,
+                    " weights, got ", self_v.size(), ", ", cross_k.size(), ", ", cross_v.size(), " and ",
+                    weights.size());
+  TORCH_CHECK_VALUE(keep.dim() == 2 && keep.scalar_type() == at::kBool && keep.device().is_cpu(),
+                    "janus::decoder_step: keep must be bool (B, S) on the CPU, got ", keep.scalar_type(), " ",
+                    keep.sizes());
+  const int64_t B = keep.size(0), S = keep.size(1);
+  TORCH_CHECK_VALUE(B >= 1 && N % B == 0, "janus::decoder_step: ", N, " hypotheses do not split evenly over ", B,
+                    " sentences");
+  TORCH_CHECK_VALUE(limits.scalar_type() == at::kLong && limits.dim() == 2 && limits.size(0) == N &&
+                        limits.size(1) == R && limits.device().is_cpu(),
+                    "janus::decoder_step: limits must be int64 (", N, ", ", R, "), got ", limits.scalar_type(), " ",
+                    limits.sizes());
+  TORCH_CHECK_VALUE(columns.scalar_type() == at::kLong && columns.dim() == 2 && columns.size(0) == N &&
+                        columns.size(1) == C && columns.device().is_cpu(),
+                    "janus::decoder_step: columns must be int64 (", N, ", ", C, "), got ", columns.scalar_type(),
+                    " ", columns.sizes());
+  const at::Tensor lim = limits.contiguous(), cols = columns.contiguous(), kp = keep.contiguous();
+  int64_t cap = -1;
+  for (int64_t l = 0; l < L; ++l) {
+    check_heads(self_k[l], N, H, dk, "self_k", l);
+    check_heads(self_v[l], N, H, dk, "self_v", l);
+    check_heads(cross_k[l], B, H, dk, "cross_k", l);
+    check_heads(cross_v[l], B, H, dk, "cross_v", l);
+    TORCH_CHECK_VALUE(self_v[l].size(2) == self_k[l].size(2) && (cap < 0 || self_k[l].size(2) == cap) &&
+                          cross_k[l].size(2) == S && cross_v[l].size(2) == S,
+                      "janus::decoder_step: layer ", l, ": cache widths ", self_k[l].size(2), "/",
+                      self_v[l].size(2), " and source widths ", cross_k[l].size(2), "/", cross_v[l].size(2),
+                      " must agree across layers and with keep's ", S);
+    cap = self_k[l].size(2);
+  }
+  const int64_t* lp = lim.const_data_ptr<int64_t>();
+  const int64_t* cp = cols.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < N * R; ++i) {
+    TORCH_CHECK_VALUE(lp[i] >= 1 && lp[i] <= cap, "janus::decoder_step: limits[", i / std::max<int64_t>(R, 1), ", ",
+                      i % std::max<int64_t>(R, 1), "]=", lp[i], " must be in [1, ", cap, "] (the cache's width)");
+  }
+  for (int64_t i = 0; i < N * C; ++i) {
+    TORCH_CHECK_VALUE(cp[i] >= 0 && cp[i] < cap, "janus::decoder_step: columns[", i / C, ", ", i % C, "]=", cp[i],
+                      " is outside the cache's ", cap, " columns");
+  }
+  const int64_t F = L ? weights[12].size(0) : 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* w = weights.data() + kPerLayer * l;
+    check_matrix(w[0], 3 * D, D, "Wqkv", l);
+    check_matrix(w[1], 3 * D, -1, "bqkv", l);
+    check_matrix(w[2], D, D, "Wo", l);
+    check_matrix(w[6], D, D, "cross Wq", l);
+    check_matrix(w[8], D, D, "cross Wo", l);
+    check_matrix(w[12], F, D, "W1", l);
+    check_matrix(w[13], F, -1, "b1", l);
+    check_matrix(w[14], D, F, "W2", l);
+    for (int i : {3, 4, 5, 7, 9, 10, 11, 15, 16, 17}) check_matrix(w[i], D, -1, "bias or norm", l);
+  }
+
+  // 2. The layers, over buffers allocated once per call.
+  at::Tensor out = x.contiguous().clone();
+  const int64_t M = N * R;
+  float* h = out.data_ptr<float>();
+  std::vector<float> qkv(static_cast<size_t>(M * 3 * D)), att(static_cast<size_t>(M * D)),
+      tmp(static_cast<size_t>(M * D)), ffn(static_cast<size_t>(M * F));
+  const bool* keep_p = kp.const_data_ptr<bool>();
+  const float e = static_cast<float>(eps);
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* w = weights.data() + kPerLayer * l;
+    auto ptr = [&](int i) { return w[i].const_data_ptr<float>(); };
+    // Self-attention: project, write the content rows' keys/values, attend to the cached prefix.
+    skinny::skinny_gemm_f32(h, M, D, ptr(0), 3 * D, ptr(1), qkv.data());
+    float* kc = self_k[l].data_ptr<float>();
+    float* vc = self_v[l].data_ptr<float>();
+    const auto ks = self_k[l].strides(), vs = self_v[l].strides();
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t j = 0; j < C; ++j) {
+        const float* src = qkv.data() + (n * R + j) * 3 * D;
+        const int64_t col = cp[n * C + j];
+        for (int64_t hd = 0; hd < H; ++hd) {
+          std::memcpy(kc + n * ks[0] + hd * ks[1] + col * ks[2], src + D + hd * dk, sizeof(float) * dk);
+          std::memcpy(vc + n * vs[0] + hd * vs[1] + col * vs[2], src + 2 * D + hd * dk, sizeof(float) * dk);
+        }
+      }
+    }
+    const Heads sk{kc, ks[0], ks[1], ks[2]}, sv{vc, vs[0], vs[1], vs[2]};
+    attend({N, R, H, dk, D, 1, 3 * D, qkv.data(), sk, sv, lp, cap, nullptr, att.data()});
+    skinny::skinny_gemm_f32(att.data(), M, D, ptr(2), D, ptr(3), tmp.data());
+    add_norm(h, tmp.data(), M, D, ptr(4), ptr(5), e);
+    // Cross-attention over the source.
+    skinny::skinny_gemm_f32(h, M, D, ptr(6), D, ptr(7), qkv.data());
+    attend({N, R, H, dk, D, N / B, D, qkv.data(), heads_of(cross_k[l]), heads_of(cross_v[l]), nullptr, S, keep_p,
+            att.data()});
+    skinny::skinny_gemm_f32(att.data(), M, D, ptr(8), D, ptr(9), tmp.data());
+    add_norm(h, tmp.data(), M, D, ptr(10), ptr(11), e);
+    // Feed-forward.
+    skinny::skinny_gemm_f32(h, M, D, ptr(12), F, ptr(13), ffn.data());
+    for (float& u : ffn) u = std::max(u, 0.0f);
+    skinny::skinny_gemm_f32(ffn.data(), M, F, ptr(14), D, ptr(15), tmp.data());
+    add_norm(h, tmp.data(), M, D, ptr(16), ptr(17), e);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace janus
+
+TORCH_LIBRARY_IMPL(janus, CPU, m) { m.impl("decoder_step", &janus::decoder_step_cpu); }
+
+#endif  // JANUS_VECTOR_LANES

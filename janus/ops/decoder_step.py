@@ -1,0 +1,213 @@
+"""decoder_step: every decoder layer of one incremental inference pass over a few rows, in one call.
+
+An AR step (greedy: a content and a query row per hypothesis), a beam step, or a speculative verification
+pass (a few content and query rows per hypothesis) of a small model costs far more in operator overhead than
+in arithmetic: the ``small`` preset's step is about 0.7 MFLOP, yet torch runs it as ~60 operator calls from
+Python. The "cpp" kernel (csrc/cpu/decoder_step.cpp) runs the same layers as loops over preallocated
+buffers, its products through ``skinny_linear``'s tiles.
+
+The pass, per layer (JANUS.md section 2's post-norm decoder layer, inference form, no dropout); x (N, R, D),
+the first C = ``num_content`` rows of each hypothesis content rows:
+
+1. q, k, v = x Wqkv^T + bqkv; the content rows' k, v are written into the layer's cache
+   (``self_k``, ``self_v``: (N, H, W, D/H), in place) at ``columns`` (N, C);
+2. row r of hypothesis n attends to cache columns [0, ``limits[n, r]``) (every row of an AR pass sees a
+   prefix of the columns: a content row at t sees t and before, a query row at t + 1 the same);
+   x = LN1(x + attention Wo^T + bo);
+3. cross-attention over sentence n // g's source keys/values (``cross_k``, ``cross_v``: (B, H, S, D/H),
+   g = N / B hypotheses per sentence) where ``keep`` (B, S) holds; x = LN2(x + ...);
+4. x = LN3(x + relu(x W1^T + b1) W2^T + b2).
+
+``decoder_step_ref`` is the specification (torch's linear, attention and layer norm, as the model's own
+layers compute them) and the fallback; ``decoder_step`` dispatches (janus.ops._dispatch) between:
+
+- "cpp": ``torch.ops.janus.decoder_step``, float32 CPU tensors, no autograd;
+- "reference": ``decoder_step_ref``.
+
+Force one with ``JANUS_BACKEND_DECODER_STEP=cpp|reference``. The model (``janus.model.JanusModel``) runs
+its inference passes of at most ``MAX_ROWS`` rows through the "cpp" kernel when it is available (see
+``JanusModel.fused_step_ok``); results agree with its own layers to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from janus import _ext
+from janus.ops._dispatch import Backend, Verdict, all_on_cpu, compiled, register_op
+
+# The 18 tensors of one layer in ``weights``, in this order.
+LAYER_WEIGHTS = (
+    "self_attn.qkv.weight",  # (3D, D): [Wq; Wk; Wv]
+    "self_attn.qkv.bias",  # (3D,)
+    "self_attn.out.weight",
+    "self_attn.out.bias",
+    "norm1.weight",
+    "norm1.bias",
+    "cross_attn.q.weight",
+    "cross_attn.q.bias",
+    "cross_attn.out.weight",
+    "cross_attn.out.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "ffn.ff1.weight",  # (F, D)
+    "ffn.ff1.bias",
+    "ffn.ff2.weight",  # (D, F)
+    "ffn.ff2.bias",
+    "norm3.weight",
+    "norm3.bias",
+)
+
+# Rows (N * R) up to which a pass goes through the kernel. Measured with ``benchmarks/kernels.py --case
+# decoder_step`` (benchmarks/results/kernels_cpu_decoder_step.json).
+MAX_ROWS = 32
+
+
+def decoder_step_ref(
+    x: Tensor,
+    num_content: int,
+    limits: Tensor,
+    columns: Tensor,
+    self_k: Sequence[Tensor],
+    self_v: Sequence[Tensor],
+    cross_k: Sequence[Tensor],
+    cross_v: Sequence[Tensor],
+    keep: Tensor,
+    weights: Sequence[Tensor],
+    n_heads: int,
+    eps: float,
+) -> Tensor:
+    """Reference (see the module docstring).
+
+    Args:
+        x: (N, R, D) float rows; the first ``num_content`` of each hypothesis are content rows.
+        limits: int64 (N, R), row r of hypothesis n sees self-attention cache columns [0, limits[n, r]).
+        columns: int64 (N, num_content), the cache column of each content row.
+        self_k, self_v: per layer (N, H, W, D/H), written in place at ``columns``.
+        cross_k, cross_v: per layer (B, H, S, D/H), the encoder's keys/values; N = g * B.
+        keep: bool (B, S), True at the source positions to attend to.
+        weights: ``len(LAYER_WEIGHTS)`` per layer, in that order.
+        n_heads, eps: attention heads and the layer norms' epsilon.
+    Returns:
+        (N, R, D) final hidden states.
+    """
+    N, R, D = x.shape
+    H, dk, C = n_heads, D // n_heads, num_content
+    B, W = keep.shape[0], self_k[0].shape[2] if self_k else 0
+    g = N // B
+    seen = torch.arange(W, device=x.device)[None, None, :] < limits[:, :, None]  # (N, R, W)
+    cross_mask = keep.repeat_interleave(g, 0)[:, None, None, :]  # (N, 1, 1, S)
+    index = columns[:, None, :, None].expand(N, H, C, dk)
+
+    def split(t: Tensor) -> Tensor:  # (N, L, D) -> (N, H, L, dk)
+        return t.view(N, t.shape[1], H, dk).transpose(1, 2)
+
+    def merge(t: Tensor) -> Tensor:  # (N, H, L, dk) -> (N, L, D)
+        return t.transpose(1, 2).reshape(N, -1, D)
+
+    per = len(LAYER_WEIGHTS)
+    for layer in range(len(self_k)):
+        w = weights[per * layer : per * (layer + 1)]
+        q, k, v = F.linear(x, w[0], w[1]).split(D, -1)
+        self_k[layer].scatter_(2, index, split(k[:, :C]))
+        self_v[layer].scatter_(2, index, split(v[:, :C]))
+        o = F.scaled_dot_product_attention(split(q), self_k[layer], self_v[layer], attn_mask=seen[:, None])
+        x = F.layer_norm(x + F.linear(merge(o), w[2], w[3]), (D,), w[4], w[5], eps)
+        ck = cross_k[layer].repeat_interleave(g, 0)
+        cv = cross_v[layer].repeat_interleave(g, 0)
+        o = F.scaled_dot_product_attention(split(F.linear(x, w[6], w[7])), ck, cv, attn_mask=cross_mask)
+        x = F.layer_norm(x + F.linear(merge(o), w[8], w[9]), (D,), w[10], w[11], eps)
+        y = F.linear(F.relu(F.linear(x, w[12], w[13])), w[14], w[15])
+        x = F.layer_norm(x + y, (D,), w[16], w[17], eps)
+    return x
+
+
+def _decoder_step_fake(x: Tensor, *args) -> Tensor:
+    return torch.empty_like(x)
+
+
+@_ext.when_loaded  # registering a fake needs the C++ schema (csrc/ops.cpp) to exist
+def _register_fake() -> None:
+    torch.library.register_fake("janus::decoder_step", _decoder_step_fake)
+
+
+def _decoder_step_cpp(
+    x: Tensor,
+    num_content: int,
+    limits: Tensor,
+    columns: Tensor,
+    self_k: Sequence[Tensor],
+    self_v: Sequence[Tensor],
+    cross_k: Sequence[Tensor],
+    cross_v: Sequence[Tensor],
+    keep: Tensor,
+    weights: Sequence[Tensor],
+    n_heads: int,
+    eps: float,
+) -> Tensor:
+    return torch.ops.janus.decoder_step(
+        x, num_content, limits, columns, self_k, self_v, cross_k, cross_v, keep, weights, n_heads, eps
+    )
+
+
+def _fits_cpp(x: Tensor, num_content: int, limits: Tensor, columns: Tensor, self_k, self_v, cross_k, cross_v,
+              keep: Tensor, weights, n_heads: int, eps: float) -> Verdict:  # fmt: skip
+    tensors = [x, limits, columns, keep, *self_k, *self_v, *cross_k, *cross_v, *weights]
+    ok, why = all_on_cpu(*tensors)
+    if not ok:
+        return ok, why
+    floats = [x, *self_k, *self_v, *cross_k, *cross_v, *weights]
+    if any(t.dtype != torch.float32 for t in floats):
+        return False, "the kernel takes float32 rows, caches and weights"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in floats):
+        return False, "the kernel has no backward (inference only: run under torch.no_grad)"
+    return True, ""
+
+
+DECODER_STEP = register_op(
+    "decoder_step",
+    [
+        Backend("cpp", _decoder_step_cpp, available=compiled("decoder_step", "cpu"), supports=_fits_cpp),
+        Backend("reference", decoder_step_ref),
+    ],
+)
+
+_CPP = DECODER_STEP.backend("cpp")
+
+
+def kernel_ready() -> bool:
+    """Whether the model may send its small inference passes to the "cpp" kernel: it is compiled and
+    loaded, and JANUS_BACKEND_DECODER_STEP (or JANUS_BACKEND) does not force another backend."""
+    return (DECODER_STEP.forced() or "cpp") == "cpp" and _CPP.available()[0]
+
+
+def decoder_step_checked(*args) -> Tensor:
+    """The "cpp" kernel for arguments the caller has checked (``JanusModel.fused_step_ok``): the dispatch's
+    per-call argument checks skipped (the kernel checks shapes itself)."""
+    return _decoder_step_cpp(*args)
+
+
+def decoder_step(
+    x: Tensor,
+    num_content: int,
+    limits: Tensor,
+    columns: Tensor,
+    self_k: Sequence[Tensor],
+    self_v: Sequence[Tensor],
+    cross_k: Sequence[Tensor],
+    cross_v: Sequence[Tensor],
+    keep: Tensor,
+    weights: Sequence[Tensor],
+    n_heads: int,
+    eps: float,
+) -> Tensor:
+    """The decoder layers of one inference pass on the fastest available backend (see the module docstring).
+
+    Same contract as ``decoder_step_ref``; the "cpp" kernel sums in another order than torch's kernels, so
+    results agree to fp32 rounding, not bit for bit.
+    """
+    return DECODER_STEP(x, num_content, limits, columns, self_k, self_v, cross_k, cross_v, keep, weights, n_heads, eps)

@@ -1,0 +1,291 @@
+"""decoder_step (csrc/cpu/decoder_step.cpp) against its reference: odd widths and heads, beams sharing a
+sentence, source padding, ragged visibility, caches written where asked and nowhere else; thread-count
+and row invariance; named errors; dispatch; and the model's passes through it (AR steps, beams,
+speculative verification) equal to its own layers, with the same search outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ext_helpers import require_kernel
+from tolerances import assert_within_baseline
+
+from janus.config import preset
+from janus.decoding import beam_search, greedy_search, speculative_decode
+from janus.model import JanusModel, KVCache, quantize_dynamic_int8
+from janus.ops.decoder_step import DECODER_STEP, LAYER_WEIGHTS, MAX_ROWS, _fits_cpp, decoder_step, decoder_step_ref
+
+FORCE = "JANUS_BACKEND_DECODER_STEP"
+
+
+@pytest.fixture(autouse=True)
+def _kernel():
+    require_kernel("decoder_step", "cpu")
+
+
+def problem(seed, N=2, R=2, C=1, D=32, H=4, F=48, L=2, B=1, S=7, W=12, transposed=True):
+    """Random arguments of one pass: x, C, limits, columns, caches, cross keys/values, keep, weights, H, eps."""
+    g = torch.Generator().manual_seed(seed)
+    dk = D // H
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    x = rand(N, R, D)
+    limits = torch.randint(1, W + 1, (N, R), generator=g)
+    columns = torch.stack([torch.randperm(W, generator=g)[:C] for _ in range(N)])
+    self_k = [rand(N, H, W, dk) for _ in range(L)]
+    self_v = [rand(N, H, W, dk) for _ in range(L)]
+    # the model's cross keys/values are transposed views of (B, S, H, dk)
+    cross_k = [rand(B, S, H, dk).transpose(1, 2) if transposed else rand(B, H, S, dk) for _ in range(L)]
+    cross_v = [rand(B, S, H, dk).transpose(1, 2) if transposed else rand(B, H, S, dk) for _ in range(L)]
+    keep = torch.ones(B, S, dtype=torch.bool)
+    for b in range(B):
+        keep[b, 1 + b % (S - 1) :] = False  # right padding, a different amount per sentence
+    shapes = {"qkv.weight": (3 * D, D), "qkv.bias": (3 * D,), "ff1.weight": (F, D), "ff1.bias": (F,)}
+    shapes["ff2.weight"] = (D, F)
+    weights = []
+    for _ in range(L):
+        for name in LAYER_WEIGHTS:
+            shape = next((s for k, s in shapes.items() if name.endswith(k)), None)
+            if shape is None:
+                shape = (D, D) if name.endswith("weight") and "norm" not in name else (D,)
+            weights.append(rand(*shape, scale=shape[-1] ** -0.5 if len(shape) == 2 else 1.0))
+    return [x, C, limits, columns, self_k, self_v, cross_k, cross_v, keep, weights, H, 1e-5]
+
+
+def cloned(args):
+    """The arguments with fresh copies of the caches the pass writes."""
+    out = list(args)
+    out[4], out[5] = [t.clone() for t in args[4]], [t.clone() for t in args[5]]
+    return out
+
+
+def in_double(args):
+    out = cloned(args)
+    for i in (0, 4, 5, 6, 7, 9):
+        out[i] = out[i].double() if torch.is_tensor(out[i]) else [t.double() for t in out[i]]
+    return out
+
+
+CASES = {
+    "greedy": dict(N=1, R=2, C=1),
+    "beams": dict(N=10, R=2, C=1, B=2),  # 5 hypotheses per sentence share its source
+    "verify": dict(N=3, R=10, C=5, B=3),
+    "queries only": dict(N=2, R=3, C=0),
+    "odd widths": dict(N=3, R=2, C=1, D=40, H=5, F=36, S=5, W=9),  # dk = 8: below one 16-lane vector
+    "iwslt width": dict(N=2, R=2, C=1, D=512, H=4, F=1024, L=1, S=30, W=40),
+    "contiguous cross": dict(N=2, R=4, C=2, transposed=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_the_reference(name):
+    args = problem(3, **CASES[name])
+    kernel_args, ref_args, exact_args = cloned(args), cloned(args), in_double(args)
+    out = torch.ops.janus.decoder_step(*kernel_args)
+    want = decoder_step_ref(*ref_args)
+    exact = decoder_step_ref(*exact_args)
+    assert out.shape == args[0].shape and out.dtype == torch.float32
+    assert_within_baseline(out, exact, want, factor=4.0, atol=1e-5, name=name)
+    for layer in range(len(args[4])):
+        # the cache columns written hold the same keys/values; every other column is untouched
+        for got, ref, before in ((kernel_args[4], ref_args[4], args[4]), (kernel_args[5], ref_args[5], args[5])):
+            assert_within_baseline(got[layer], exact_args[4 if got is kernel_args[4] else 5][layer], ref[layer],
+                                   factor=4.0, atol=1e-5, name=f"{name} cache {layer}")  # fmt: skip
+            written = torch.zeros(before[layer].shape[2], dtype=torch.bool)
+            untouched = got[layer] == before[layer]
+            for n in range(args[0].shape[0]):
+                written[:] = False
+                written[args[3][n]] = True
+                assert untouched[n][:, ~written].all()
+
+
+def test_result_does_not_depend_on_the_thread_count_or_the_other_rows():
+    """One thread or two, a hypothesis alone or among others: the same bits (decoding's batch
+    invariance rests on it)."""
+    args = problem(7, N=6, R=4, C=2, B=3, D=64, H=4, F=96, W=20)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.janus.decoder_step(*cloned(args))
+        torch.set_num_threads(2)
+        two = torch.ops.janus.decoder_step(*cloned(args))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    # sentence 1 (hypotheses 2, 3) on its own
+    alone = cloned(args)
+    for i in (0, 2, 3):
+        alone[i] = args[i][2:4].contiguous()
+    alone[4] = [t[2:4].clone() for t in args[4]]
+    alone[5] = [t[2:4].clone() for t in args[5]]
+    alone[6] = [t[1:2] for t in args[6]]
+    alone[7] = [t[1:2] for t in args[7]]
+    alone[8] = args[8][1:2]
+    assert torch.equal(torch.ops.janus.decoder_step(*alone), one[2:4])
+
+
+def test_bad_arguments_are_named():
+    args = problem(1)
+    bad = cloned(args)
+    bad[2] = torch.zeros_like(args[2])
+    with pytest.raises(ValueError, match=r"limits\[0, 0\]=0 must be in \[1, 12\]"):
+        torch.ops.janus.decoder_step(*bad)
+    bad = cloned(args)
+    bad[3] = torch.full_like(args[3], 12)
+    with pytest.raises(ValueError, match=r"columns\[0, 0\]=12 is outside the cache's 12 columns"):
+        torch.ops.janus.decoder_step(*bad)
+    bad = cloned(args)
+    bad[9] = args[9][:-1]
+    with pytest.raises(ValueError, match="2 layers need 2 of each cache list and 36 weights"):
+        torch.ops.janus.decoder_step(*bad)
+    bad = cloned(args)
+    bad[9] = list(args[9])
+    bad[9][12] = args[9][12][:, :5].contiguous()
+    with pytest.raises(ValueError, match=r"layer 0 W1 has shape \[48, 5\], expected \(48, 32\)"):
+        torch.ops.janus.decoder_step(*bad)
+    bad = cloned(args)
+    bad[0] = args[0].double()
+    with pytest.raises(ValueError, match="x must be float32"):
+        torch.ops.janus.decoder_step(*bad)
+    bad = cloned(args)
+    bad[10] = 5
+    with pytest.raises(ValueError, match="n_heads=5 does not divide the width 32"):
+        torch.ops.janus.decoder_step(*bad)
+    bad = cloned(args)
+    bad[8] = args[8].repeat(3, 1)
+    with pytest.raises(ValueError, match="2 hypotheses do not split evenly over 3 sentences"):
+        torch.ops.janus.decoder_step(*bad)
+    bad = cloned(args)
+    bad[6] = [t.repeat(2, 1, 1, 1) for t in args[6]]
+    with pytest.raises(ValueError, match=r"layer 0 cross_k must be float32 \(1, 4, columns, 8\)"):
+        torch.ops.janus.decoder_step(*bad)
+
+
+def test_dispatch_sends_what_the_kernel_cannot_take_to_the_reference():
+    args = problem(2)
+    assert _fits_cpp(*args)[0] is True
+    assert DECODER_STEP.select(*args).name == "cpp"
+    wide = in_double(args)
+    assert _fits_cpp(*wide) == (False, "the kernel takes float32 rows, caches and weights")
+    out = decoder_step(*wide)  # through the reference
+    assert out.dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------------------- the model
+
+
+def tiny_model(seed=0, vocab=60, **overrides):
+    torch.manual_seed(seed)
+    m = JanusModel(preset("tiny", vocab_size=vocab, dropout=0.0, **overrides)).eval()
+    with torch.no_grad():
+        m.embed.weight.mul_(10)  # peaked outputs: searches differ, ties are rare
+    return m
+
+
+def sources(seed, batch, vocab=60):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 10, (batch,), generator=g)
+    src = torch.zeros(batch, int(lengths.max()) + 1, dtype=torch.long)
+    for b, n in enumerate(lengths.tolist()):
+        src[b, :n] = torch.randint(5, vocab, (n,), generator=g)
+        src[b, n] = 2
+    return src
+
+
+def count_calls(monkeypatch):
+    import janus.model
+
+    calls = []
+    real = janus.model.decoder_step_checked
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(janus.model, "decoder_step_checked", counted)
+    return calls
+
+
+def test_an_ar_step_through_the_kernel_equals_the_layers(monkeypatch):
+    m = tiny_model()
+    src = sources(1, 3)
+    calls = count_calls(monkeypatch)
+    states = {}
+    tokens = torch.randint(5, 60, (3, 6))
+    for force in ("cpp", "reference"):
+        monkeypatch.setenv(FORCE, force)
+        with torch.inference_mode():
+            enc, cache = m.encode(src), KVCache()
+            states[force] = torch.stack([m.decode_ar_step(tokens[:, t], enc, cache) for t in range(6)])
+            states[force + " cache"] = cache.layers[-1].self_k[:, :, :6].clone()
+    assert len(calls) == 6 and calls[0] == (3, 2, m.cfg.d_model)
+    torch.testing.assert_close(states["cpp"], states["reference"], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(states["cpp cache"], states["reference cache"], rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_searches_through_the_kernel_equal_the_layers(monkeypatch, seed):
+    """Greedy and beam steps and speculative verification passes of a batch go through the kernel (their rows
+    fit MAX_ROWS); outputs, pass counts and scores equal those through the model's own layers."""
+    m = tiny_model(seed)
+    src = sources(seed + 5, 4)
+    calls = count_calls(monkeypatch)
+    runs = {}
+    for force in ("cpp", "reference"):
+        monkeypatch.setenv(FORCE, force)
+        runs[force] = [
+            greedy_search(m, src, max_len_a=1.0, max_len_b=8),
+            beam_search(m, src, beam=4, max_len_a=1.0, max_len_b=8),
+            speculative_decode(m, src, max_len_a=1.0, max_len_b=8),
+        ]
+        if force == "cpp":
+            used = len(calls)
+    assert used > 0 and len(calls) == used  # the forced reference never reached the kernel
+    rows = {shape[1] for shape in calls}
+    assert 2 in rows and max(rows) > 2  # AR steps, and verification passes with drafted tokens
+    for fused, layers in zip(runs["cpp"], runs["reference"], strict=True):
+        assert [h.ids for h in fused] == [h.ids for h in layers]
+        assert [h.passes for h in fused] == [h.passes for h in layers]
+        for a, b in zip(fused, layers, strict=True):
+            assert a.score == pytest.approx(b.score, rel=1e-5, abs=1e-5)
+    assert [h.ids for h in runs["cpp"][2]] == [h.ids for h in runs["cpp"][0]]  # spec is still greedy
+
+
+def test_what_the_kernel_does_not_take_runs_through_the_layers(monkeypatch):
+    m = tiny_model()
+    src = sources(3, 2)
+    calls = count_calls(monkeypatch)
+    big = sources(4, MAX_ROWS // 2 + 1)  # greedy over more than MAX_ROWS rows at its first steps
+    greedy_search(m, big, max_len_a=0.0, max_len_b=1)
+    assert not calls
+    greedy_search(m.to(torch.bfloat16), src, max_len_a=1.0, max_len_b=4)
+    m.float()
+    greedy_search(quantize_dynamic_int8(m), src, max_len_a=1.0, max_len_b=4)
+    assert not calls
+    with torch.no_grad():  # training mode: the layers, dropout and all
+        m.train()
+        enc, cache = m.encode(src), KVCache()
+        m.decode_ar_step(torch.full((2,), 1), enc, cache)
+        m.eval()
+    assert not calls
+    greedy_search(m, src, max_len_a=1.0, max_len_b=4)
+    assert calls
+
+
+def test_weights_follow_in_place_updates(monkeypatch):
+    """The kernel's weight list is kept between passes; an optimizer step (in place) must reach it."""
+    m = tiny_model()
+    src = sources(6, 2)
+    before = greedy_search(m, src, max_len_a=1.0, max_len_b=8)
+    with torch.no_grad():
+        for layer in m.decoder:
+            layer.ffn.ff2.weight.mul_(-3.0)
+            layer.self_attn.v.bias.add_(1.0)
+    fused = greedy_search(m, src, max_len_a=1.0, max_len_b=8)
+    monkeypatch.setenv(FORCE, "reference")
+    layers = greedy_search(m, src, max_len_a=1.0, max_len_b=8)
+    assert [h.ids for h in fused] == [h.ids for h in layers]
+    assert [h.score for h in fused] == pytest.approx([h.score for h in layers], rel=1e-5, abs=1e-5)
+    assert [h.score for h in fused] != pytest.approx([h.score for h in before], rel=1e-3)
