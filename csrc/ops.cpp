@@ -52,12 +52,12 @@ TORCH_LIBRARY(janus, m) {
   // Every decoder layer of one incremental inference pass over a few rows (CPU, float32): x [N, R, D] (the
   // first num_content rows of each hypothesis are content rows, written to its self-attention caches
   // [N, H, W, D/H] at columns int64 [N, num_content]); row r of hypothesis n sees cache columns
-  // [0, limits[n, r]) (int64 [N, R]) and the source positions where keep (bool [B, S]) holds, through the
+  // [spans[n, r, 0], spans[n, r, 1]) (int64 [N, R, 2]) and the source positions where keep (bool [B, S]) holds, through the
   // cross-attention keys/values [B, H, S, D/H] of sentence n / (N / B); weights: 18 per layer
   // (janus.ops.decoder_step.LAYER_WEIGHTS). -> the final hidden states [N, R, D].
   m.set_python_module("janus.ops.decoder_step");
   m.def(
-      "decoder_step(Tensor x, int num_content, Tensor limits, Tensor columns, Tensor(a!)[] self_k, "
+      "decoder_step(Tensor x, int num_content, Tensor spans, Tensor columns, Tensor(a!)[] self_k, "
       "Tensor(b!)[] self_v, Tensor[] cross_k, Tensor[] cross_v, Tensor keep, Tensor[] weights, int n_heads, "
       "float eps) -> Tensor");
 

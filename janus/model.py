@@ -532,14 +532,14 @@ class JanusModel(nn.Module):
                 f"target position {rows.max_position} exceeds max_target_positions={self.cfg.max_target_positions}"
             )
         x = self.drop(self.embed(rows.tokens) * self.scale + self.tgt_pos(rows.positions))  # (B, R, D)
-        if (
-            cache is not None
-            and rows.visible_prefix is not None
-            and rows.cache_columns is not None
-            and self.fused_step_ok(x)
-        ):
+        spans = rows.visible_span
+        if spans is not None and (cache is None or rows.cache_columns is not None) and self.fused_step_ok(x):
+            if cache is None:  # a pass over its own rows (mask-predict): their keys/values in a scratch cache
+                C = rows.num_content
+                columns = torch.arange(C, device=x.device).expand(N, C)
+                return self._fused_pass(x, C, spans, columns, enc, KVCache(), C)
             width = rows.visibility.shape[-1]
-            x = self._fused_pass(x, rows.num_content, rows.visible_prefix, rows.cache_columns, enc, cache, width)
+            x = self._fused_pass(x, rows.num_content, spans, rows.cache_columns, enc, cache, width)
             cache.length = width
             return x
         self_mask = rows.visibility[:, None]  # (B, 1, R, C)
@@ -574,8 +574,8 @@ class JanusModel(nn.Module):
         query = self.embed.weight[self.cfg.specials.mask] * self.scale + pos[1]  # (D,)
         x = torch.stack([content, query.expand_as(content)], 1)  # (N, 2, D)
         if self.fused_step_ok(x):
-            limits = torch.full((N, 2), t + 1, dtype=torch.long, device=x.device)
-            x = self._fused_pass(x, 1, limits, limits[:, :1] - 1, enc, cache, t + 1)
+            spans = torch.tensor([0, t + 1], device=x.device).expand(N, 2, 2)  # both rows see columns 0 .. t
+            x = self._fused_pass(x, 1, spans, spans[:, :1, 1] - 1, enc, cache, t + 1)
         else:
             x = self._run_decoder(x, 1, None, enc, enc.attention_mask(), cache, t, None)
         cache.length = t + 1
@@ -624,11 +624,11 @@ class JanusModel(nn.Module):
         return out
 
     def _fused_pass(
-        self, x: Tensor, num_content: int, limits: Tensor, columns: Tensor, enc: EncoderOut, cache: KVCache, width: int
+        self, x: Tensor, num_content: int, spans: Tensor, columns: Tensor, enc: EncoderOut, cache: KVCache, width: int
     ) -> Tensor:
         """x (N, R, D) through every decoder layer in one ``decoder_step`` call: content rows written to cache
-        ``columns`` (N, C), row r of hypothesis n seeing cache columns [0, limits[n, r]); ``width`` (a host
-        int) bounds every column and limit."""
+        ``columns`` (N, C), row r of hypothesis n seeing cache columns [spans[n, r, 0], spans[n, r, 1]);
+        ``width`` (a host int) bounds every column and span."""
         N = x.shape[0]
         H, dk = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
         if not cache.layers:
@@ -639,7 +639,7 @@ class JanusModel(nn.Module):
         return decoder_step_checked(
             x,
             num_content,
-            limits,
+            spans,
             columns,
             [c.self_k for c in cache.layers],
             [c.self_v for c in cache.layers],

@@ -80,9 +80,9 @@ class DecoderRows:
     pair_index: Optional[Tensor] = None  # (M,) index into ar_rows of the AR row with the same target
     masked_sentence: Optional[Tensor] = None  # (M,) int64 sentence of each masked token
     cache_columns: Optional[Tensor] = None  # (B, C) int64 KV-cache column of each content row (decoding)
-    # (B, R) int64, where each row sees exactly the cache columns [0, visible_prefix) (AR decoding passes): the
-    # visibility in the form janus.ops.decoder_step takes, or None
-    visible_prefix: Optional[Tensor] = None
+    # (B, R, 2) int64 where each row sees exactly the columns [span[0], span[1]) (the decoding passes: AR steps,
+    # verification, canvases): the visibility in the form janus.ops.decoder_step takes, or None
+    visible_span: Optional[Tensor] = None
 
     @property
     def num_rows(self) -> int:
@@ -239,7 +239,23 @@ def build_canvas_rows(canvas: Tensor, *, pad: int) -> DecoderRows:
     kinds = torch.where(real, RowKind.U, RowKind.PAD).long()
     positions = torch.arange(L, device=canvas.device).expand(B, L)
     ranks = torch.full_like(canvas, -1)
-    return DecoderRows(canvas, positions, kinds, ranks, L, visibility(kinds, positions, ranks, L), max_position=L - 1)
+    # a real row sees the canvas' real rows, [0, n); a pad row column 0 alone
+    ends = torch.where(real, real.sum(1, keepdim=True), 1)
+    return DecoderRows(
+        canvas,
+        positions,
+        kinds,
+        ranks,
+        L,
+        visibility(kinds, positions, ranks, L),
+        max_position=L - 1,
+        visible_span=spans_from(ends),
+    )
+
+
+def spans_from(ends: Tensor, starts: Optional[Tensor] = None) -> Tensor:
+    """Visible column ranges (B, R, 2) [starts, ends) from (B, R) int64 ends (and starts, default 0)."""
+    return torch.stack([torch.zeros_like(ends) if starts is None else starts, ends], -1)
 
 
 def build_ar_step_rows(last: Tensor, step: int, num_cached: int, *, mask: int) -> DecoderRows:
@@ -311,5 +327,5 @@ def build_ar_verify_rows(tokens: Tensor, starts: Tensor, ends: Tensor, *, pad: i
         vis,
         max_position=max_position,
         cache_columns=columns,
-        visible_prefix=limit.clamp_min(1),  # a pad query row (limit 0) sees column 0, as a pad content row
+        visible_span=spans_from(limit.clamp_min(1)),  # a pad query row (limit 0) sees column 0, as a pad content row
     )

@@ -24,7 +24,7 @@ def _kernel():
 
 
 def problem(seed, N=2, R=2, C=1, D=32, H=4, F=48, L=2, B=1, S=7, W=12, transposed=True):
-    """Random arguments of one pass: x, C, limits, columns, caches, cross keys/values, keep, weights, H, eps."""
+    """Random arguments of one pass: x, C, spans, columns, caches, cross keys/values, keep, weights, H, eps."""
     g = torch.Generator().manual_seed(seed)
     dk = D // H
 
@@ -32,7 +32,9 @@ def problem(seed, N=2, R=2, C=1, D=32, H=4, F=48, L=2, B=1, S=7, W=12, transpose
         return torch.randn(*shape, generator=g) * scale
 
     x = rand(N, R, D)
-    limits = torch.randint(1, W + 1, (N, R), generator=g)
+    ends = torch.randint(1, W + 1, (N, R), generator=g)
+    starts = (torch.rand(N, R, generator=g) * ends).long()  # some rows see from column 0, some from later on
+    spans = torch.stack([starts, ends], -1)
     columns = torch.stack([torch.randperm(W, generator=g)[:C] for _ in range(N)])
     self_k = [rand(N, H, W, dk) for _ in range(L)]
     self_v = [rand(N, H, W, dk) for _ in range(L)]
@@ -51,7 +53,7 @@ def problem(seed, N=2, R=2, C=1, D=32, H=4, F=48, L=2, B=1, S=7, W=12, transpose
             if shape is None:
                 shape = (D, D) if name.endswith("weight") and "norm" not in name else (D,)
             weights.append(rand(*shape, scale=shape[-1] ** -0.5 if len(shape) == 2 else 1.0))
-    return [x, C, limits, columns, self_k, self_v, cross_k, cross_v, keep, weights, H, 1e-5]
+    return [x, C, spans, columns, self_k, self_v, cross_k, cross_v, keep, weights, H, 1e-5]
 
 
 def cloned(args):
@@ -73,6 +75,7 @@ CASES = {
     "beams": dict(N=10, R=2, C=1, B=2),  # 5 hypotheses per sentence share its source
     "verify": dict(N=3, R=10, C=5, B=3),
     "queries only": dict(N=2, R=3, C=0),
+    "canvas": dict(N=3, R=9, C=9, B=3),  # mask-predict: every row a content row
     "odd widths": dict(N=3, R=2, C=1, D=40, H=5, F=36, S=5, W=9),  # dk = 8: below one 16-lane vector
     "iwslt width": dict(N=2, R=2, C=1, D=512, H=4, F=1024, L=1, S=30, W=40),
     "contiguous cross": dict(N=2, R=4, C=2, transposed=False),
@@ -130,7 +133,10 @@ def test_bad_arguments_are_named():
     args = problem(1)
     bad = cloned(args)
     bad[2] = torch.zeros_like(args[2])
-    with pytest.raises(ValueError, match=r"limits\[0, 0\]=0 must be in \[1, 12\]"):
+    with pytest.raises(ValueError, match=r"spans\[0, 0\]=\[0, 0\) must be a non-empty range of the cache's 12 columns"):
+        torch.ops.janus.decoder_step(*bad)
+    bad[2] = torch.tensor([[[0, 13], [0, 1]]] * 2)
+    with pytest.raises(ValueError, match=r"spans\[0, 0\]=\[0, 13\)"):
         torch.ops.janus.decoder_step(*bad)
     bad = cloned(args)
     bad[3] = torch.full_like(args[3], 12)
@@ -289,3 +295,50 @@ def test_weights_follow_in_place_updates(monkeypatch):
     assert [h.ids for h in fused] == [h.ids for h in layers]
     assert [h.score for h in fused] == pytest.approx([h.score for h in layers], rel=1e-5, abs=1e-5)
     assert [h.score for h in fused] != pytest.approx([h.score for h in before], rel=1e-3)
+
+
+def spans_as_matrix(rows):
+    col = torch.arange(rows.visibility.shape[-1])
+    span = rows.visible_span
+    return (col >= span[..., :1]) & (col < span[..., 1:])
+
+
+def test_the_builders_spans_are_their_visibility():
+    """Rows that carry ``visible_span`` (what the kernel reads) carry the same visibility in it as in their
+    matrix (what the layers read): AR verification, mask-predict canvases, and both in one speculative pass."""
+    from janus.decoding.speculative import fused_rows
+    from janus.streams import build_ar_verify_rows, build_canvas_rows
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(5, 50, (4, 12), generator=g)
+    starts, ends = torch.tensor([1, 3, 0, 5]), torch.tensor([4, 4, 2, 9])
+    verify = build_ar_verify_rows(tokens, starts, ends, pad=0, mask=4)
+    assert torch.equal(spans_as_matrix(verify), verify.visibility)
+    canvas = torch.tensor([[1, 4, 4, 2, 0, 0], [1, 7, 4, 9, 4, 2], [0, 0, 0, 0, 0, 0], [1, 2, 0, 0, 0, 0]])
+    nar = build_canvas_rows(canvas, pad=0)
+    assert torch.equal(spans_as_matrix(nar), nar.visibility)
+    both = fused_rows(verify, canvas, pad=0)
+    assert torch.equal(spans_as_matrix(both), both.visibility)
+
+
+@pytest.mark.parametrize("T,beam", [(1, 1), (4, 1), (3, 2)])
+def test_mask_predict_through_the_kernel_equals_the_layers(monkeypatch, T, beam):
+    """Canvas passes of at most MAX_ROWS rows go through the kernel (their keys/values in a scratch cache):
+    the same outputs and scores as through the layers."""
+    from janus.decoding import mask_predict
+
+    m = tiny_model(4)
+    src = sources(9, 3)
+    calls = count_calls(monkeypatch)
+    runs = {}
+    for force in ("cpp", "reference"):
+        monkeypatch.setenv(FORCE, force)
+        runs[force] = [mask_predict(m, src[i : i + 1], iterations=T, length_beam=beam)[0] for i in range(3)]
+    assert calls and all(shape[0] == beam for shape in calls)
+    assert [h.ids for h in runs["cpp"]] == [h.ids for h in runs["reference"]]
+    assert [h.score for h in runs["cpp"]] == pytest.approx([h.score for h in runs["reference"]], rel=1e-5, abs=1e-5)
+
+
+def test_opcheck():
+    args = problem(11, N=2, R=4, C=2, B=2)
+    torch.library.opcheck(torch.ops.janus.decoder_step.default, tuple(args))

@@ -12,8 +12,9 @@
 // hypothesis being content rows):
 //   1. q, k, v = x Wqkv^T + bqkv for every row; the content rows' keys/values are written into the layer's
 //      self-attention cache at columns[n, j];
-//   2. row r of hypothesis n attends to cache columns [0, limits[n, r]) (every row type of an AR pass sees a
-//      prefix of the columns: JANUS.md section 4), x = LN1(x + (attention) Wo^T + bo);
+//   2. row r of hypothesis n attends to cache columns [spans[n, r, 0], spans[n, r, 1]) (every row of an AR
+//      pass sees a prefix of the columns, a canvas row its canvas' columns: JANUS.md sections 2 and 4),
+//      x = LN1(x + (attention) Wo^T + bo);
 //   3. cross-attention over the source positions s of sentence n / g with keep[n / g, s] (g = N / B rows per
 //      sentence: beams), x = LN2(x + ...);
 //   4. x = LN3(x + relu(x W1^T + b1) W2^T + b2).
@@ -59,13 +60,13 @@ struct Heads {
 Heads heads_of(const at::Tensor& t) { return {t.const_data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 // One attention problem: rows (N * R), each of H heads of width dk, its query at q + row * ldq + h * dk, its
-// output at out + row * D + h * dk. Row (n, r) sees columns [0, limit(n, r)) of keys/values sentence n / g,
-// except those with keep[sentence * S + s] == false (keep null: all).
+// output at out + row * D + h * dk. Row (n, r) sees columns [spans[row][0], spans[row][1]) of the keys/values of
+// hypothesis n (self-attention) or all S columns of sentence n / g where keep[sentence * S + s] (cross).
 struct Attention {
   int64_t N, R, H, dk, D, g, ldq;
   const float* q;
   Heads k, v;
-  const int64_t* limits;  // (N, R), or null: every row sees S columns
+  const int64_t* spans;  // (N, R, 2), or null: every row sees S columns
   int64_t S;
   const bool* keep;  // (N / g, S) or null
   float* out;
@@ -76,12 +77,13 @@ JANUS_CLONES void attend_items(const Attention& A, int64_t i0, int64_t i1) {
   std::vector<float> p(static_cast<size_t>(A.S));
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t h = item % A.H, row = item / A.H, n = row / A.R, b = n / A.g;
-    const int64_t width = A.limits != nullptr ? A.limits[row] : A.S;
+    const int64_t first = A.spans != nullptr ? A.spans[2 * row] : 0;
+    const int64_t width = A.spans != nullptr ? A.spans[2 * row + 1] : A.S;
     const float* q = A.q + row * A.ldq + h * A.dk;
     const bool* keep = A.keep != nullptr ? A.keep + b * A.S : nullptr;
-    const int64_t src = A.limits != nullptr ? n : b;  // self-attention caches are per hypothesis
+    const int64_t src = A.spans != nullptr ? n : b;  // self-attention caches are per hypothesis
     float top = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < width; ++s) {
+    for (int64_t s = first; s < width; ++s) {
       if (keep != nullptr && !keep[s]) {
         p[s] = -std::numeric_limits<float>::infinity();
         continue;
@@ -93,13 +95,13 @@ JANUS_CLONES void attend_items(const Attention& A, int64_t i0, int64_t i1) {
       top = std::max(top, p[s]);
     }
     float total = 0.0f;
-    for (int64_t s = 0; s < width; ++s) {
+    for (int64_t s = first; s < width; ++s) {
       p[s] = std::exp(p[s] - top);
       total += p[s];
     }
     float* o = A.out + row * A.D + h * A.dk;
     std::fill(o, o + A.dk, 0.0f);
-    for (int64_t s = 0; s < width; ++s) {
+    for (int64_t s = first; s < width; ++s) {
       if (p[s] == 0.0f) continue;
       const float w = p[s] / total;
       const float* v = A.v.at(src, h, s);
@@ -151,7 +153,7 @@ void check_heads(const at::Tensor& t, int64_t n, int64_t H, int64_t dk, const ch
                     " strides ", t.strides());
 }
 
-at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::Tensor& limits,
+at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::Tensor& spans,
                             const at::Tensor& columns, at::TensorList self_k, at::TensorList self_v,
                             at::TensorList cross_k, at::TensorList cross_v, const at::Tensor& keep,
                             at::TensorList weights, int64_t n_heads, double eps) {
@@ -177,15 +179,15 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
   const int64_t B = keep.size(0), S = keep.size(1);
   TORCH_CHECK_VALUE(B >= 1 && N % B == 0, "janus::decoder_step: ", N, " hypotheses do not split evenly over ", B,
                     " sentences");
-  TORCH_CHECK_VALUE(limits.scalar_type() == at::kLong && limits.dim() == 2 && limits.size(0) == N &&
-                        limits.size(1) == R && limits.device().is_cpu(),
-                    "janus::decoder_step: limits must be int64 (", N, ", ", R, "), got ", limits.scalar_type(), " ",
-                    limits.sizes());
+  TORCH_CHECK_VALUE(spans.scalar_type() == at::kLong && spans.dim() == 3 && spans.size(0) == N &&
+                        spans.size(1) == R && spans.size(2) == 2 && spans.device().is_cpu(),
+                    "janus::decoder_step: spans must be int64 (", N, ", ", R, ", 2), got ", spans.scalar_type(), " ",
+                    spans.sizes());
   TORCH_CHECK_VALUE(columns.scalar_type() == at::kLong && columns.dim() == 2 && columns.size(0) == N &&
                         columns.size(1) == C && columns.device().is_cpu(),
                     "janus::decoder_step: columns must be int64 (", N, ", ", C, "), got ", columns.scalar_type(),
                     " ", columns.sizes());
-  const at::Tensor lim = limits.contiguous(), cols = columns.contiguous(), kp = keep.contiguous();
+  const at::Tensor lim = spans.contiguous(), cols = columns.contiguous(), kp = keep.contiguous();
   int64_t cap = -1;
   for (int64_t l = 0; l < L; ++l) {
     check_heads(self_k[l], N, H, dk, "self_k", l);
@@ -202,8 +204,9 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
   const int64_t* lp = lim.const_data_ptr<int64_t>();
   const int64_t* cp = cols.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < N * R; ++i) {
-    TORCH_CHECK_VALUE(lp[i] >= 1 && lp[i] <= cap, "janus::decoder_step: limits[", i / std::max<int64_t>(R, 1), ", ",
-                      i % std::max<int64_t>(R, 1), "]=", lp[i], " must be in [1, ", cap, "] (the cache's width)");
+    TORCH_CHECK_VALUE(0 <= lp[2 * i] && lp[2 * i] < lp[2 * i + 1] && lp[2 * i + 1] <= cap, "janus::decoder_step: spans[",
+                      i / R, ", ", i % R, "]=[", lp[2 * i], ", ", lp[2 * i + 1],
+                      ") must be a non-empty range of the cache's ", cap, " columns");
   }
   for (int64_t i = 0; i < N * C; ++i) {
     TORCH_CHECK_VALUE(cp[i] >= 0 && cp[i] < cap, "janus::decoder_step: columns[", i / C, ", ", i % C, "]=", cp[i],

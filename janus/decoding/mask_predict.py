@@ -155,7 +155,7 @@ def refine(
             if live < len(gr.slots):  # a prefix of the group; views, updated in place
                 rows = dataclasses.replace(
                     rows, tokens=tk[:cut], positions=rows.positions[:cut], kinds=rows.kinds[:cut],
-                    ranks=rows.ranks[:cut], visibility=rows.visibility[:cut],
+                    ranks=rows.ranks[:cut], visibility=rows.visibility[:cut], visible_span=rows.visible_span[:cut],
                 )  # fmt: skip
                 sub_enc = EncoderOut(sub_enc.states[:live], sub_enc.padding[:live], sub_enc.lengths[:live],
                                      [(k[:live], v[:live]) for k, v in sub_enc.cross])  # fmt: skip

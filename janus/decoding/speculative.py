@@ -96,7 +96,7 @@ from janus.decoding.common import canvas_banned_ids, constrain_ar, inference, no
 from janus.decoding.types import Hypothesis
 from janus.model import JanusModel, KVCache
 from janus.ops import length_beam_init, mask_predict_update, remask_lowest
-from janus.streams import DecoderRows, RowKind, build_ar_verify_rows
+from janus.streams import DecoderRows, RowKind, build_ar_verify_rows, spans_from
 
 # When a canvas is due and the accepted prefix has outgrown the last one, the new one is longer by
 # this fraction of the prefix (at least _EXTEND_MIN slots): the length head cannot see the prefix, so
@@ -140,6 +140,11 @@ def fused_rows(ar: DecoderRows, canvas: Tensor, *, pad: int) -> DecoderRows:
     vis[:, Ca : Ca + Lc, Wa:] = real[:, None, :] & real[:, :, None]
     vis[:, Ca : Ca + Lc, 0] |= ~real
     columns = torch.cat([ar.cache_columns, (Wa + pos)], 1)
+    spans = None
+    if ar.visible_span is not None:  # a canvas row sees its canvas' columns [Wa, Wa + n), a pad row column 0
+        n = real.sum(1, keepdim=True)
+        canvas_spans = spans_from(torch.where(real, Wa + n, 1), torch.where(real, Wa, 0))
+        spans = join(ar.visible_span, canvas_spans)
     return DecoderRows(
         join(ar.tokens, canvas),
         join(ar.positions, pos),
@@ -149,6 +154,7 @@ def fused_rows(ar: DecoderRows, canvas: Tensor, *, pad: int) -> DecoderRows:
         vis,
         max_position=max(ar.max_position, Lc - 1),
         cache_columns=columns,
+        visible_span=spans,
     )
 
 

@@ -11,8 +11,9 @@ the first C = ``num_content`` rows of each hypothesis content rows:
 
 1. q, k, v = x Wqkv^T + bqkv; the content rows' k, v are written into the layer's cache
    (``self_k``, ``self_v``: (N, H, W, D/H), in place) at ``columns`` (N, C);
-2. row r of hypothesis n attends to cache columns [0, ``limits[n, r]``) (every row of an AR pass sees a
-   prefix of the columns: a content row at t sees t and before, a query row at t + 1 the same);
+2. row r of hypothesis n attends to cache columns [``spans[n, r, 0]``, ``spans[n, r, 1]``) (every row of
+   an AR pass sees a prefix of the columns: a content row at t sees t and before, a query row at t + 1 the
+   same; a mask-predict canvas row sees its canvas' columns, a pad row column 0 alone);
    x = LN1(x + attention Wo^T + bo);
 3. cross-attention over sentence n // g's source keys/values (``cross_k``, ``cross_v``: (B, H, S, D/H),
    g = N / B hypotheses per sentence) where ``keep`` (B, S) holds; x = LN2(x + ...);
@@ -62,15 +63,16 @@ LAYER_WEIGHTS = (
     "norm3.bias",
 )
 
-# Rows (N * R) up to which a pass goes through the kernel. Measured with ``benchmarks/kernels.py --case
-# decoder_step`` (benchmarks/results/kernels_cpu_decoder_step.json).
+# Rows (N * R) up to which a pass goes through the kernel: ``python benchmarks/decoder_step.py``
+# (benchmarks/results/decoder_step_cpu.json) has the kernel ahead of the layers up to 32 rows and level or
+# behind from 64 (its products are skinny_linear's tiles, made for few rows).
 MAX_ROWS = 32
 
 
 def decoder_step_ref(
     x: Tensor,
     num_content: int,
-    limits: Tensor,
+    spans: Tensor,
     columns: Tensor,
     self_k: Sequence[Tensor],
     self_v: Sequence[Tensor],
@@ -85,7 +87,8 @@ def decoder_step_ref(
 
     Args:
         x: (N, R, D) float rows; the first ``num_content`` of each hypothesis are content rows.
-        limits: int64 (N, R), row r of hypothesis n sees self-attention cache columns [0, limits[n, r]).
+        spans: int64 (N, R, 2), row r of hypothesis n sees self-attention cache columns
+            [spans[n, r, 0], spans[n, r, 1]) (a non-empty range).
         columns: int64 (N, num_content), the cache column of each content row.
         self_k, self_v: per layer (N, H, W, D/H), written in place at ``columns``.
         cross_k, cross_v: per layer (B, H, S, D/H), the encoder's keys/values; N = g * B.
@@ -99,7 +102,8 @@ def decoder_step_ref(
     H, dk, C = n_heads, D // n_heads, num_content
     B, W = keep.shape[0], self_k[0].shape[2] if self_k else 0
     g = N // B
-    seen = torch.arange(W, device=x.device)[None, None, :] < limits[:, :, None]  # (N, R, W)
+    col = torch.arange(W, device=x.device)[None, None, :]
+    seen = (col >= spans[:, :, :1]) & (col < spans[:, :, 1:])  # (N, R, W)
     cross_mask = keep.repeat_interleave(g, 0)[:, None, None, :]  # (N, 1, 1, S)
     index = columns[:, None, :, None].expand(N, H, C, dk)
 
@@ -138,7 +142,7 @@ def _register_fake() -> None:
 def _decoder_step_cpp(
     x: Tensor,
     num_content: int,
-    limits: Tensor,
+    spans: Tensor,
     columns: Tensor,
     self_k: Sequence[Tensor],
     self_v: Sequence[Tensor],
@@ -150,13 +154,13 @@ def _decoder_step_cpp(
     eps: float,
 ) -> Tensor:
     return torch.ops.janus.decoder_step(
-        x, num_content, limits, columns, self_k, self_v, cross_k, cross_v, keep, weights, n_heads, eps
+        x, num_content, spans, columns, self_k, self_v, cross_k, cross_v, keep, weights, n_heads, eps
     )
 
 
-def _fits_cpp(x: Tensor, num_content: int, limits: Tensor, columns: Tensor, self_k, self_v, cross_k, cross_v,
+def _fits_cpp(x: Tensor, num_content: int, spans: Tensor, columns: Tensor, self_k, self_v, cross_k, cross_v,
               keep: Tensor, weights, n_heads: int, eps: float) -> Verdict:  # fmt: skip
-    tensors = [x, limits, columns, keep, *self_k, *self_v, *cross_k, *cross_v, *weights]
+    tensors = [x, spans, columns, keep, *self_k, *self_v, *cross_k, *cross_v, *weights]
     ok, why = all_on_cpu(*tensors)
     if not ok:
         return ok, why
@@ -194,7 +198,7 @@ def decoder_step_checked(*args) -> Tensor:
 def decoder_step(
     x: Tensor,
     num_content: int,
-    limits: Tensor,
+    spans: Tensor,
     columns: Tensor,
     self_k: Sequence[Tensor],
     self_v: Sequence[Tensor],
@@ -210,4 +214,4 @@ def decoder_step(
     Same contract as ``decoder_step_ref``; the "cpp" kernel sums in another order than torch's kernels, so
     results agree to fp32 rounding, not bit for bit.
     """
-    return DECODER_STEP(x, num_content, limits, columns, self_k, self_v, cross_k, cross_v, keep, weights, n_heads, eps)
+    return DECODER_STEP(x, num_content, spans, columns, self_k, self_v, cross_k, cross_v, keep, weights, n_heads, eps)
