@@ -63,10 +63,11 @@ LAYER_WEIGHTS = (
     "norm3.bias",
 )
 
-# Rows (N * R) up to which a pass goes through the kernel: ``python benchmarks/decoder_step.py``
-# (benchmarks/results/decoder_step_cpu.json) has the kernel ahead of the layers up to 32 rows and level or
-# behind from 64 (its products are skinny_linear's tiles, made for few rows).
-MAX_ROWS = 32
+# Rows (N * R) up to which a pass goes through the kernel. ``python benchmarks/decoder_step.py`` on a 2-core
+# AVX-512 Xeon, 2 threads (benchmarks/results/decoder_step_cpu.json), the kernel's speedup over the layers at
+# 2 / 10 / 16 / 32 / 50 / 64 / 80 rows: small preset 3.5 / 2.4 / 2.0 / 1.5 / 1.3 / 1.2 / 0.94, iwslt 2.7 /
+# 2.1 / 1.4 / 1.3 / 1.1 / 1.0 / 0.80 (its products are skinny_linear's tiles, made for few rows).
+MAX_ROWS = 64
 
 
 def decoder_step_ref(
