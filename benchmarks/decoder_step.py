@@ -4,19 +4,21 @@
     python benchmarks/decoder_step.py --preset small --hypotheses 1,5,16 --json out.json
 
 Every pass is a ``JanusModel.decode`` of AR rows over a KV cache of ``--cached`` columns (random weights,
-eval mode, no autograd, float32), with R rows per hypothesis: R = 2 is a greedy or beam step (a content and
-a query row), R = 10 a speculative verification of a block of 4 drafted tokens (5 content and 5 query
-rows). For each preset and (hypotheses, R), the kernel (``decoder_step``, "cpp") and the model's layers
-("layers": JANUS_BACKEND_DECODER_STEP=reference) take turns in ``--rounds`` rounds of ``--calls`` passes;
-the table gives microseconds per pass (median over rounds), the speedup, and whether the model sends that
-pass to the kernel (rows <= ``janus.ops.decoder_step.MAX_ROWS``; lifted here, so that every size is
-timed). Both return the same hidden states to fp32 rounding (checked first, every size).
+eval mode, no autograd; float32 and bfloat16 models), with R rows per hypothesis: R = 2 is a greedy or
+beam step (a content and a query row), R = 10 a speculative verification of a block of 4 drafted tokens
+(5 content and 5 query rows). For each preset, dtype and (hypotheses, R), the kernel (``decoder_step``,
+"cpp") and the model's layers ("layers": JANUS_BACKEND_DECODER_STEP=reference) take turns in ``--rounds``
+rounds of ``--calls`` passes; the table gives microseconds per pass (median over rounds), the speedup, and
+whether the model sends that pass to the kernel (rows <= ``janus.ops.decoder_step.MAX_ROWS``; lifted here,
+so that every size is timed). Both return the same hidden states to rounding (checked first, every size:
+float32 to 1e-4; bfloat16 to 0.5, the layers rounding every intermediate to bf16).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import statistics
 from collections.abc import Iterator, Sequence
@@ -74,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--preset", default="small,iwslt", help="model presets (default small,iwslt)")
     parser.add_argument("--hypotheses", default="1,5,8,16,32", help="hypotheses per pass (default 1,5,8,16,32)")
     parser.add_argument("--rows", default="2,10", help="rows per hypothesis (default 2,10)")
+    parser.add_argument("--dtype", default="float32,bfloat16", help="model dtypes (default float32,bfloat16)")
     parser.add_argument("--cached", type=int, default=20, help="cached columns before the pass (default 20)")
     parser.add_argument("--calls", type=int, default=50, help="passes per timed run (default 50)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
@@ -88,8 +91,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("the decoder_step kernel is not available here (python -m janus.info says why)")
     results = []
     torch.manual_seed(0)
-    for preset in args.preset.split(","):
-        model = JanusModel(ModelConfig(vocab_size=VOCAB, **PRESETS[preset])).eval()
+    for preset, dtype in itertools.product(args.preset.split(","), args.dtype.split(",")):
+        model = JanusModel(ModelConfig(vocab_size=VOCAB, **PRESETS[preset])).eval().to(getattr(torch, dtype))
         for rows in (int(r) for r in args.rows.split(",")):
             for n in (int(h) for h in args.hypotheses.split(",")):
                 with torch.inference_mode():
@@ -98,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         want = run().clone()
                     with through(kernel=True):
                         got = run()
-                    err = (got - want).abs().max().item()
-                    if not err <= 1e-4:
+                    err = (got.float() - want.float()).abs().max().item()
+                    if not err <= (1e-4 if dtype == "float32" else 0.5):  # bf16: the layers round every op
                         raise AssertionError(f"{preset} {n}x{rows}: kernel and layers differ by {err}")
 
                     def timed(kernel: bool, run=run):
@@ -114,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 fused, layers = (statistics.median(t) * 1e3 / args.calls for t in times)
                 row = {
                     "preset": preset,
+                    "dtype": dtype,
                     "hypotheses": n,
                     "rows_per_hyp": rows,
                     "rows": n * rows,
@@ -124,9 +128,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "max_abs_diff": err,
                 }
                 results.append(row)
-                print(f"  {preset} {n} x {rows}: kernel {fused:.0f} us, layers {layers:.0f} us", flush=True)
+                print(f"  {preset} {dtype} {n} x {rows}: kernel {fused:.0f} us, layers {layers:.0f} us", flush=True)
     print()
-    print_table(results, ["preset", "hypotheses", "rows_per_hyp", "rows", "kernel_us", "layers_us", "speedup", "used"])
+    columns = ["preset", "dtype", "hypotheses", "rows_per_hyp", "rows", "kernel_us", "layers_us", "speedup", "used"]
+    print_table(results, columns)
     if args.json:
         payload = {
             "environment": environment(torch.device("cpu")),

@@ -1,5 +1,5 @@
 // janus::decoder_step on CPU: every decoder layer of one incremental inference pass over a few rows, in one
-// call (fp32).
+// call (float32, or bfloat16 weights and caches with float32 activations).
 //
 // A step of a small model is overhead, not arithmetic: the `small` preset's decoder step (3 layers of width
 // 128, two rows) is about 0.7 MFLOP, yet torch runs it as ~60 operator calls of 5-15 us each from Python
@@ -24,7 +24,12 @@
 //
 // Weights: 18 tensors per layer, in this order: Wqkv (3D, D), bqkv (3D), Wo (D, D), bo, LN1 weight, LN1 bias,
 // cross Wq (D, D), cross bq, cross Wo (D, D), cross bo, LN2 weight, LN2 bias, W1 (F, D), b1 (F), W2 (D, F),
-// b2 (D), LN3 weight, LN3 bias; all fp32, contiguous.
+// b2 (D), LN3 weight, LN3 bias; all contiguous, of x's dtype (as the caches and the cross keys/values).
+//
+// bfloat16: the weights, caches and cross keys/values are read as bf16 and widened in registers; rows,
+// products, attention and norms stay in fp32 (rounded to bf16 where a key/value is written to the cache and
+// at the output). So a bf16 pass reads half the bytes of a float32 one, and is closer to the fp32 result than
+// torch's bf16 layers, which round every intermediate.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -50,29 +55,41 @@ namespace {
 
 constexpr int64_t kPerLayer = 18;
 
-// A (B, H, S, dk) keys or values tensor with unit stride in dk (the cross-attention's are transposed views).
+// A (B, H, S, dk) keys or values tensor of element type T with unit stride in dk (the cross-attention's are
+// transposed views).
+template <typename T>
 struct Heads {
-  const float* data;
+  const T* data;
   int64_t sb, sh, ss;
-  const float* at(int64_t b, int64_t h, int64_t s) const { return data + b * sb + h * sh + s * ss; }
+  const T* at(int64_t b, int64_t h, int64_t s) const { return data + b * sb + h * sh + s * ss; }
 };
 
-Heads heads_of(const at::Tensor& t) { return {t.const_data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)}; }
+template <typename T>
+Heads<T> heads_of(const at::Tensor& t) {
+  return {static_cast<const T*>(t.const_data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
 
 // One attention problem: rows (N * R), each of H heads of width dk, its query at q + row * ldq + h * dk, its
 // output at out + row * D + h * dk. Row (n, r) sees columns [spans[row][0], spans[row][1]) of the keys/values of
 // hypothesis n (self-attention) or all S columns of sentence n / g where keep[sentence * S + s] (cross).
+template <typename T>
 struct Attention {
   int64_t N, R, H, dk, D, g, ldq;
   const float* q;
-  Heads k, v;
+  Heads<T> k, v;
   const int64_t* spans;  // (N, R, 2), or null: every row sees S columns
   int64_t S;
   const bool* keep;  // (N / g, S) or null
   float* out;
 };
 
-JANUS_CLONES void attend_items(const Attention& A, int64_t i0, int64_t i1) {
+template <typename T>
+JANUS_INLINE float at1(const T* p) {
+  return lanes::load(0.0f, p);
+}
+
+template <typename T>
+JANUS_INLINE void attend_items(const Attention<T>& A, int64_t i0, int64_t i1) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(A.dk));
   std::vector<float> p(static_cast<size_t>(A.S));
   for (int64_t item = i0; item < i1; ++item) {
@@ -88,9 +105,9 @@ JANUS_CLONES void attend_items(const Attention& A, int64_t i0, int64_t i1) {
         p[s] = -std::numeric_limits<float>::infinity();
         continue;
       }
-      const float* k = A.k.at(src, h, s);
+      const T* k = A.k.at(src, h, s);
       float dot = 0.0f;
-      for (int64_t d = 0; d < A.dk; ++d) dot += q[d] * k[d];
+      for (int64_t d = 0; d < A.dk; ++d) dot += q[d] * at1(k + d);
       p[s] = dot * scale;
       top = std::max(top, p[s]);
     }
@@ -104,22 +121,32 @@ JANUS_CLONES void attend_items(const Attention& A, int64_t i0, int64_t i1) {
     for (int64_t s = first; s < width; ++s) {
       if (p[s] == 0.0f) continue;
       const float w = p[s] / total;
-      const float* v = A.v.at(src, h, s);
-      for (int64_t d = 0; d < A.dk; ++d) o[d] += w * v[d];
+      const T* v = A.v.at(src, h, s);
+      for (int64_t d = 0; d < A.dk; ++d) o[d] += w * at1(v + d);
     }
   }
 }
 
-void attend(const Attention& A) {
+JANUS_CLONES void attend_f32(const Attention<float>& A, int64_t i0, int64_t i1) { attend_items(A, i0, i1); }
+JANUS_CLONES void attend_bf16(const Attention<lanes::bf16_raw>& A, int64_t i0, int64_t i1) { attend_items(A, i0, i1); }
+
+template <typename T>
+void attend(const Attention<T>& A) {
   const int64_t items = A.N * A.R * A.H;
   // About 32k multiply-adds of scores and sums per task: a step's few rows stay on the calling thread.
   const int64_t per_item = std::max<int64_t>(1, 2 * A.S * A.dk);
-  at::parallel_for(0, items, std::max<int64_t>(1, (int64_t{1} << 15) / per_item),
-                   [&](int64_t i0, int64_t i1) { attend_items(A, i0, i1); });
+  at::parallel_for(0, items, std::max<int64_t>(1, (int64_t{1} << 15) / per_item), [&](int64_t i0, int64_t i1) {
+    if constexpr (std::is_same_v<T, float>) {
+      attend_f32(A, i0, i1);
+    } else {
+      attend_bf16(A, i0, i1);
+    }
+  });
 }
 
 // x = LN(x + y) row by row (M, D), torch's layer norm: biased variance, eps inside the square root.
-JANUS_CLONES void add_norm(float* x, const float* y, int64_t M, int64_t D, const float* w, const float* b, float eps) {
+template <typename T>
+void add_norm(float* x, const float* y, int64_t M, int64_t D, const T* w, const T* b, float eps) {
   for (int64_t m = 0; m < M; ++m) {
     float* r = x + m * D;
     const float* u = y + m * D;
@@ -132,23 +159,73 @@ JANUS_CLONES void add_norm(float* x, const float* y, int64_t M, int64_t D, const
     float var = 0.0f;
     for (int64_t d = 0; d < D; ++d) var += (r[d] - mean) * (r[d] - mean);
     const float inv = 1.0f / std::sqrt(var / static_cast<float>(D) + eps);
-    for (int64_t d = 0; d < D; ++d) r[d] = (r[d] - mean) * inv * w[d] + b[d];
+    for (int64_t d = 0; d < D; ++d) r[d] = (r[d] - mean) * inv * at1(w + d) + at1(b + d);
   }
 }
 
-void check_matrix(const at::Tensor& t, int64_t rows, int64_t cols, const char* what, int64_t layer) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(),
-                    "janus::decoder_step: layer ", layer, " ", what, " must be a contiguous float32 CPU tensor, got ",
+// Every layer over the fp32 rows h (M = N * R, D), in place; weights, caches and cross keys/values of type T.
+template <typename T>
+void run_layers(float* h, int64_t N, int64_t R, int64_t C, int64_t D, int64_t H, int64_t F, int64_t B, int64_t S,
+                int64_t cap, const int64_t* spans, const int64_t* columns, const bool* keep, at::TensorList self_k,
+                at::TensorList self_v, at::TensorList cross_k, at::TensorList cross_v, at::TensorList weights,
+                float eps) {
+  const int64_t M = N * R, dk = D / H, L = static_cast<int64_t>(self_k.size());
+  std::vector<float> qkv(static_cast<size_t>(M * 3 * D)), att(static_cast<size_t>(M * D)),
+      tmp(static_cast<size_t>(M * D)), ffn(static_cast<size_t>(M * F));
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* w = weights.data() + kPerLayer * l;
+    auto ptr = [&](int i) { return static_cast<const T*>(w[i].const_data_ptr()); };
+    // Self-attention: project, write the content rows' keys/values, attend to the visible cache columns.
+    skinny::skinny_gemm<T>(h, M, D, ptr(0), 3 * D, ptr(1), qkv.data());
+    T* kc = static_cast<T*>(self_k[l].data_ptr());
+    T* vc = static_cast<T*>(self_v[l].data_ptr());
+    const auto ks = self_k[l].strides(), vs = self_v[l].strides();
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t j = 0; j < C; ++j) {
+        const float* src = qkv.data() + (n * R + j) * 3 * D;
+        const int64_t col = columns[n * C + j];
+        for (int64_t hd = 0; hd < H; ++hd) {
+          T* kd = kc + n * ks[0] + hd * ks[1] + col * ks[2];
+          T* vd = vc + n * vs[0] + hd * vs[1] + col * vs[2];
+          for (int64_t d = 0; d < dk; ++d) {
+            lanes::store(kd + d, src[D + hd * dk + d]);
+            lanes::store(vd + d, src[2 * D + hd * dk + d]);
+          }
+        }
+      }
+    }
+    const Heads<T> sk{kc, ks[0], ks[1], ks[2]}, sv{vc, vs[0], vs[1], vs[2]};
+    attend<T>({N, R, H, dk, D, 1, 3 * D, qkv.data(), sk, sv, spans, cap, nullptr, att.data()});
+    skinny::skinny_gemm<T>(att.data(), M, D, ptr(2), D, ptr(3), tmp.data());
+    add_norm<T>(h, tmp.data(), M, D, ptr(4), ptr(5), eps);
+    // Cross-attention over the source.
+    skinny::skinny_gemm<T>(h, M, D, ptr(6), D, ptr(7), qkv.data());
+    attend<T>({N, R, H, dk, D, N / B, D, qkv.data(), heads_of<T>(cross_k[l]), heads_of<T>(cross_v[l]), nullptr, S,
+               keep, att.data()});
+    skinny::skinny_gemm<T>(att.data(), M, D, ptr(8), D, ptr(9), tmp.data());
+    add_norm<T>(h, tmp.data(), M, D, ptr(10), ptr(11), eps);
+    // Feed-forward.
+    skinny::skinny_gemm<T>(h, M, D, ptr(12), F, ptr(13), ffn.data());
+    for (float& u : ffn) u = std::max(u, 0.0f);
+    skinny::skinny_gemm<T>(ffn.data(), M, F, ptr(14), D, ptr(15), tmp.data());
+    add_norm<T>(h, tmp.data(), M, D, ptr(16), ptr(17), eps);
+  }
+}
+
+void check_matrix(const at::Tensor& t, int64_t rows, int64_t cols, const char* what, int64_t layer, at::ScalarType dt) {
+  TORCH_CHECK_VALUE(t.scalar_type() == dt && t.is_contiguous() && t.device().is_cpu(),
+                    "janus::decoder_step: layer ", layer, " ", what, " must be a contiguous ", dt, " CPU tensor (x's dtype), got ",
                     t.scalar_type(), t.is_contiguous() ? "" : " (not contiguous)");
   const bool ok = cols < 0 ? (t.dim() == 1 && t.size(0) == rows) : (t.dim() == 2 && t.size(0) == rows && t.size(1) == cols);
   TORCH_CHECK_VALUE(ok, "janus::decoder_step: layer ", layer, " ", what, " has shape ", t.sizes(), ", expected (",
                     rows, cols < 0 ? "" : ", ", cols < 0 ? std::string() : std::to_string(cols), ")");
 }
 
-void check_heads(const at::Tensor& t, int64_t n, int64_t H, int64_t dk, const char* what, int64_t layer) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 4 && t.size(0) == n &&
+void check_heads(const at::Tensor& t, int64_t n, int64_t H, int64_t dk, const char* what, int64_t layer,
+                 at::ScalarType dt) {
+  TORCH_CHECK_VALUE(t.scalar_type() == dt && t.device().is_cpu() && t.dim() == 4 && t.size(0) == n &&
                         t.size(1) == H && t.size(3) == dk && t.stride(3) == 1,
-                    "janus::decoder_step: layer ", layer, " ", what, " must be float32 (", n, ", ", H, ", columns, ",
+                    "janus::decoder_step: layer ", layer, " ", what, " must be ", dt, " (", n, ", ", H, ", columns, ",
                     dk, ") on the CPU with unit stride in its last dim, got ", t.scalar_type(), " ", t.sizes(),
                     " strides ", t.strides());
 }
@@ -158,8 +235,9 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
                             at::TensorList cross_k, at::TensorList cross_v, const at::Tensor& keep,
                             at::TensorList weights, int64_t n_heads, double eps) {
   // 1. Arguments.
-  TORCH_CHECK_VALUE(x.dim() == 3 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-                    "janus::decoder_step: x must be float32 (N, R, D) on the CPU, got ", x.scalar_type(), " ",
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_VALUE(x.dim() == 3 && (dt == at::kFloat || dt == at::kBFloat16) && x.device().is_cpu(),
+                    "janus::decoder_step: x must be float32 or bfloat16 (N, R, D) on the CPU, got ", dt, " ",
                     x.sizes());
   const int64_t N = x.size(0), R = x.size(1), D = x.size(2), L = static_cast<int64_t>(self_k.size());
   const int64_t C = num_content;
@@ -190,10 +268,10 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
   const at::Tensor lim = spans.contiguous(), cols = columns.contiguous(), kp = keep.contiguous();
   int64_t cap = -1;
   for (int64_t l = 0; l < L; ++l) {
-    check_heads(self_k[l], N, H, dk, "self_k", l);
-    check_heads(self_v[l], N, H, dk, "self_v", l);
-    check_heads(cross_k[l], B, H, dk, "cross_k", l);
-    check_heads(cross_v[l], B, H, dk, "cross_v", l);
+    check_heads(self_k[l], N, H, dk, "self_k", l, dt);
+    check_heads(self_v[l], N, H, dk, "self_v", l, dt);
+    check_heads(cross_k[l], B, H, dk, "cross_k", l, dt);
+    check_heads(cross_v[l], B, H, dk, "cross_v", l, dt);
     TORCH_CHECK_VALUE(self_v[l].size(2) == self_k[l].size(2) && (cap < 0 || self_k[l].size(2) == cap) &&
                           cross_k[l].size(2) == S && cross_v[l].size(2) == S,
                       "janus::decoder_step: layer ", l, ": cache widths ", self_k[l].size(2), "/",
@@ -215,59 +293,29 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
   const int64_t F = L ? weights[12].size(0) : 0;
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = weights.data() + kPerLayer * l;
-    check_matrix(w[0], 3 * D, D, "Wqkv", l);
-    check_matrix(w[1], 3 * D, -1, "bqkv", l);
-    check_matrix(w[2], D, D, "Wo", l);
-    check_matrix(w[6], D, D, "cross Wq", l);
-    check_matrix(w[8], D, D, "cross Wo", l);
-    check_matrix(w[12], F, D, "W1", l);
-    check_matrix(w[13], F, -1, "b1", l);
-    check_matrix(w[14], D, F, "W2", l);
-    for (int i : {3, 4, 5, 7, 9, 10, 11, 15, 16, 17}) check_matrix(w[i], D, -1, "bias or norm", l);
+    check_matrix(w[0], 3 * D, D, "Wqkv", l, dt);
+    check_matrix(w[1], 3 * D, -1, "bqkv", l, dt);
+    check_matrix(w[2], D, D, "Wo", l, dt);
+    check_matrix(w[6], D, D, "cross Wq", l, dt);
+    check_matrix(w[8], D, D, "cross Wo", l, dt);
+    check_matrix(w[12], F, D, "W1", l, dt);
+    check_matrix(w[13], F, -1, "b1", l, dt);
+    check_matrix(w[14], D, F, "W2", l, dt);
+    for (int i : {3, 4, 5, 7, 9, 10, 11, 15, 16, 17}) check_matrix(w[i], D, -1, "bias or norm", l, dt);
   }
 
-  // 2. The layers, over buffers allocated once per call.
-  at::Tensor out = x.contiguous().clone();
-  const int64_t M = N * R;
-  float* h = out.data_ptr<float>();
-  std::vector<float> qkv(static_cast<size_t>(M * 3 * D)), att(static_cast<size_t>(M * D)),
-      tmp(static_cast<size_t>(M * D)), ffn(static_cast<size_t>(M * F));
+  // 2. The layers, in fp32 rows over buffers allocated once per call.
+  at::Tensor h = dt == at::kFloat ? x.contiguous().clone() : x.to(at::kFloat).contiguous();
   const bool* keep_p = kp.const_data_ptr<bool>();
   const float e = static_cast<float>(eps);
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor* w = weights.data() + kPerLayer * l;
-    auto ptr = [&](int i) { return w[i].const_data_ptr<float>(); };
-    // Self-attention: project, write the content rows' keys/values, attend to the cached prefix.
-    skinny::skinny_gemm_f32(h, M, D, ptr(0), 3 * D, ptr(1), qkv.data());
-    float* kc = self_k[l].data_ptr<float>();
-    float* vc = self_v[l].data_ptr<float>();
-    const auto ks = self_k[l].strides(), vs = self_v[l].strides();
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t j = 0; j < C; ++j) {
-        const float* src = qkv.data() + (n * R + j) * 3 * D;
-        const int64_t col = cp[n * C + j];
-        for (int64_t hd = 0; hd < H; ++hd) {
-          std::memcpy(kc + n * ks[0] + hd * ks[1] + col * ks[2], src + D + hd * dk, sizeof(float) * dk);
-          std::memcpy(vc + n * vs[0] + hd * vs[1] + col * vs[2], src + 2 * D + hd * dk, sizeof(float) * dk);
-        }
-      }
-    }
-    const Heads sk{kc, ks[0], ks[1], ks[2]}, sv{vc, vs[0], vs[1], vs[2]};
-    attend({N, R, H, dk, D, 1, 3 * D, qkv.data(), sk, sv, lp, cap, nullptr, att.data()});
-    skinny::skinny_gemm_f32(att.data(), M, D, ptr(2), D, ptr(3), tmp.data());
-    add_norm(h, tmp.data(), M, D, ptr(4), ptr(5), e);
-    // Cross-attention over the source.
-    skinny::skinny_gemm_f32(h, M, D, ptr(6), D, ptr(7), qkv.data());
-    attend({N, R, H, dk, D, N / B, D, qkv.data(), heads_of(cross_k[l]), heads_of(cross_v[l]), nullptr, S, keep_p,
-            att.data()});
-    skinny::skinny_gemm_f32(att.data(), M, D, ptr(8), D, ptr(9), tmp.data());
-    add_norm(h, tmp.data(), M, D, ptr(10), ptr(11), e);
-    // Feed-forward.
-    skinny::skinny_gemm_f32(h, M, D, ptr(12), F, ptr(13), ffn.data());
-    for (float& u : ffn) u = std::max(u, 0.0f);
-    skinny::skinny_gemm_f32(ffn.data(), M, F, ptr(14), D, ptr(15), tmp.data());
-    add_norm(h, tmp.data(), M, D, ptr(16), ptr(17), e);
+  if (dt == at::kFloat) {
+    run_layers<float>(h.data_ptr<float>(), N, R, C, D, H, F, B, S, cap, lp, cp, keep_p, self_k, self_v, cross_k,
+                      cross_v, weights, e);
+  } else {
+    run_layers<lanes::bf16_raw>(h.data_ptr<float>(), N, R, C, D, H, F, B, S, cap, lp, cp, keep_p, self_k, self_v,
+                                cross_k, cross_v, weights, e);
   }
+  at::Tensor out = dt == at::kFloat ? h : h.to(dt);
   return out;
 }
 

@@ -1,6 +1,6 @@
 // The tiles of janus::skinny_linear (see skinny_linear.cpp for the method): out = x @ weight^T (+ bias)
 // for a few rows of x, each weight row read once for all of them. Shared with decoder_step.cpp, whose
-// fused decoder layers run their products through skinny_gemm_f32 below. Include after vector_lanes.h,
+// fused decoder layers run their products through skinny_gemm below. Include after vector_lanes.h,
 // inside `#ifdef JANUS_VECTOR_LANES`.
 #pragma once
 
@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/vector_lanes.h"
 
@@ -39,7 +40,7 @@ struct Problem {
   const float* x;  // (M, K) fp32 (bf16 inputs are widened once, into a scratch copy)
   const void* w;   // (N, K) T
   const void* b;   // (N,) T or null
-  void* out;       // (M, N) T
+  void* out;       // (M, N) O (T, or fp32 for decoder_step's bf16 weights)
 };
 
 // fold<W>(x, y): the 32 lanes of (x, y) in blocks of 2W, each block's two halves added into W lanes.
@@ -78,13 +79,13 @@ JANUS_INLINE vf lane_sums16(const vf* a) {
 // registers), their lane sums in one tree. `next` is the weight row where the thread's next tile
 // starts, or null: its J rows are prefetched alongside, so that the memory is read ahead of the
 // arithmetic (without it, a tile of many input rows waits on each weight line it reads).
-template <typename T, int G, int J>
+template <typename T, int G, int J, typename O = T>
 JANUS_INLINE void tile(const Problem& P, int64_t r0, int64_t n, const T* next) {
   static_assert(G * J <= kLanes, "tile: at most 16 accumulators");
   const int64_t K = P.K, K16 = K / kLanes * kLanes;
   const T* w0 = static_cast<const T*>(P.w) + n * K;
   const T* B = static_cast<const T*>(P.b);
-  T* O = static_cast<T*>(P.out);
+  O* Out = static_cast<O*>(P.out);
   const float* X = P.x + r0 * K;
   vf acc[kLanes];
   for (int a = 0; a < kLanes; ++a) acc[a] = vf{};
@@ -107,26 +108,26 @@ JANUS_INLINE void tile(const Problem& P, int64_t r0, int64_t n, const T* next) {
       float s = sums[g * J + j];
       for (int64_t k = K16; k < K; ++k) s += load1(w0 + j * K + k) * X[g * K + k];
       if (B != nullptr) s += load1(B + n + j);
-      store1(O + (r0 + g) * P.N + n + j, s);
+      store1(Out + (r0 + g) * P.N + n + j, s);
     }
   }
 }
 
 // The tile of input rows [r0, r0 + kGroup), or of the fewer left: each count its own accumulator layout.
-template <typename T, int J>
+template <typename T, int J, typename O = T>
 JANUS_INLINE void tile_rows(const Problem& P, int64_t r0, int64_t n, const T* next) {
   switch (std::min<int64_t>(kGroup, P.M - r0)) {
-    case 1: tile<T, 1, J>(P, r0, n, next); break;
-    case 2: tile<T, 2, J>(P, r0, n, next); break;
-    case 3: tile<T, 3, J>(P, r0, n, next); break;
-    default: tile<T, 4, J>(P, r0, n, next); break;
+    case 1: tile<T, 1, J, O>(P, r0, n, next); break;
+    case 2: tile<T, 2, J, O>(P, r0, n, next); break;
+    case 3: tile<T, 3, J, O>(P, r0, n, next); break;
+    default: tile<T, 4, J, O>(P, r0, n, next); break;
   }
 }
 
 // Outputs [n0, n1): kRows weight rows at a time, for all input rows (groups of kGroup), so a weight
 // row comes from memory once, for the first group, and from the L1 cache for the others; the next
 // block's rows are prefetched during the first group's tile.
-template <typename T>
+template <typename T, typename O = T>
 JANUS_INLINE void run_block(const Problem& P, int64_t n0, int64_t n1) {
   const T* W = static_cast<const T*>(P.w);
   for (int64_t n = n0; n < n1; n += kRows) {
@@ -134,9 +135,9 @@ JANUS_INLINE void run_block(const Problem& P, int64_t n0, int64_t n1) {
     for (int64_t r0 = 0; r0 < P.M; r0 += kGroup) {
       const T* ahead = r0 == 0 ? next : nullptr;
       if (n + kRows <= n1) {
-        tile_rows<T, kRows>(P, r0, n, ahead);
+        tile_rows<T, kRows, O>(P, r0, n, ahead);
       } else {
-        for (int64_t m = n; m < n1; ++m) tile_rows<T, 1>(P, r0, m, nullptr);  // the last rows, one at a time
+        for (int64_t m = n; m < n1; ++m) tile_rows<T, 1, O>(P, r0, m, nullptr);  // the last rows, one at a time
       }
     }
   }
@@ -144,18 +145,24 @@ JANUS_INLINE void run_block(const Problem& P, int64_t n0, int64_t n1) {
 
 [[maybe_unused]] JANUS_CLONES void block_f32(const Problem& P, int64_t n0, int64_t n1) { run_block<float>(P, n0, n1); }
 [[maybe_unused]] JANUS_CLONES void block_bf16(const Problem& P, int64_t n0, int64_t n1) { run_block<bf16_raw>(P, n0, n1); }
+// bf16 weights and bias, fp32 outputs (decoder_step keeps its activations in fp32).
+[[maybe_unused]] JANUS_CLONES void block_bf16_f32(const Problem& P, int64_t n0, int64_t n1) {
+  run_block<bf16_raw, float>(P, n0, n1);
+}
 
 // Blocks of whole tiles of weight rows, about 64 KB of weight each at least, split across threads.
 inline int64_t block_grain(int64_t K, int64_t element_size) {
   return std::max<int64_t>(kRows, (int64_t{1} << 16) / std::max<int64_t>(1, K * element_size) / kRows * kRows);
 }
 
-// out (M, N) = x (M, K) @ w (N, K)^T + b (N,) (b may be null), all fp32, row-major, contiguous.
-inline void skinny_gemm_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* b,
-                            float* out) {
+// out (M, N) = x (M, K) @ w (N, K)^T + b (N,) (b may be null): x and out fp32, w and b T (float or bf16_raw),
+// row-major, contiguous.
+template <typename T>
+inline void skinny_gemm(const float* x, int64_t M, int64_t K, const T* w, int64_t N, const T* b, float* out) {
   if (M == 0 || N == 0) return;
   const Problem P{M, N, K, x, w, b, out};
-  at::parallel_for(0, N, block_grain(K, sizeof(float)), [&](int64_t n0, int64_t n1) { block_f32(P, n0, n1); });
+  auto* run = std::is_same_v<T, float> ? block_f32 : block_bf16_f32;
+  at::parallel_for(0, N, block_grain(K, sizeof(T)), [&](int64_t n0, int64_t n1) { run(P, n0, n1); });
 }
 
 }  // namespace

@@ -22,7 +22,10 @@ the first C = ``num_content`` rows of each hypothesis content rows:
 ``decoder_step_ref`` is the specification (torch's linear, attention and layer norm, as the model's own
 layers compute them) and the fallback; ``decoder_step`` dispatches (janus.ops._dispatch) between:
 
-- "cpp": ``torch.ops.janus.decoder_step``, float32 CPU tensors, no autograd;
+- "cpp": ``torch.ops.janus.decoder_step``, CPU tensors, all float32 or all bfloat16, no autograd. In
+  bfloat16 the kernel reads the weights, caches and source keys/values as bf16 and computes in fp32 (rounding
+  to bf16 only the keys/values it caches and its output): half the bytes of a float32 pass, and closer to the
+  fp32 result than the reference in bf16, which rounds every intermediate;
 - "reference": ``decoder_step_ref``.
 
 Force one with ``JANUS_BACKEND_DECODER_STEP=cpp|reference``. The model (``janus.model.JanusModel``) runs
@@ -166,8 +169,8 @@ def _fits_cpp(x: Tensor, num_content: int, spans: Tensor, columns: Tensor, self_
     if not ok:
         return ok, why
     floats = [x, *self_k, *self_v, *cross_k, *cross_v, *weights]
-    if any(t.dtype != torch.float32 for t in floats):
-        return False, "the kernel takes float32 rows, caches and weights"
+    if x.dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != x.dtype for t in floats):
+        return False, "the kernel takes float32 or bfloat16 rows, caches and weights, all alike"
     if torch.is_grad_enabled() and any(t.requires_grad for t in floats):
         return False, "the kernel has no backward (inference only: run under torch.no_grad)"
     return True, ""
