@@ -9,8 +9,8 @@ beam step (a content and a query row), R = 10 a speculative verification of a bl
 (5 content and 5 query rows). For each preset, dtype and (hypotheses, R), the kernel (``decoder_step``,
 "cpp") and the model's layers ("layers": JANUS_BACKEND_DECODER_STEP=reference) take turns in ``--rounds``
 rounds of ``--calls`` passes; the table gives microseconds per pass (median over rounds), the speedup, and
-whether the model sends that pass to the kernel (rows <= ``janus.ops.decoder_step.MAX_ROWS``; lifted here,
-so that every size is timed). Both return the same hidden states to rounding (checked first, every size:
+whether the model sends that pass to the kernel (rows <= ``janus.ops.decoder_step.MAX_ROWS`` of the dtype;
+lifted here, so that every size is timed). Both return the same hidden states to rounding (checked first, every size:
 float32 to 1e-4; bfloat16 to 0.5, the layers rounding every intermediate to bf16).
 """
 
@@ -40,7 +40,7 @@ FORCE = "JANUS_BACKEND_DECODER_STEP"
 @contextlib.contextmanager
 def through(kernel: bool) -> Iterator[None]:
     """Passes of any size through the kernel (the model's MAX_ROWS lifted), or none (the model's layers)."""
-    janus.model.FUSED_ROWS = 1 << 30
+    janus.model.FUSED_ROWS = dict.fromkeys(MAX_ROWS, 1 << 30)
     if not kernel:
         os.environ[FORCE] = "reference"
     try:
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "kernel_us": fused,
                     "layers_us": layers,
                     "speedup": layers / fused,
-                    "used": n * rows <= MAX_ROWS,
+                    "used": n * rows <= MAX_ROWS[getattr(torch, dtype)],
                     "max_abs_diff": err,
                 }
                 results.append(row)
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         payload = {
             "environment": environment(torch.device("cpu")),
             "settings": vars(args) | {"json": str(args.json)},
-            "max_rows": MAX_ROWS,
+            "max_rows": {str(k).removeprefix("torch."): v for k, v in MAX_ROWS.items()},
             "results": results,
         }
         write_json(args.json, payload)

@@ -584,13 +584,12 @@ class JanusModel(nn.Module):
     def fused_step_ok(self, x: Tensor) -> bool:
         """Whether an inference pass over rows x (N, R, D) runs through ``janus.ops.decoder_step``'s kernel:
         float32 or bfloat16 (the model's own dtype) on the CPU, eval mode without autograd, at most
-        ``decoder_step.MAX_ROWS`` rows, the decoder's own float layers (not the int8 copy's), and the kernel
-        compiled and not forced away."""
+        ``decoder_step.MAX_ROWS`` rows of that dtype, the decoder's own float layers (not the int8 copy's), and
+        the kernel compiled and not forced away."""
         return (
-            (x.dtype == torch.float32 or x.dtype == torch.bfloat16)
-            and x.device.type == "cpu"
+            x.device.type == "cpu"
+            and x.shape[0] * x.shape[1] <= FUSED_ROWS.get(x.dtype, 0)
             and x.dtype == self.embed.weight.dtype
-            and x.shape[0] * x.shape[1] <= FUSED_ROWS
             and self._fused_float
             and not self.training
             and not torch.is_grad_enabled()

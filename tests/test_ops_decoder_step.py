@@ -312,7 +312,7 @@ def test_what_the_kernel_does_not_take_runs_through_the_layers(monkeypatch):
     m = tiny_model()
     src = sources(3, 2)
     calls = count_calls(monkeypatch)
-    big = sources(4, MAX_ROWS // 2 + 1)  # greedy over more than MAX_ROWS rows at its first steps
+    big = sources(4, MAX_ROWS[torch.float32] // 2 + 1)  # greedy over more than MAX_ROWS rows at its first steps
     greedy_search(m, big, max_len_a=0.0, max_len_b=1)
     assert not calls
     greedy_search(m.double(), src, max_len_a=1.0, max_len_b=4)

@@ -29,7 +29,7 @@ layers compute them) and the fallback; ``decoder_step`` dispatches (janus.ops._d
 - "reference": ``decoder_step_ref``.
 
 Force one with ``JANUS_BACKEND_DECODER_STEP=cpp|reference``. The model (``janus.model.JanusModel``) runs
-its inference passes of at most ``MAX_ROWS`` rows through the "cpp" kernel when it is available (see
+its inference passes of at most ``MAX_ROWS`` rows (by dtype) through the "cpp" kernel when it is available (see
 ``JanusModel.fused_step_ok``); results agree with its own layers to fp32 rounding.
 """
 
@@ -66,11 +66,13 @@ LAYER_WEIGHTS = (
     "norm3.bias",
 )
 
-# Rows (N * R) up to which a pass goes through the kernel. ``python benchmarks/decoder_step.py`` on a 2-core
-# AVX-512 Xeon, 2 threads (benchmarks/results/decoder_step_cpu.json), the kernel's speedup over the layers at
-# 2 / 10 / 16 / 32 / 50 / 64 / 80 rows: small preset 3.5 / 2.4 / 2.0 / 1.5 / 1.3 / 1.2 / 0.94, iwslt 2.7 /
-# 2.1 / 1.4 / 1.3 / 1.1 / 1.0 / 0.80 (its products are skinny_linear's tiles, made for few rows).
-MAX_ROWS = 64
+# Rows (N * R) up to which a pass goes through the kernel, by dtype. ``python benchmarks/decoder_step.py`` on
+# a 2-core AVX-512 Xeon with AMX, 2 threads (benchmarks/results/decoder_step_cpu.json), the kernel's speedup
+# over the layers at 2 / 10 / 16 / 32 / 50 / 64 / 80 rows: float32 small preset 3.7 / 2.9 / 2.3 / 1.7 / 1.4 /
+# 1.3 / 1.2, iwslt 2.9 / 2.0 / 1.5 / 1.4 / 1.1 / 1.05 / 0.88 (its products are skinny_linear's tiles, made
+# for few rows); bfloat16 iwslt 3.3 / 2.1 / 1.6 / 0.96 / 0.70 / 0.73 (oneDNN's bf16 GEMMs with AMX tiles are
+# flat in the rows; the small preset's kernel stays ahead to 64 rows, 2.1x).
+MAX_ROWS = {torch.float32: 64, torch.bfloat16: 16}
 
 
 def decoder_step_ref(
