@@ -145,23 +145,8 @@ def _register_fake() -> None:
     torch.library.register_fake("janus::decoder_step", _decoder_step_fake)
 
 
-def _decoder_step_cpp(
-    x: Tensor,
-    num_content: int,
-    spans: Tensor,
-    columns: Tensor,
-    self_k: Sequence[Tensor],
-    self_v: Sequence[Tensor],
-    cross_k: Sequence[Tensor],
-    cross_v: Sequence[Tensor],
-    keep: Tensor,
-    weights: Sequence[Tensor],
-    n_heads: int,
-    eps: float,
-) -> Tensor:
-    return torch.ops.janus.decoder_step(
-        x, num_content, spans, columns, self_k, self_v, cross_k, cross_v, keep, weights, n_heads, eps
-    )
+def _decoder_step_cpp(*args) -> Tensor:  # the arguments of decoder_step_ref, in its order
+    return torch.ops.janus.decoder_step(*args)
 
 
 def _fits_cpp(x: Tensor, num_content: int, spans: Tensor, columns: Tensor, self_k, self_v, cross_k, cross_v,
