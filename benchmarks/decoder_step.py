@@ -9,9 +9,9 @@ beam step (a content and a query row), R = 10 a speculative verification of a bl
 (5 content and 5 query rows). For each preset, dtype and (hypotheses, R), the kernel (``decoder_step``,
 "cpp") and the model's layers ("layers": JANUS_BACKEND_DECODER_STEP=reference) take turns in ``--rounds``
 rounds of ``--calls`` passes; the table gives microseconds per pass (median over rounds), the speedup, and
-whether the model sends that pass to the kernel (rows <= ``janus.ops.decoder_step.MAX_ROWS`` of the dtype;
-lifted here, so that every size is timed). Both return the same hidden states to rounding (checked first, every size:
-float32 to 1e-4; bfloat16 to 0.5, the layers rounding every intermediate to bf16).
+whether the model sends that pass to the kernel (rows <= ``janus.ops.decoder_step.max_rows`` of the dtype
+and width; lifted here, so that every size is timed). Both return the same hidden states to rounding
+(checked first, every size: float32 to 1e-4; bfloat16 to 0.5, the layers rounding every intermediate).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from harness import environment, interleaved, print_table, write_json
 import janus.model
 from janus.config import PRESETS, ModelConfig
 from janus.model import JanusModel, KVCache
-from janus.ops.decoder_step import MAX_ROWS, kernel_ready
+from janus.ops.decoder_step import MAX_ROWS, NARROW, NARROW_BF16_ROWS, kernel_ready, max_rows
 from janus.streams import build_ar_verify_rows
 
 VOCAB = 8000
@@ -39,14 +39,14 @@ FORCE = "JANUS_BACKEND_DECODER_STEP"
 
 @contextlib.contextmanager
 def through(kernel: bool) -> Iterator[None]:
-    """Passes of any size through the kernel (the model's MAX_ROWS lifted), or none (the model's layers)."""
-    janus.model.FUSED_ROWS = dict.fromkeys(MAX_ROWS, 1 << 30)
+    """Passes of any size through the kernel (the model's max_rows lifted), or none (the model's layers)."""
+    janus.model.max_rows = lambda dtype, width: 1 << 30
     if not kernel:
         os.environ[FORCE] = "reference"
     try:
         yield
     finally:
-        janus.model.FUSED_ROWS = MAX_ROWS
+        janus.model.max_rows = max_rows
         os.environ.pop(FORCE, None)
 
 
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "kernel_us": fused,
                     "layers_us": layers,
                     "speedup": layers / fused,
-                    "used": n * rows <= MAX_ROWS[getattr(torch, dtype)],
+                    "used": n * rows <= max_rows(getattr(torch, dtype), model.cfg.d_model),
                     "max_abs_diff": err,
                 }
                 results.append(row)
@@ -137,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "environment": environment(torch.device("cpu")),
             "settings": vars(args) | {"json": str(args.json)},
             "max_rows": {str(k).removeprefix("torch."): v for k, v in MAX_ROWS.items()},
+            "max_rows_bf16_narrow": {"width_at_most": NARROW, "rows": NARROW_BF16_ROWS},
             "results": results,
         }
         write_json(args.json, payload)

@@ -25,8 +25,7 @@ from torch import Tensor, nn
 from torch.ao.nn.quantized.dynamic import Linear as _DynamicInt8Linear
 
 from janus.config import ModelConfig
-from janus.ops.decoder_step import MAX_ROWS as FUSED_ROWS
-from janus.ops.decoder_step import decoder_step_checked, kernel_ready
+from janus.ops.decoder_step import decoder_step_checked, kernel_ready, max_rows
 from janus.ops.skinny_linear import MAX_ROWS as SKINNY_ROWS
 from janus.ops.skinny_linear import MIN_WEIGHT as SKINNY_MIN_WEIGHT
 from janus.ops.skinny_linear import skinny_linear_checked
@@ -584,11 +583,11 @@ class JanusModel(nn.Module):
     def fused_step_ok(self, x: Tensor) -> bool:
         """Whether an inference pass over rows x (N, R, D) runs through ``janus.ops.decoder_step``'s kernel:
         float32 or bfloat16 (the model's own dtype) on the CPU, eval mode without autograd, at most
-        ``decoder_step.MAX_ROWS`` rows of that dtype, the decoder's own float layers (not the int8 copy's), and
-        the kernel compiled and not forced away."""
+        ``decoder_step.max_rows`` rows for that dtype and width, the decoder's own float layers (not the int8
+        copy's), and the kernel compiled and not forced away."""
         return (
             x.device.type == "cpu"
-            and x.shape[0] * x.shape[1] <= FUSED_ROWS.get(x.dtype, 0)
+            and x.shape[0] * x.shape[1] <= max_rows(x.dtype, x.shape[2])
             and x.dtype == self.embed.weight.dtype
             and self._fused_float
             and not self.training

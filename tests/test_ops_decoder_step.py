@@ -391,3 +391,12 @@ def test_mask_predict_through_the_kernel_equals_the_layers(monkeypatch, T, beam)
 def test_opcheck():
     args = problem(11, N=2, R=4, C=2, B=2)
     torch.library.opcheck(torch.ops.janus.decoder_step.default, tuple(args))
+
+
+def test_rows_by_dtype_and_width():
+    from janus.ops.decoder_step import NARROW, NARROW_BF16_ROWS, max_rows
+
+    assert max_rows(torch.float32, 512) == max_rows(torch.float32, 64) == MAX_ROWS[torch.float32]
+    assert max_rows(torch.bfloat16, 512) == MAX_ROWS[torch.bfloat16] < max_rows(torch.bfloat16, NARROW)
+    assert max_rows(torch.bfloat16, NARROW) == NARROW_BF16_ROWS
+    assert max_rows(torch.float64, 64) == max_rows(torch.float16, 64) == 0

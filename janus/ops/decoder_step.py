@@ -73,6 +73,15 @@ LAYER_WEIGHTS = (
 # for few rows); bfloat16 iwslt 3.3 / 2.1 / 1.6 / 0.96 / 0.70 / 0.73 (oneDNN's bf16 GEMMs with AMX tiles are
 # flat in the rows; the small preset's kernel stays ahead to 64 rows, 2.1x).
 MAX_ROWS = {torch.float32: 64, torch.bfloat16: 16}
+# bfloat16 at widths up to this, where the kernel stays ahead to 64 rows (the small preset, width 128).
+NARROW, NARROW_BF16_ROWS = 128, 64
+
+
+def max_rows(dtype: torch.dtype, width: int) -> int:
+    """Rows (N * R) up to which a pass of this dtype and model width goes through the kernel (0: never)."""
+    if dtype == torch.bfloat16 and width <= NARROW:
+        return NARROW_BF16_ROWS
+    return MAX_ROWS.get(dtype, 0)
 
 
 def decoder_step_ref(
