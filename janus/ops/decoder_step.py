@@ -68,12 +68,12 @@ LAYER_WEIGHTS = (
 
 # Rows (N * R) up to which a pass goes through the kernel, by dtype. ``python benchmarks/decoder_step.py`` on
 # a 2-core AVX-512 Xeon with AMX, 2 threads (benchmarks/results/decoder_step_cpu.json), the kernel's speedup
-# over the layers at 2 / 10 / 16 / 32 / 50 / 64 / 80 rows: float32 small preset 3.7 / 2.9 / 2.3 / 1.7 / 1.4 /
-# 1.3 / 1.2, iwslt 2.9 / 2.0 / 1.5 / 1.4 / 1.1 / 1.05 / 0.88 (its products are skinny_linear's tiles, made
-# for few rows); bfloat16 iwslt 3.3 / 2.1 / 1.6 / 0.96 / 0.70 / 0.73 (oneDNN's bf16 GEMMs with AMX tiles are
-# flat in the rows; the small preset's kernel stays ahead to 64 rows, 2.1x).
+# over the layers at 2 / 10 / 16 / 32 / 50 / 64 / 80 rows: float32 small preset 3.8 / 3.0 / 2.1 / 1.6 / 1.0 /
+# 1.2 / 0.85, iwslt 3.0 / 1.9 / 1.4 / 1.4 / 1.1 / 1.05 / 0.88 (its products are skinny_linear's tiles, made
+# for few rows); bfloat16 iwslt 2.9 / 1.8 / 1.4 / 0.94 / 0.61 / 0.70 / 0.50 (oneDNN's bf16 GEMMs with AMX
+# tiles are flat in the rows), bfloat16 small preset 7.3 / 4.2 / 3.4 / 2.3 / 1.8 / 1.7 / 1.2.
 MAX_ROWS = {torch.float32: 64, torch.bfloat16: 16}
-# bfloat16 at widths up to this, where the kernel stays ahead to 64 rows (the small preset, width 128).
+# bfloat16 at widths up to this, where the kernel stays ahead past 64 rows (the small preset, width 128).
 NARROW, NARROW_BF16_ROWS = 128, 64
 
 
