@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.ao.nn.quantized.dynamic import Linear as _DynamicInt8Linear
 
 from janus.config import ModelConfig
-from janus.ops.decoder_step import decoder_step_checked, kernel_ready, max_rows
+from janus.ops.decoder_step import LAYER_WEIGHTS, decoder_step_checked, kernel_ready, max_rows
 from janus.ops.skinny_linear import MAX_ROWS as SKINNY_ROWS
 from janus.ops.skinny_linear import MIN_WEIGHT as SKINNY_MIN_WEIGHT
 from janus.ops.skinny_linear import skinny_linear_checked
@@ -600,13 +600,12 @@ class JanusModel(nn.Module):
         q, k, v concatenated. Kept between calls while every parameter keeps its storage and version (a step
         of a small model cannot afford to walk the modules: ~150 us)."""
         if self._fused_params is None:
+            # per layer: q, k, v weights and biases (fused below), then LAYER_WEIGHTS past the fused two
             params: list[Tensor] = []
             for layer in self.decoder:
-                a, c, f = layer.self_attn, layer.cross_attn, layer.ffn
+                a = layer.self_attn
                 params += [a.q.weight, a.k.weight, a.v.weight, a.q.bias, a.k.bias, a.v.bias]
-                params += [a.out.weight, a.out.bias, layer.norm1.weight, layer.norm1.bias]
-                params += [c.q.weight, c.q.bias, c.out.weight, c.out.bias, layer.norm2.weight, layer.norm2.bias]
-                params += [f.ff1.weight, f.ff1.bias, f.ff2.weight, f.ff2.bias, layer.norm3.weight, layer.norm3.bias]
+                params += [layer.get_parameter(name) for name in LAYER_WEIGHTS[2:]]
             self._fused_params = params
         params = self._fused_params
         # Inference tensors have no version counter: their weights are rebuilt every call.
@@ -614,7 +613,7 @@ class JanusModel(nn.Module):
         if key is not None and self._fused_list is not None and self._fused_list[0] == key:
             return self._fused_list[1]
         out: list[Tensor] = []
-        per = 22
+        per = len(params) // len(self.decoder)
         with torch.no_grad():
             for i in range(0, len(params), per):
                 p = [t.detach() for t in params[i : i + per]]

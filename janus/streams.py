@@ -312,10 +312,10 @@ def build_ar_verify_rows(tokens: Tensor, starts: Tensor, ends: Tensor, *, pad: i
     row_tokens = torch.cat([content_tok, torch.where(real, mask, pad)], 1)
     W = (int(starts.max()) + C) if B else 0
     col = torch.arange(W, device=dev)
-    # A content row at t sees columns <= t; a query row at q sees columns < q; pad rows see column 0.
-    limit = torch.cat([content_pos + 1, query_pos], 1)  # (B, 2C): columns below the limit are seen
+    # A content row at t sees columns <= t; a query row at q sees columns < q; pad rows see column 0 (a
+    # pad query row's limit, 0, raised to 1; a pad content row's is 1 already).
+    limit = torch.cat([content_pos + 1, query_pos], 1).clamp_min(1)  # (B, 2C): columns below it are seen
     vis = col[None, None, :] < limit[:, :, None]
-    vis[:, :, 0] |= kinds == K.PAD
     ranks = torch.full_like(row_tokens, -1)
     max_position = int(ends.max()) if B else 0
     return DecoderRows(
@@ -327,5 +327,5 @@ def build_ar_verify_rows(tokens: Tensor, starts: Tensor, ends: Tensor, *, pad: i
         vis,
         max_position=max_position,
         cache_columns=columns,
-        visible_span=spans_from(limit.clamp_min(1)),  # a pad query row (limit 0) sees column 0, as a pad content row
+        visible_span=spans_from(limit),
     )

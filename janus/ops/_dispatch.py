@@ -207,6 +207,11 @@ class Op:
             return name
         return None
 
+    def may_use(self, name: str) -> bool:
+        """Whether backend ``name`` is available here and no other backend is forced: what a caller that
+        checked its arguments itself (a decoder's hot path) asks before calling that backend directly."""
+        return (self.forced() or name) == name and self.backend(name).available()[0]
+
     def select(self, *args: Any, **kwargs: Any) -> Backend:
         """The backend that runs these arguments; raises BackendUnavailable if none can."""
         forced = self.forced()

@@ -154,10 +154,6 @@ def _register_fake() -> None:
     torch.library.register_fake("janus::decoder_step", _decoder_step_fake)
 
 
-def _decoder_step_cpp(*args) -> Tensor:  # the arguments of decoder_step_ref, in its order
-    return torch.ops.janus.decoder_step(*args)
-
-
 def _fits_cpp(x: Tensor, num_content: int, spans: Tensor, columns: Tensor, self_k, self_v, cross_k, cross_v,
               keep: Tensor, weights, n_heads: int, eps: float) -> Verdict:  # fmt: skip
     tensors = [x, spans, columns, keep, *self_k, *self_v, *cross_k, *cross_v, *weights]
@@ -172,27 +168,25 @@ def _fits_cpp(x: Tensor, num_content: int, spans: Tensor, columns: Tensor, self_
     return True, ""
 
 
+def decoder_step_checked(*args) -> Tensor:
+    """The "cpp" kernel, ``decoder_step_ref``'s arguments in its order, for a caller that checked them
+    (``JanusModel.fused_step_ok``): the dispatch's per-call checks skipped (the kernel checks shapes itself)."""
+    return torch.ops.janus.decoder_step(*args)
+
+
 DECODER_STEP = register_op(
     "decoder_step",
     [
-        Backend("cpp", _decoder_step_cpp, available=compiled("decoder_step", "cpu"), supports=_fits_cpp),
+        Backend("cpp", decoder_step_checked, available=compiled("decoder_step", "cpu"), supports=_fits_cpp),
         Backend("reference", decoder_step_ref),
     ],
 )
-
-_CPP = DECODER_STEP.backend("cpp")
 
 
 def kernel_ready() -> bool:
     """Whether the model may send its small inference passes to the "cpp" kernel: it is compiled and
     loaded, and JANUS_BACKEND_DECODER_STEP (or JANUS_BACKEND) does not force another backend."""
-    return (DECODER_STEP.forced() or "cpp") == "cpp" and _CPP.available()[0]
-
-
-def decoder_step_checked(*args) -> Tensor:
-    """The "cpp" kernel for arguments the caller has checked (``JanusModel.fused_step_ok``): the dispatch's
-    per-call argument checks skipped (the kernel checks shapes itself)."""
-    return _decoder_step_cpp(*args)
+    return DECODER_STEP.may_use("cpp")
 
 
 def decoder_step(

@@ -105,14 +105,11 @@ SKINNY_LINEAR = register_op(
 )
 
 
-_CPP = SKINNY_LINEAR.backend("cpp")
-
-
 def skinny_linear_checked(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``skinny_linear`` for arguments the caller has checked to suit the kernel (CPU tensors of one dtype,
     float32 or bfloat16, and no autograd): the per-call argument checks of the dispatch skipped (about
     7 us of a 14 us call at a decoder step's shapes), forcing by JANUS_BACKEND_SKINNY_LINEAR kept."""
-    if (SKINNY_LINEAR.forced() or "cpp") == "cpp" and _CPP.available()[0]:
+    if SKINNY_LINEAR.may_use("cpp"):
         return _skinny_linear_cpp(x, weight, bias)
     return SKINNY_LINEAR(x, weight, bias)
 
