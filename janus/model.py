@@ -137,12 +137,20 @@ class KVCache:
         """Keep hypothesis rows ``hypotheses`` (int64 (N',)) in that order: beam search reorders
         them every step, and finished hypotheses leave."""
         L = self.length
+        moved: Optional[Tensor] = None
         for c in self.layers:
             if c.self_k is not None:
                 if hypotheses.numel() == c.self_k.shape[0]:
-                    # Same batch size: reorder only the columns in use, in place.
-                    c.self_k[:, :, :L] = c.self_k[hypotheses, :, :L]
-                    c.self_v[:, :, :L] = c.self_v[hypotheses, :, :L]
+                    # Same batch size: in place, only the rows that change and the columns in use (a beam
+                    # step keeps about half its hypotheses where they were).
+                    if moved is None:
+                        moved = (hypotheses != torch.arange(hypotheses.numel(), device=hypotheses.device)).nonzero()
+                        moved = moved.squeeze(1)
+                        if moved.numel() == 0:
+                            return
+                        sources = hypotheses[moved]
+                    c.self_k[moved, :, :L] = c.self_k[sources, :, :L]
+                    c.self_v[moved, :, :L] = c.self_v[sources, :, :L]
                 else:
                     c.self_k, c.self_v = c.self_k[hypotheses], c.self_v[hypotheses]
 
@@ -683,10 +691,22 @@ class JanusModel(nn.Module):
         return x
 
     def project(self, hidden: Tensor) -> Tensor:
-        """Vocabulary logits of the given rows through the shared embedding: (..., D) -> (..., V)."""
+        """Vocabulary logits of the given rows through the shared embedding: (..., D) -> (..., V), in the
+        model's dtype; a bfloat16 model's incremental steps on a CPU (``janus.ops.skinny_linear``'s few rows)
+        get float32 logits."""
         if self.out_proj is not None:
             return _linear(self.out_proj, hidden)
-        return infer_linear(hidden, self.embed.weight, None)
+        w = self.embed.weight
+        if (
+            w.dtype == torch.bfloat16
+            and hidden.dtype == torch.bfloat16
+            and _skinny(hidden)
+            and w.numel() >= SKINNY_MIN_WEIGHT
+        ):
+            # A step's few rows: float32 logits from the bf16 weights (bf16 logits of magnitude ~10 are rounded to
+            # ~0.06, enough to tie or swap a search's best candidates).
+            return skinny_linear_checked(hidden.float(), w, None)
+        return infer_linear(hidden, w, None)
 
     def forward(self, src: Tensor, rows: DecoderRows) -> tuple[Tensor, Tensor]:
         """Teacher-forced pass: (hidden (B, R, D), length_logits (B, C))."""

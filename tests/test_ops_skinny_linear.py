@@ -23,10 +23,11 @@ def exact(x, w, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11, 12, 13, 25])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 10, 11, 12, 13, 15, 16, 25])
 def test_matches_f_linear_for_every_row_group(rows, dtype):
-    """Tiles of up to 4 input rows (1, 2, 3 and 4 have their own accumulator layouts; 5 .. 25 several
-    tiles, the last one short); 37 and 7 outputs leave a tail of weight rows after tiles of 4."""
+    """Every tiling: up to 4 rows one group of 4 x 4 tiles (1, 2, 3 and 4 have their own accumulator
+    layouts); multiples of 5 groups of 5 by 3 weight rows; others groups of 8 by 2, the last one short;
+    37 and 7 outputs leave a tail of weight rows after the tiles."""
     g = torch.Generator().manual_seed(rows)
     for n, k in ((37, 512), (64, 48), (7, 33)):  # odd output counts, a K tail below 16 lanes
         x = torch.randn(rows, k, generator=g).to(dtype)
@@ -35,6 +36,22 @@ def test_matches_f_linear_for_every_row_group(rows, dtype):
         out = torch.ops.janus.skinny_linear(x, w, b)
         assert out.dtype == dtype and out.shape == (rows, n)
         assert_within_baseline(out, exact(x, w, b), F.linear(x, w, b), atol=1e-5, name=f"{n}x{k}")
+
+
+@pytest.mark.parametrize("rows", [1, 4, 10, 13])
+def test_float32_rows_by_bfloat16_weights_give_float32(rows):
+    """Weight-only bf16 (a bf16 model's logits): the weight widened in registers, products and sums and the
+    output in fp32, as F.linear of the widened weight; a row's output does not depend on the other rows."""
+    g = torch.Generator().manual_seed(40 + rows)
+    x = torch.randn(rows, 200, generator=g)
+    w, b = torch.randn(45, 200, generator=g).bfloat16(), torch.randn(45, generator=g).bfloat16()
+    out = torch.ops.janus.skinny_linear(x, w, b)
+    assert out.dtype == torch.float32 and out.shape == (rows, 45)
+    assert_within_baseline(out, exact(x, w, b), F.linear(x, w.float(), b.float()), atol=1e-5, name="mixed")
+    assert torch.equal(torch.ops.janus.skinny_linear(x[-1:].contiguous(), w, b), out[-1:])
+    with torch.no_grad():
+        assert SKINNY_LINEAR.select(x, w, b).name == "cpp"
+        assert torch.equal(skinny_linear(x, w, b), out)
 
 
 def test_without_bias_and_with_leading_dims():
@@ -70,7 +87,7 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(dtype):
     x = torch.randn(11, 200, generator=g).to(dtype)
     w, b = torch.randn(45, 200, generator=g).to(dtype), torch.randn(45, generator=g).to(dtype)
     full = torch.ops.janus.skinny_linear(x, w, b)
-    for rows in (slice(0, 1), slice(3, 4), slice(2, 5), slice(7, 11), slice(5, 11)):
+    for rows in (slice(0, 1), slice(3, 4), slice(2, 5), slice(7, 11), slice(5, 11), slice(1, 6), slice(0, 10)):
         assert torch.equal(torch.ops.janus.skinny_linear(x[rows].contiguous(), w, b), full[rows]), rows
 
 
@@ -85,7 +102,9 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="x must be \\(M, K\\)"):
         torch.ops.janus.skinny_linear(torch.randn(2, 3, 4), torch.randn(5, 4), None)
     with pytest.raises(RuntimeError, match="must have x's dtype"):
-        torch.ops.janus.skinny_linear(torch.randn(2, 4), torch.randn(5, 4).bfloat16(), None)
+        torch.ops.janus.skinny_linear(torch.randn(2, 4).bfloat16(), torch.randn(5, 4), None)
+    with pytest.raises(ValueError, match="bias must be \\(5,\\) of the weight's dtype"):
+        torch.ops.janus.skinny_linear(torch.randn(2, 4), torch.randn(5, 4).bfloat16(), torch.randn(5))
     with pytest.raises(ValueError, match="x has 4 columns, weight 3"):
         torch.ops.janus.skinny_linear(torch.randn(2, 4), torch.randn(5, 3), None)
     with pytest.raises(ValueError, match="bias must be \\(5,\\)"):

@@ -88,6 +88,40 @@ JANUS_INLINE float at1(const T* p) {
   return lanes::load(0.0f, p);
 }
 
+// Lane sum of one vector (a fixed tree: the same order for every row).
+JANUS_INLINE float lane_sum(lanes::vf x) {
+  float a[lanes::kLanes];
+  std::memcpy(a, &x, sizeof x);
+  for (int w = lanes::kLanes / 2; w >= 1; w /= 2) {
+    for (int i = 0; i < w; ++i) a[i] += a[i + w];
+  }
+  return a[0];
+}
+
+// q . k over dk: 16 lanes at a time where dk is a multiple of 16 (lanes summed in a fixed tree), else in order.
+template <typename T>
+JANUS_INLINE float dot(const float* q, const T* k, int64_t dk) {
+  if (dk % lanes::kLanes == 0) {
+    lanes::vf acc{};
+    for (int64_t d = 0; d < dk; d += lanes::kLanes) acc += lanes::load(lanes::vf{}, q + d) * lanes::load(lanes::vf{}, k + d);
+    return lane_sum(acc);
+  }
+  float s = 0.0f;
+  for (int64_t d = 0; d < dk; ++d) s += q[d] * at1(k + d);
+  return s;
+}
+
+// o[0 .. dk) += w * v[0 .. dk).
+template <typename T>
+JANUS_INLINE void axpy(float* o, float w, const T* v, int64_t dk) {
+  int64_t d = 0;
+  for (; d + lanes::kLanes <= dk; d += lanes::kLanes) {
+    const lanes::vf r = lanes::load(lanes::vf{}, o + d) + w * lanes::load(lanes::vf{}, v + d);
+    lanes::store(o + d, r);
+  }
+  for (; d < dk; ++d) o[d] += w * at1(v + d);
+}
+
 template <typename T>
 JANUS_INLINE void attend_items(const Attention<T>& A, int64_t i0, int64_t i1) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(A.dk));
@@ -105,10 +139,7 @@ JANUS_INLINE void attend_items(const Attention<T>& A, int64_t i0, int64_t i1) {
         p[s] = -std::numeric_limits<float>::infinity();
         continue;
       }
-      const T* k = A.k.at(src, h, s);
-      float dot = 0.0f;
-      for (int64_t d = 0; d < A.dk; ++d) dot += q[d] * at1(k + d);
-      p[s] = dot * scale;
+      p[s] = dot(q, A.k.at(src, h, s), A.dk) * scale;
       top = std::max(top, p[s]);
     }
     float total = 0.0f;
@@ -120,9 +151,7 @@ JANUS_INLINE void attend_items(const Attention<T>& A, int64_t i0, int64_t i1) {
     std::fill(o, o + A.dk, 0.0f);
     for (int64_t s = first; s < width; ++s) {
       if (p[s] == 0.0f) continue;
-      const float w = p[s] / total;
-      const T* v = A.v.at(src, h, s);
-      for (int64_t d = 0; d < A.dk; ++d) o[d] += w * at1(v + d);
+      axpy(o, p[s] / total, A.v.at(src, h, s), A.dk);
     }
   }
 }

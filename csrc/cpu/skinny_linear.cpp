@@ -9,8 +9,8 @@
 // costs about one pass over the model's weights: memory bound, as it should be.
 //
 // Layout: x (M, K) and weight (N, K) row-major (the nn.Linear parameter as it is: no copy, no
-// repacking), both float32 or both bfloat16; bias (N,) in their dtype or absent; out (M, N) in their
-// dtype (bf16: round to nearest even). Products and sums in fp32: per output, 16 lanes of K/16 fused
+// repacking), both float32 or both bfloat16, or float32 x with a bfloat16 weight; bias (N,) in the weight's
+// dtype or absent; out (M, N) in x's dtype (bf16: round to nearest even). Products and sums in fp32: per output, 16 lanes of K/16 fused
 // multiply-adds in order, then the lanes' sum in a fixed tree, then the K tail, then the bias (the
 // BLAS sums in another order: results agree to rounding, not bit for bit). Work is tiled by 4 weight
 // rows x up to 4 input rows; an output's sum does not depend on its tile, so a row's result does not
@@ -49,17 +49,19 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "janus::skinny_linear (CPU): x must be float32 or bfloat16, got ",
               dt);
-  TORCH_CHECK(weight.scalar_type() == dt, "janus::skinny_linear: weight (", weight.scalar_type(),
-              ") must have x's dtype (", dt, ")");
+  // Weight-only bf16: float32 rows by bfloat16 weights give float32 outputs.
+  const bool mixed = dt == at::kFloat && weight.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(weight.scalar_type() == dt || mixed, "janus::skinny_linear: weight (", weight.scalar_type(),
+              ") must have x's dtype (", dt, "), or be bfloat16 with float32 x");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "janus::skinny_linear (CPU): tensors must be on the CPU");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK_VALUE(weight.size(1) == K, "janus::skinny_linear: x has ", K, " columns, weight ", weight.size(1));
   at::Tensor b;
   if (bias.has_value()) {
     b = bias->contiguous();
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == N && b.scalar_type() == dt && b.device().is_cpu(),
-                      "janus::skinny_linear: bias must be (", N, ",) of x's dtype on the CPU, got ", b.scalar_type(),
-                      " ", b.sizes());
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == N && b.scalar_type() == weight.scalar_type() && b.device().is_cpu(),
+                      "janus::skinny_linear: bias must be (", N, ",) of the weight's dtype on the CPU, got ",
+                      b.scalar_type(), " ", b.sizes());
   }
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
@@ -68,7 +70,7 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const at::Tensor xf = dt == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
   Problem P{M, N, K, xf.const_data_ptr<float>(), w.const_data_ptr(), b.defined() ? b.const_data_ptr() : nullptr,
             out.data_ptr()};
-  auto* run = dt == at::kFloat ? block_f32 : block_bf16;
+  auto* run = mixed ? block_bf16_f32 : dt == at::kFloat ? block_f32 : block_bf16;
   at::parallel_for(0, N, block_grain(K, w.element_size()), [&](int64_t n0, int64_t n1) { run(P, n0, n1); });
   return out;
 }

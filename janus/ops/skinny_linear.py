@@ -58,10 +58,14 @@ def skinny_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) 
     Args:
         x: (..., K) input rows.
         weight: (N, K), as an nn.Linear's.
-        bias: (N,) or None.
+        bias: (N,) or None, of the weight's dtype.
     Returns:
-        (..., N) in x's dtype.
+        (..., N) in x's dtype. A bfloat16 weight with float32 x (weight-only bf16) gives float32 outputs,
+        the products and sums in float32.
     """
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+        bias = bias.to(x.dtype) if bias is not None else None
     return F.linear(x, weight, bias)
 
 
@@ -87,8 +91,16 @@ def _fits_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Verdi
     ok, why = all_on_cpu(x, weight, bias)
     if not ok:
         return ok, why
-    if x.dtype not in _DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        return False, f"x {x.dtype}, weight {weight.dtype}: the kernel takes float32 or bfloat16, all alike"
+    mixed = x.dtype == torch.float32 and weight.dtype == torch.bfloat16
+    if (
+        x.dtype not in _DTYPES
+        or (weight.dtype != x.dtype and not mixed)
+        or (bias is not None and bias.dtype != weight.dtype)
+    ):
+        return False, (
+            f"x {x.dtype}, weight {weight.dtype}: the kernel takes float32 or bfloat16, all alike, "
+            "or float32 x with a bfloat16 weight and bias"
+        )
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return False, "the kernel has no backward (inference only: run under torch.no_grad)"
     if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
@@ -107,8 +119,9 @@ SKINNY_LINEAR = register_op(
 
 def skinny_linear_checked(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``skinny_linear`` for arguments the caller has checked to suit the kernel (CPU tensors of one dtype,
-    float32 or bfloat16, and no autograd): the per-call argument checks of the dispatch skipped (about
-    7 us of a 14 us call at a decoder step's shapes), forcing by JANUS_BACKEND_SKINNY_LINEAR kept."""
+    float32 or bfloat16, or float32 x with a bfloat16 weight and bias, and no autograd): the per-call
+    argument checks of the dispatch skipped (about 7 us of a 14 us call at a decoder step's shapes),
+    forcing by JANUS_BACKEND_SKINNY_LINEAR kept."""
     if SKINNY_LINEAR.may_use("cpp"):
         return _skinny_linear_cpp(x, weight, bias)
     return SKINNY_LINEAR(x, weight, bias)
