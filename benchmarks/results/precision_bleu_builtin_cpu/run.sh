@@ -1,0 +1,15 @@
+#!/bin/bash
+# BLEU drift of bf16 / int8 against fp32 on the shipped model, all 1000 test pairs.
+cd "$(dirname "$0")/../../.."
+D=${1:-../shared/data/libreoffice-de-en}
+O=benchmarks/results/precision_bleu_builtin_cpu
+mkdir -p $O/hyps  # hypotheses, not committed
+for dt in float32 bfloat16 int8; do
+  janus evaluate --checkpoint builtin:de-en --src $D/test.de --ref $D/test.en --threads 2 --no-progress \
+    --dtype $dt --modes ar,nar,spec --output-json $O/$dt.beam5_nar10l3_spec.json --hyp-prefix $O/hyps/$dt.default
+  janus evaluate --checkpoint builtin:de-en --src $D/test.de --ref $D/test.en --threads 2 --no-progress \
+    --dtype $dt --modes ar --beam-size 1 --output-json $O/$dt.greedy.json --hyp-prefix $O/hyps/$dt.greedy
+  janus evaluate --checkpoint builtin:de-en --src $D/test.de --ref $D/test.en --threads 2 --no-progress \
+    --dtype $dt --modes nar --iterations 4 --length-beam 1 --output-json $O/$dt.nar4l1.json --hyp-prefix $O/hyps/$dt.nar4l1
+done
+echo done
