@@ -153,13 +153,15 @@ JANUS_INLINE void run_block(const Problem& P, int64_t n0, int64_t n1) {
   }
 }
 
-// The tiling of M input rows, measured (one (M, 512) x (38720, 512) product, 2 threads of an AVX-512 AMD EPYC;
-// ms, 4 x 4 tiles against this plan): up to 4 rows one group of 4 x 4 tiles; a multiple of 5 (a beam of 5 is 10
-// rows) 5 x 3 tiles (10 rows: 4.0-4.3 against 3.2-3.4); otherwise 8 x 2 tiles (9 rows 3.3-3.7 against 2.9-3.2,
-// 16 rows 5.5-5.9 against 5.0-5.5; 5-8 rows level).
+// The tiling of M input rows, measured (2 threads of an AVX-512 AMD EPYC, fp32, the weight streamed from
+// memory; us, this plan against 4 x 4 tiles throughout): up to 4 rows one group of 4 x 4 tiles; 5 to 16 rows
+// 5 x 3 tiles for a multiple of 5 (a beam of 5 is 10 rows: 132 against 157-167 for 1536 x 512, 82 against
+// 98-101 for 512 x 1024) and 8 x 2 tiles otherwise (12 rows: 150 against 183-187); past 16 rows, whose fp32
+// inputs outgrow L1 (re-read from L2 once per tile), 4 x 4 tiles again, which re-read them half as often
+// (64 rows: 622-627 against 717-737, 370-373 against 462-507).
 template <typename T, typename O = T>
 JANUS_INLINE void run_rows(const Problem& P, int64_t n0, int64_t n1) {
-  if (P.M <= kGroup) {
+  if (P.M <= kGroup || P.M > 16) {
     run_block<T, kGroup, kRows, O>(P, n0, n1);
   } else if (P.M % 5 == 0) {
     run_block<T, 5, 3, O>(P, n0, n1);
