@@ -2,34 +2,40 @@
 
 A decoder step multiplies a few rows (greedy: a content and a query row per sentence; beam search:
 twice the beam) by every weight matrix of the model, which do not stay in any cache from one step to
-the next: the step is bound by reading the weights. The "cpp" kernel streams each weight row from
-memory once for all the rows (tiles of 4 weight rows by up to 4 input rows, the later tiles reading
-the weight from L1), prefetching the rows of its next tile, with fp32 products and sums and bf16
-weights widened in registers. BLAS GEMMs at these shapes grow with the row count (the weight is read
-again, from cache or not, per few rows). Measured by ``benchmarks/kernels.py --case skinny_linear``
-(one (M, 512) x (38720, 512) product: the 79 MB of fp32 weights an iwslt-preset decoder step reads)
-on a 2-core AVX-512 Xeon with AMX, 2 threads (``benchmarks/results/kernels_cpu_skinny.json``):
+the next: the step is bound by reading the weights. The "cpp" kernel (csrc/cpu/skinny_gemm.h) streams
+each weight row from memory once for all the rows, prefetching the weight rows four tiles ahead into
+L2, with fp32 products and sums and bf16 weights widened in registers; its tiles hold up to 16
+accumulators: 4 input rows by 4 weight rows up to 4 rows, 5 by 3 or 8 by 2 up to 16 (a beam of 5's
+ten rows in two groups), 4 by 4 again past that. BLAS GEMMs at these shapes grow with the row count
+(the weight is read again, from cache or not, per few rows). Measured by ``benchmarks/kernels.py
+--case skinny_linear --skinny-rows 1,2,5,10,16`` (one (M, 512) x (38720, 512) product: the 79 MB of
+fp32 weights an iwslt-preset decoder step reads) on a 2-core AVX-512 AMD EPYC, 2 threads
+(``benchmarks/results/kernels_cpu_skinny.json``; ms):
 
-    rows M            2        10       16
-    fp32 torch     1.92 ms   8.05 ms   8.46 ms
-    fp32 cpp       1.73      2.74      5.30
-    bf16 torch     1.76      1.87      1.90    (oneDNN with AMX tiles: flat in the rows)
-    bf16 cpp       1.02      3.54      4.92
+    rows M            1       2       5       10      16
+    fp32 torch      6.83   14.93   11.97   15.69   13.57
+    fp32 cpp        1.82    1.80    1.95    3.69    5.04
+    bf16 torch      2.27    2.07    2.54    3.02    3.54
+    bf16 cpp        0.67    0.82    1.59    3.04    4.87
 
 Hence the model calls it (``janus.model.infer_linear``) for inference rows up to ``MAX_ROWS`` of the
 dtype: 16 in fp32 (a beam of 5 at batch 1 is 10 rows, greedy at batch 8 is 16), and 8 in bf16, where
-the gain is on CPUs without AMX (on an AVX-512 AMD EPYC, torch's bf16 GEMM took 2.2-2.3 ms at 1-8
-rows of this size); with AMX it is a gain at 1-2 rows, a loss from about 8. Only for weights of at
-least ``MIN_WEIGHT`` elements: a small one (the 128-wide layers of the ``small`` preset: 16-65k
-elements) is in cache whatever the row count, and the kernel's fixed cost loses (one thread, M = 1 /
-5 / 10 / 16 rows, us, kernel / torch: 128 x 128 27/12, 31/7, 41/24, 49/26; 384 x 128 30/21, 44/20,
-72/44, 105/65), while from 512 x 512 (262k) on the two are level or the kernel ahead.
+torch's bf16 GEMM catches up at about 10 rows (on a 2-core Intel Xeon with AMX, oneDNN's bf16 GEMM was
+flat in the rows at 1.9 ms, and the kernel a gain at 1-2 rows only). Only for weights of at least
+``MIN_WEIGHT`` elements: a small one (the 128-wide layers of the ``small`` preset: 16-65k elements) is
+in cache whatever the row count, and the kernel's fixed cost loses (one thread, M = 1 / 5 / 10 / 16
+rows, us, kernel / torch: 128 x 128 27/12, 31/7, 41/24, 49/26; 384 x 128 30/21, 44/20, 72/44, 105/65),
+while from 512 x 512 (262k) on the two are level or the kernel ahead.
+
+A float32 x with a bfloat16 weight (and bias) gives float32 outputs, the weight widened in registers:
+a bf16 model's step logits (``JanusModel.project``), which rounded to bf16 would be ~0.06 apart at
+magnitude 10.
 
 ``skinny_linear_ref`` (``F.linear``) is the specification and the fallback; ``skinny_linear``
 dispatches (janus.ops._dispatch) between:
 
 - "cpp": ``torch.ops.janus.skinny_linear`` (csrc/cpu/skinny_linear.cpp), CPU tensors, x and weight
-  both float32 or both bfloat16;
+  both float32 or both bfloat16, or float32 x with a bfloat16 weight;
 - "reference": ``skinny_linear_ref``, anything ``F.linear`` takes.
 
 Force one with ``JANUS_BACKEND_SKINNY_LINEAR=cpp|reference``.
