@@ -346,6 +346,32 @@ def test_weights_follow_in_place_updates(monkeypatch):
     assert [h.score for h in fused] != pytest.approx([h.score for h in before], rel=1e-3)
 
 
+def test_a_decode_checks_the_kept_weights_once(monkeypatch):
+    """Inside ``weights_fixed`` (every decode call) the parameters are compared with the kept copy at the first
+    pass only; outside it, and in the next decode, at every pass."""
+    m = tiny_model()
+    src = sources(2, 2)
+    greedy_search(m, src, max_len_a=1.0, max_len_b=8)  # builds the kept copy
+    checks = []
+    real = JanusModel._fused_key
+    monkeypatch.setattr(JanusModel, "_fused_key", staticmethod(lambda params: (checks.append(1), real(params))[1]))
+    hyps = greedy_search(m, src, max_len_a=1.0, max_len_b=8)
+    assert max(h.passes for h in hyps) > 2 and len(checks) == 1
+    checks.clear()
+    with torch.inference_mode():
+        enc, cache = m.encode(src), KVCache()
+        for t in range(3):
+            m.decode_ar_step(torch.full((2,), 7), enc, cache)
+    assert len(checks) == 3 and m._fused_checked is None
+    with m.weights_fixed():
+        assert m._fused_checked is False
+        with m.weights_fixed():  # nested: the outer block's check stands
+            m.fused_weights()
+            assert m._fused_checked is True
+        assert m._fused_checked is True
+    assert m._fused_checked is None
+
+
 def spans_as_matrix(rows):
     col = torch.arange(rows.visibility.shape[-1])
     span = rows.visible_span
