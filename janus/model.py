@@ -611,7 +611,8 @@ class JanusModel(nn.Module):
     def weights_fixed(self) -> Iterator[None]:
         """A block in which the parameters do not change (a decode call: ``janus.decoding.common.inference``):
         ``fused_weights`` checks them against its kept copy once, at the block's first pass, instead of at
-        every pass (13 us of the small preset's ~0.5 ms greedy step; 0.3 us once checked). Nested blocks share the outer one's check."""
+        every pass (13 us of the small preset's ~0.5 ms greedy step; 0.3 us once checked). Nested blocks
+        share the outer one's check."""
         outermost = self._fused_checked is None
         if outermost:
             self._fused_checked = False

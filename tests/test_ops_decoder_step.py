@@ -360,7 +360,7 @@ def test_a_decode_checks_the_kept_weights_once(monkeypatch):
     checks.clear()
     with torch.inference_mode():
         enc, cache = m.encode(src), KVCache()
-        for t in range(3):
+        for _ in range(3):
             m.decode_ar_step(torch.full((2,), 7), enc, cache)
     assert len(checks) == 3 and m._fused_checked is None
     with m.weights_fixed():
