@@ -151,8 +151,9 @@ class KVCache:
                         if moved.numel() == 0:
                             return
                         sources = hypotheses[moved]
-                    c.self_k[moved, :, :L] = c.self_k[sources, :, :L]
-                    c.self_v[moved, :, :L] = c.self_v[sources, :, :L]
+                    for t in (c.self_k, c.self_v):  # index_select / index_copy_: half the time of [] in inference
+                        used = t.narrow(2, 0, L)
+                        used.index_copy_(0, moved, used.index_select(0, sources))
                 else:
                     c.self_k, c.self_v = c.self_k[hypotheses], c.self_v[hypotheses]
 
