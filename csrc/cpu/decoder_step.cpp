@@ -48,6 +48,7 @@
 
 #ifdef JANUS_VECTOR_LANES
 
+#include "cpu/lanes_math.h"
 #include "cpu/skinny_gemm.h"
 
 namespace janus {
@@ -88,23 +89,13 @@ JANUS_INLINE float at1(const T* p) {
   return lanes::load(0.0f, p);
 }
 
-// Lane sum of one vector (a fixed tree: the same order for every row).
-JANUS_INLINE float lane_sum(lanes::vf x) {
-  float a[lanes::kLanes];
-  std::memcpy(a, &x, sizeof x);
-  for (int w = lanes::kLanes / 2; w >= 1; w /= 2) {
-    for (int i = 0; i < w; ++i) a[i] += a[i + w];
-  }
-  return a[0];
-}
-
-// q . k over dk: 16 lanes at a time where dk is a multiple of 16 (lanes summed in a fixed tree), else in order.
+// q . k over dk: 16 lanes at a time where dk is a multiple of 16 (the lanes then summed in order), else in order.
 template <typename T>
 JANUS_INLINE float dot(const float* q, const T* k, int64_t dk) {
   if (dk % lanes::kLanes == 0) {
     lanes::vf acc{};
     for (int64_t d = 0; d < dk; d += lanes::kLanes) acc += lanes::load(lanes::vf{}, q + d) * lanes::load(lanes::vf{}, k + d);
-    return lane_sum(acc);
+    return static_cast<float>(lanes::hsum(acc));
   }
   float s = 0.0f;
   for (int64_t d = 0; d < dk; ++d) s += q[d] * at1(k + d);

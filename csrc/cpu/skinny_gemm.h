@@ -137,6 +137,9 @@ JANUS_INLINE void tile_rows(const Problem& P, int64_t r0, int64_t n, const T* ne
   }
 }
 
+// Outputs [n0, n1): J weight rows at a time, for all input rows (groups of G), so a weight row comes from
+// memory once, for the first group, and from the L1 cache for the others; the rows kAhead tiles on are
+// prefetched during the first group's tile.
 template <typename T, int G, int J, typename O = T>
 JANUS_INLINE void run_block(const Problem& P, int64_t n0, int64_t n1) {
   const T* W = static_cast<const T*>(P.w);
@@ -147,7 +150,7 @@ JANUS_INLINE void run_block(const Problem& P, int64_t n0, int64_t n1) {
       if (n + J <= n1) {
         tile_rows<T, G, J, O>(P, r0, n, ahead);
       } else {
-        for (int64_t m = n; m < n1; ++m) tile_rows<T, G, 1, O>(P, r0, m, nullptr);
+        for (int64_t m = n; m < n1; ++m) tile_rows<T, G, 1, O>(P, r0, m, nullptr);  // the last rows, one at a time
       }
     }
   }
@@ -177,9 +180,12 @@ JANUS_INLINE void run_rows(const Problem& P, int64_t n0, int64_t n1) {
   run_rows<bf16_raw, float>(P, n0, n1);
 }
 
-// Blocks of whole tiles of weight rows, about 64 KB of weight each at least, split across threads.
+// Blocks of whole tiles of weight rows (a multiple of every tiling's 4, 3 and 2 weight rows), about 64 KB of
+// weight each at least, split across threads.
+constexpr int64_t kGrainRows = 24;
 inline int64_t block_grain(int64_t K, int64_t element_size) {
-  return std::max<int64_t>(24, (int64_t{1} << 16) / std::max<int64_t>(1, K * element_size) / 24 * 24);
+  return std::max<int64_t>(kGrainRows,
+                           (int64_t{1} << 16) / std::max<int64_t>(1, K * element_size) / kGrainRows * kGrainRows);
 }
 
 // out (M, N) = x (M, K) @ w (N, K)^T + b (N,) (b may be null): x and out fp32, w and b T (float or bf16_raw),

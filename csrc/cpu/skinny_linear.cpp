@@ -9,12 +9,13 @@
 // costs about one pass over the model's weights: memory bound, as it should be.
 //
 // Layout: x (M, K) and weight (N, K) row-major (the nn.Linear parameter as it is: no copy, no
-// repacking), both float32 or both bfloat16, or float32 x with a bfloat16 weight; bias (N,) in the weight's
-// dtype or absent; out (M, N) in x's dtype (bf16: round to nearest even). Products and sums in fp32: per output, 16 lanes of K/16 fused
-// multiply-adds in order, then the lanes' sum in a fixed tree, then the K tail, then the bias (the
-// BLAS sums in another order: results agree to rounding, not bit for bit). Work is tiled by up to 16
-// accumulators (skinny_gemm.h: 4 x 4, 5 x 3 or 8 x 2 input by weight rows); an output's sum does not depend on its tile, so a row's result does not
-// depend on the other rows of x. The weight's rows are split across threads; every output is computed
+// repacking), both float32 or both bfloat16, or float32 x with a bfloat16 weight; bias (N,) in the
+// weight's dtype or absent; out (M, N) in x's dtype (bf16: round to nearest even). Products and sums in
+// fp32: per output, 16 lanes of K/16 fused multiply-adds in order, then the lanes' sum in a fixed tree,
+// then the K tail, then the bias (the BLAS sums in another order: results agree to rounding, not bit for
+// bit). Work is tiled by up to 16 accumulators (skinny_gemm.h: 4 x 4, 5 x 3 or 8 x 2 input by weight
+// rows); an output's sum does not depend on its tile, so a row's result does not depend on the other
+// rows of x. The weight's rows are split across threads; every output is computed
 // by one thread in one order, so results do not depend on the thread count either.
 //
 // Compiled for AVX-512, AVX2 and the baseline (target_clones) with GCC on x86-64, GCC/Clang vector
