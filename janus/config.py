@@ -301,6 +301,12 @@ class DecodeConfig:
         "that pass replace them (False: better where the AR's tokens repeat, e.g. random weights)",
         default=True,
     )
+    draft_align: str = _doc(
+        "spec: where a canvas' tokens enter the draft: position (at their own positions) or lookup (after every "
+        "pass, the canvas' tokens that follow the accepted prefix's last 1-3 tokens where those occur in it, so "
+        "a canvas that dropped or repeated a token still drafts the rest)",
+        default="position",
+    )
     verify_top_beta: int = _doc(
         "spec: relaxed verification (NOT greedy's output when > 1): also accept a draft token that is among the "
         "AR's verify_top_beta best and within verify_tolerance of the best's log-probability; 1 = exact (greedy)",
@@ -338,6 +344,9 @@ class DecodeConfig:
         check(self.draft_iterations >= 1, f"draft_iterations={self.draft_iterations} must be >= 1")
         check(self.draft_policy in ("first", "exhausted", "stall", "always"),
               f"draft_policy={self.draft_policy!r}: choose first, exhausted, stall or always")  # fmt: skip
+        check(
+            self.draft_align in ("position", "lookup"), f"draft_align={self.draft_align!r}: choose position or lookup"
+        )
         check(self.draft_block >= 0, f"draft_block={self.draft_block} must be >= 0 (0 = the whole draft)")
         check(self.verify_top_beta >= 1, f"verify_top_beta={self.verify_top_beta} must be >= 1 (1 = exact)")
         check(self.verify_tolerance >= 0, f"verify_tolerance={self.verify_tolerance} must be >= 0")

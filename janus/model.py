@@ -745,8 +745,9 @@ class JanusModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def quantize_dynamic_int8(model: JanusModel) -> JanusModel:
-    """A CPU inference copy of ``model`` whose linear layers compute with int8 weights (dynamic quantization).
+def quantize_dynamic_int8(model: JanusModel, *, encoder: bool = False) -> JanusModel:
+    """A CPU inference copy of ``model`` whose decoder's linear layers compute with int8 weights (dynamic
+    quantization).
 
     torch's own ``torch.ao.quantization.quantize_dynamic`` (fbgemm / x86 kernels, weights prepacked
     once): weights int8 with one scale per output channel, activations quantized per call from their
@@ -754,6 +755,11 @@ def quantize_dynamic_int8(model: JanusModel) -> JanusModel:
     self-attention gets a fused ``qkv`` layer (one GEMM, as ``Attention.project_qkv``) and the tied
     output projection an ``out_proj`` layer of its own, so those read int8 weights too. The original
     ``model`` is not changed; the copy is for decoding only (no training, no checkpoint saving).
+
+    The encoder and the length head stay fp32 unless ``encoder``: they run once per sentence, so int8
+    saves little there, and their rounding reaches every decoder pass and the predicted lengths. On the
+    shipped model (1000 test pairs) an int8 encoder cost mask-predict T=10 l=3 0.41 BLEU against fp32
+    (paired bootstrap p = 0.012), an fp32 one 0.12.
 
     Raises:
         ValueError: the model is not on the CPU, or this torch has no x86 / fbgemm quantized engine.
@@ -771,7 +777,7 @@ def quantize_dynamic_int8(model: JanusModel) -> JanusModel:
     q = copy.deepcopy(model).float().eval()
     q._fused_params, q._fused_list, q._fused_float = None, None, False
     with torch.no_grad():
-        for attn in [layer.attn for layer in q.encoder] + [layer.self_attn for layer in q.decoder]:
+        for attn in [layer.attn for layer in q.encoder if encoder] + [layer.self_attn for layer in q.decoder]:
             attn.qkv = nn.Linear(attn.q.in_features, 3 * attn.q.out_features)
             w, b = attn.fused_qkv_weights()
             attn.qkv.weight.copy_(w)
@@ -779,9 +785,14 @@ def quantize_dynamic_int8(model: JanusModel) -> JanusModel:
             attn._fused = None
         q.out_proj = nn.Linear(q.cfg.d_model, q.cfg.vocab_size, bias=False)
         q.out_proj.weight.copy_(q.embed.weight)
+    layers = {
+        name: tq.per_channel_dynamic_qconfig
+        for name, m in q.named_modules()
+        if isinstance(m, nn.Linear) and (encoder or name.startswith("decoder.") or name == "out_proj")
+    }
     with warnings.catch_warnings():
         # torch >= 2.10 marks torch.ao.quantization deprecated in favour of torchao; the eager dynamic
         # path still works (and is tested here), torchao is not a dependency.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
-        return tq.quantize_dynamic(q, {nn.Linear: tq.per_channel_dynamic_qconfig}, inplace=True)
+        return tq.quantize_dynamic(q, layers, inplace=True)

@@ -10,7 +10,7 @@ import torch
 import janus
 from janus.api import Generator, make_decode_batches
 from janus.config import DecodeConfig, preset
-from janus.model import JanusModel
+from janus.model import JanusModel, quantize_dynamic_int8
 
 EOS, PAD = 2, 0
 
@@ -162,7 +162,13 @@ def test_int8_generator_quantizes_a_copy_and_stays_close_to_fp32():
     assert type(model.decoder[0].self_attn.q) is torch.nn.Linear  # the model given is untouched
     quantized = torch.ao.nn.quantized.dynamic.Linear
     assert isinstance(gen.model.decoder[0].self_attn.qkv, quantized) and isinstance(gen.model.out_proj, quantized)
-    assert not any(type(m) is torch.nn.Linear for m in gen.model.modules())  # every linear layer is int8
+    # every decoder linear layer is int8; the encoder and the length head (once per sentence) stay fp32
+    for name, m in gen.model.named_modules():
+        if isinstance(m, (torch.nn.Linear, quantized)):
+            assert isinstance(m, quantized) == (name.startswith("decoder.") or name == "out_proj"), name
+    whole = quantize_dynamic_int8(model, encoder=True)
+    assert not any(type(m) is torch.nn.Linear for m in whole.modules())  # every linear layer is int8
+    assert isinstance(whole.encoder[0].attn.qkv, quantized)
     src = torch.tensor([[7, 8, 9, 10, 2], [11, 12, 2, 0, 0]])
     tokens = torch.tensor([[1, 7, 8, 9], [1, 5, 6, 7]])
     with inference(model), torch.no_grad():

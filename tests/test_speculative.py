@@ -13,7 +13,7 @@ from test_decoding import BOS, EOS, MASK, PAD, random_model, random_sources, var
 from janus.config import DecodeConfig
 from janus.decoding import greedy_search, speculative_decode
 from janus.decoding.common import constrain_ar
-from janus.decoding.speculative import POLICIES, fused_rows
+from janus.decoding.speculative import POLICIES, fused_rows, lookup_shift
 from janus.model import KVCache
 from janus.streams import build_ar_verify_rows, build_canvas_rows, build_training_rows
 
@@ -23,6 +23,8 @@ VARIANTS = [
     for policy, block, T in itertools.product(POLICIES, (0, 1, 3), (1, 2))
     if not (T == 2 and block == 1)
 ] + [dict(policy="exhausted", block=block, keep_draft=False) for block in (0, 3)]
+LOOKUP = (("exhausted", 4, 1), ("first", 0, 1), ("always", 2, 2), ("stall", 0, 3))
+VARIANTS += [dict(policy=policy, block=block, draft_iterations=T, align="lookup") for policy, block, T in LOOKUP]
 
 
 def assert_greedy(spec, greedy, what) -> None:
@@ -58,7 +60,8 @@ def test_random_weights_worst_case_long_outputs(seed):
 
 
 @pytest.mark.parametrize("kw", [dict(policy="exhausted"), dict(policy="always", block=2, draft_iterations=3),
-                                dict(policy="stall", top_beta=3, tolerance=2.0)])  # fmt: skip
+                                dict(policy="stall", top_beta=3, tolerance=2.0),
+                                dict(policy="exhausted", align="lookup", draft_iterations=2)])  # fmt: skip
 def test_batch_invariance(kw):
     """A sentence's result, passes included, does not depend on the batch it is decoded in."""
     m = varied_model(6)
@@ -134,11 +137,13 @@ def test_bad_options_name_the_value():
     m = random_model(0)
     src = random_sources(0, 2)
     for kw, text in ((dict(policy="sometimes"), "sometimes"), (dict(block=-1), "block=-1"),
-                     (dict(top_beta=0), "top_beta=0"), (dict(draft_iterations=0), "draft_iterations=0")):  # fmt: skip
+                     (dict(top_beta=0), "top_beta=0"), (dict(draft_iterations=0), "draft_iterations=0"),
+                     (dict(align="nearest"), "nearest")):  # fmt: skip
         with pytest.raises(ValueError, match=text):
             speculative_decode(m, src, **kw)
     bad = ((dict(draft_policy="never"), "never"), (dict(draft_block=-2), "-2"),
-           (dict(verify_top_beta=0), "verify_top_beta=0"), (dict(verify_tolerance=-1.0), "-1.0"))  # fmt: skip
+           (dict(verify_top_beta=0), "verify_top_beta=0"), (dict(verify_tolerance=-1.0), "-1.0"),
+           (dict(draft_align="nearest"), "nearest"))  # fmt: skip
     for kw, text in bad:
         with pytest.raises(ValueError, match=text):
             DecodeConfig(mode="spec", **kw)
@@ -151,11 +156,17 @@ def test_trained_model_spec_variants_equal_greedy_in_fewer_passes(synthetic_mode
     src = synthetic_model.test_src[:48]
     greedy = gen.generate(src, mode="ar", beam_size=1)
     mean_greedy = sum(h.passes for h in greedy) / len(greedy)
-    for policy, block, T in [(p, 0, 1) for p in POLICIES] + [("exhausted", 4, 1), ("exhausted", 0, 2)]:
-        spec = gen.generate(src, mode="spec", draft_policy=policy, draft_block=block, draft_iterations=T)
-        assert_greedy(spec, greedy, (policy, block, T))
+    runs = [(p, 0, 1, "position") for p in POLICIES] + [
+        ("exhausted", 4, 1, "position"),
+        ("exhausted", 0, 2, "position"),
+    ]
+    runs += [("exhausted", 4, 1, "lookup"), ("always", 4, 2, "lookup")]
+    for policy, block, T, align in runs:
+        kw = dict(draft_policy=policy, draft_block=block, draft_iterations=T, draft_align=align)
+        spec = gen.generate(src, mode="spec", **kw)
+        assert_greedy(spec, greedy, kw)
         mean = sum(h.passes for h in spec) / len(spec)
-        assert mean < 0.6 * mean_greedy, (policy, block, T, mean, mean_greedy)
+        assert mean < 0.6 * mean_greedy, (kw, mean, mean_greedy)
 
 
 @pytest.mark.parametrize("seed,keep", [(0, True), (1, True), (0, False)])
@@ -203,3 +214,74 @@ def test_draft_tokens_past_a_rejected_one_stay_in_the_draft(seed, keep, monkeypa
         kept.append(tokens[b, k + 1 : n - 1].tolist() == draft[b, k + 1 : n - 1].tolist())
     # keep=False: the AR's tokens of pass 2 (predicted from the wrong token) replaced the draft's
     assert kept == [keep] * len(g)
+
+
+def test_lookup_shift_finds_the_longest_key_nearest_its_position():
+    X = PAD
+    tok = torch.tensor([[BOS, 7, 8, 9, X, X, X, X], [BOS, 20, 21, X, X, X, X, X],
+                        [BOS, 7, 7, 7, 7, 7, X, X], [BOS, X, X, X, X, X, X, X],
+                        [BOS, 5, 6, 9, X, X, X, X]])  # fmt: skip
+    p = torch.tensor([4, 3, 6, 1, 4])
+    source = torch.tensor(
+        [
+            [BOS, 7, 9, 8, 9, 10, EOS, X, X, X],  # [8, 9] one column later: shift +1
+            [BOS, 5, 6, EOS, X, X, X, X, X, X],  # no key occurs
+            [BOS, 7, 7, 7, 7, 7, 7, 7, 9, EOS],  # [7, 7, 7] everywhere: the aligned one
+            [BOS, 5, EOS, X, X, X, X, X, X, X],  # the key is bos alone
+            [BOS, 6, 9, 11, EOS, X, X, X, X, X],
+        ]
+    )  # [5, 6, 9] missing, [6, 9] a column early
+    shift, found = lookup_shift(tok, p, source, pad=PAD)
+    assert found.tolist() == [True, False, True, True, True]
+    assert shift.tolist() == [1, 0, 0, 0, -1]
+    # the draft at the next position q = p follows the key in the source
+    nxt = source.gather(1, (p + shift).clamp_max(source.shape[1] - 1)[:, None]).squeeze(1)
+    assert [int(nxt[b]) for b in (0, 2, 3, 4)] == [10, 7, 5, 11]
+    # a key is never matched against padding, and at most ``longest`` tokens long
+    shift1, found1 = lookup_shift(tok[:1], p[:1], source[:1], pad=PAD, longest=1)
+    # 9 is at columns 2 and 4, one either side of the key's column 3: a tie goes to the earlier
+    assert found1.tolist() == [True] and shift1.tolist() == [-1]
+
+
+def test_lookup_realigns_a_canvas_with_an_inserted_token(synthetic_model, monkeypatch):
+    """Pass 1's canvas is greedy's output with one extra token at position k (and, its length being
+    greedy's, without greedy's last token). Position drafts miss every token past k; lookup finds the AR's
+    token of pass 2 one column later in the canvas and drafts the rest from there: pass 3 accepts up to
+    the last token, pass 4 the eos."""
+    import janus.decoding.speculative as spec_module
+    from janus.api import Generator
+
+    gen = Generator.from_checkpoint(synthetic_model.checkpoint, device="cpu")
+    m = gen.model
+    src_ids = gen.encode(synthetic_model.test_src)
+    rows = [s + [EOS] for s in src_ids]
+    src = torch.full((len(rows), max(map(len, rows))), PAD)
+    for b, r in enumerate(rows):
+        src[b, : len(r)] = torch.tensor(r)
+    g = greedy_search(m, src, **LIMITS)
+    # sentences of 6+ tokens, none repeated (so a token's column in the canvas is unambiguous)
+    pick = [b for b, h in enumerate(g) if len(h.ids) >= 6 and len(set(h.ids)) == len(h.ids)][:6]
+    assert len(pick) >= 3
+    src, g = src[pick], [g[b] for b in pick]
+    forced = torch.tensor([len(h.ids) for h in g])
+    V = m.cfg.vocab_size
+    draft = torch.full((len(g), int(forced.max()) + 3), PAD)
+    for b, h in enumerate(g):
+        k = 2 + b % 3
+        extra = next(t for t in range(5, V) if t not in h.ids)
+        canvas = [BOS, *h.ids[: k - 1], extra, *h.ids[k - 1 : -1], EOS]
+        draft[b, : len(canvas)] = torch.tensor(canvas)
+
+    def nar_draft(hidden, weight, tokens, scores, mask, banned):
+        slots = tokens == mask
+        tokens[slots] = draft[:, : tokens.shape[1]][slots]
+        return tokens, scores
+
+    monkeypatch.setattr(spec_module, "mask_predict_update", nar_draft)
+    passes = {}
+    for align in ("position", "lookup"):
+        s = speculative_decode(m, src, target_lengths=forced, policy="first", block=0, align=align, **LIMITS)
+        assert [h.ids for h in s] == [h.ids for h in g]
+        passes[align] = [h.passes for h in s]
+    assert passes["lookup"] == [4] * len(g)
+    assert all(a > 4 for a in passes["position"]), passes

@@ -59,6 +59,7 @@ def decode_batch(
         policy=o.draft_policy,
         block=o.draft_block,
         keep_draft=o.draft_keep,
+        align=o.draft_align,
         top_beta=o.verify_top_beta,
         tolerance=o.verify_tolerance,
         length_penalty=o.length_penalty,
