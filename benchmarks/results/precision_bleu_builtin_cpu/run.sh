@@ -1,10 +1,10 @@
 #!/bin/bash
 # BLEU drift of bf16 / int8 against fp32 on the shipped model, all 1000 test pairs.
 cd "$(dirname "$0")/../../.."
-D=${1:-../shared/data/libreoffice-de-en}
+D=${1:-../shared/data/libreoffice-de-en}  # DTYPES="int8" bash run.sh: some precisions only
 O=benchmarks/results/precision_bleu_builtin_cpu
 mkdir -p $O/hyps  # hypotheses, not committed
-for dt in float32 bfloat16 int8; do
+for dt in ${DTYPES:-float32 bfloat16 int8}; do
   janus evaluate --checkpoint builtin:de-en --src $D/test.de --ref $D/test.en --threads 2 --no-progress \
     --dtype $dt --modes ar,nar,spec --output-json $O/$dt.beam5_nar10l3_spec.json --hyp-prefix $O/hyps/$dt.default
   janus evaluate --checkpoint builtin:de-en --src $D/test.de --ref $D/test.en --threads 2 --no-progress \
@@ -12,4 +12,7 @@ for dt in float32 bfloat16 int8; do
   janus evaluate --checkpoint builtin:de-en --src $D/test.de --ref $D/test.en --threads 2 --no-progress \
     --dtype $dt --modes nar --iterations 4 --length-beam 1 --output-json $O/$dt.nar4l1.json --hyp-prefix $O/hyps/$dt.nar4l1
 done
-echo done
+
+python $O/summarize.py   # summary.json, table.md
+sacrebleu $D/test.en -i $O/hyps/float32.default.nar $O/hyps/int8.default.nar -m bleu --paired-bs -f text \
+  > $O/paired_bootstrap_nar_t10l3_int8.txt
