@@ -417,6 +417,8 @@ def _mode_settings(options: DecodeConfig) -> str:
     else:
         block = options.draft_block or "all"
         text = f"draft {options.draft_iterations} {options.draft_policy} k={block}"
+        if options.draft_align != "position":
+            text += f" {options.draft_align}"
         if options.verify_top_beta > 1:
             text += f" relaxed top-{options.verify_top_beta} tol {options.verify_tolerance:g}"
     if options.mode != "nar" and options.length_penalty != 1.0:
