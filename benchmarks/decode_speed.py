@@ -100,11 +100,10 @@ def methods() -> list[Method]:
     # A NAR canvas in every pass: fewer passes than the default policy, each dearer (slower on every model
     # measured: janus/decoding/speculative.py); by name only.
     out.append(Method("spec-always", DecodeConfig(mode="spec", draft_policy="always"), default=False))
-    # Drafts re-aligned by lookup and refined over 3 passes: the fewest passes of the exact variants on trained
-    # models, each pass dearer (janus/decoding/speculative.py, benchmarks/spec_passes.py); by name only.
-    out.append(
-        Method("spec-lookup", DecodeConfig(mode="spec", draft_align="lookup", draft_iterations=3), default=False)
-    )
+    # Drafts refined over 3 passes: fewer passes on trained models, each dearer; and drafts by position instead of
+    # lookup (janus/decoding/speculative.py, benchmarks/spec_passes.py); by name only.
+    out.append(Method("spec-T3", DecodeConfig(mode="spec", draft_iterations=3), default=False))
+    out.append(Method("spec-position", DecodeConfig(mode="spec", draft_align="position"), default=False))
     # Relaxed verification: NOT greedy's output (JANUS.md section 4; its BLEU says what it costs).
     out.append(Method("spec-relaxed", DecodeConfig(mode="spec", verify_top_beta=3, verify_tolerance=2.0)))
     return out

@@ -417,7 +417,7 @@ def _mode_settings(options: DecodeConfig) -> str:
     else:
         block = options.draft_block or "all"
         text = f"draft {options.draft_iterations} {options.draft_policy} k={block}"
-        if options.draft_align != "position":
+        if options.draft_align != "lookup":
             text += f" {options.draft_align}"
         if options.verify_top_beta > 1:
             text += f" relaxed top-{options.verify_top_beta} tol {options.verify_tolerance:g}"

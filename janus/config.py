@@ -302,10 +302,10 @@ class DecodeConfig:
         default=True,
     )
     draft_align: str = _doc(
-        "spec: where a canvas' tokens enter the draft: position (at their own positions) or lookup (after every "
-        "pass, the canvas' tokens that follow the accepted prefix's last 1-3 tokens where those occur in it, so "
-        "a canvas that dropped or repeated a token still drafts the rest)",
-        default="position",
+        "spec: where a canvas' tokens enter the draft: lookup (after every pass, the canvas' tokens that follow "
+        "the accepted prefix's last 1-3 tokens where those occur in it, so a canvas that dropped or repeated a "
+        "token still drafts the rest) or position (at their own positions: fewer operations per pass)",
+        default="lookup",
     )
     verify_top_beta: int = _doc(
         "spec: relaxed verification (NOT greedy's output when > 1): also accept a draft token that is among the "

@@ -267,8 +267,8 @@ def test_settings_column_names_the_options_that_change_a_mode():
     from janus.config import DecodeConfig
 
     assert _mode_settings(DecodeConfig(mode="spec")) == "draft 1 exhausted k=4"
-    lookup = DecodeConfig(mode="spec", draft_align="lookup", draft_iterations=3, draft_block=0)
-    assert _mode_settings(lookup) == "draft 3 exhausted k=all lookup"
+    position = DecodeConfig(mode="spec", draft_align="position", draft_iterations=3, draft_block=0)
+    assert _mode_settings(position) == "draft 3 exhausted k=all position"
     relaxed = DecodeConfig(mode="spec", verify_top_beta=3, verify_tolerance=2.0, length_penalty=0.6)
     assert _mode_settings(relaxed) == "draft 1 exhausted k=4 relaxed top-3 tol 2 lp 0.6"
     assert _mode_settings(DecodeConfig(mode="nar", iterations=4, length_beam=1, dedup=True)) == "T=4 l=1 dedup"

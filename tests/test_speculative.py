@@ -23,8 +23,8 @@ VARIANTS = [
     for policy, block, T in itertools.product(POLICIES, (0, 1, 3), (1, 2))
     if not (T == 2 and block == 1)
 ] + [dict(policy="exhausted", block=block, keep_draft=False) for block in (0, 3)]
-LOOKUP = (("exhausted", 4, 1), ("first", 0, 1), ("always", 2, 2), ("stall", 0, 3))
-VARIANTS += [dict(policy=policy, block=block, draft_iterations=T, align="lookup") for policy, block, T in LOOKUP]
+BY_POSITION = (("exhausted", 4, 1), ("first", 0, 1), ("always", 2, 2), ("stall", 0, 3))  # the rest: lookup
+VARIANTS += [dict(policy=policy, block=block, draft_iterations=T, align="position") for policy, block, T in BY_POSITION]
 
 
 def assert_greedy(spec, greedy, what) -> None:
@@ -61,7 +61,7 @@ def test_random_weights_worst_case_long_outputs(seed):
 
 @pytest.mark.parametrize("kw", [dict(policy="exhausted"), dict(policy="always", block=2, draft_iterations=3),
                                 dict(policy="stall", top_beta=3, tolerance=2.0),
-                                dict(policy="exhausted", align="lookup", draft_iterations=2)])  # fmt: skip
+                                dict(policy="exhausted", align="position", draft_iterations=2)])  # fmt: skip
 def test_batch_invariance(kw):
     """A sentence's result, passes included, does not depend on the batch it is decoded in."""
     m = varied_model(6)
@@ -204,7 +204,9 @@ def test_draft_tokens_past_a_rejected_one_stay_in_the_draft(seed, keep, monkeypa
 
     monkeypatch.setattr(spec_module, "mask_predict_update", nar_draft)
     monkeypatch.setattr(spec_module, "build_ar_verify_rows", record)
-    s = speculative_decode(m, src, target_lengths=forced, policy="first", block=0, keep_draft=keep, **LIMITS)
+    s = speculative_decode(
+        m, src, target_lengths=forced, policy="first", block=0, keep_draft=keep, align="position", **LIMITS
+    )
     assert [h.ids for h in s] == [h.ids for h in g]
     tokens, starts = verified[2]  # pass 3: every sentence still decoding (the draft's tail is wrong)
     kept = []

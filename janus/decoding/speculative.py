@@ -74,15 +74,24 @@ block + 1 accepted tokens where they do not.
 Draft alignment (``align``). ``"position"`` takes a canvas' token at position q as the draft for q;
 a canvas that dropped or repeated a token then misses everything after the slip. ``"lookup"`` finds the
 accepted prefix's last 1-3 tokens in the latest canvas after every pass (the longest such key, nearest
-its own column: ``lookup_shift``) and drafts the canvas' tokens that follow them. Passes / greedy's on
-the shipped ``builtin:de-en`` (greedy 16.2 passes, all 1000 test sentences, batch 64; identical output
-in every run): exhausted T=1 0.738 position, 0.731 lookup; T=2 0.733 / 0.718; T=3 0.734 / 0.715; always
-T=1 0.701 / 0.699. With random weights (decode_speed.py --random-weights' 8 sentences) 26.6 / 27.0
-passes. A simulation over fixed canvases of the same model bounds what alignment can give: T=1 canvases
-0.708 by position, 0.693 by lookup, 0.681 with both verified in one pass; T=10 l=3 canvases 0.647 /
-0.582 / 0.562, before the first pass that has no draft (+0.06): the canvas' quality, not its
-alignment, is what limits the drafts. At batch 1 on a 2-core CPU, lookup's bookkeeping (about 80 us
-a pass) made spec 12% slower (100 test sentences, methods taking turns): ``position`` stays the default.
+its own column: ``lookup_shift``) and drafts the canvas' tokens that follow them. Passes / greedy's, all
+1000 LibreOffice test sentences, batch 64, identical output in every run (benchmarks/spec_passes.py),
+position / lookup:
+
+- ``janus-light`` at 10,500 updates (greedy 16.2 passes; NAR T=10 l=3 20.4 BLEU): exhausted T=1 0.738 /
+  0.731, T=2 0.733 / 0.718, T=3 0.734 / 0.715; always T=1 0.701 / 0.699.
+- the same self-distilled (the shipped ``builtin:de-en``; NAR 27.1 BLEU): exhausted T=1 0.640 / 0.593,
+  T=2 0.634 / 0.563, T=3 0.629 / 0.558; always T=1 0.581 / 0.579.
+- random weights (decode_speed.py --random-weights' 8 sentences): 26.6 / 27.0 passes (greedy 28.6).
+
+A simulation over fixed canvases of the first model bounds what alignment can give: T=1 canvases 0.708
+by position, 0.693 by lookup, 0.681 with both verified in one pass; T=10 l=3 canvases 0.647 / 0.582 /
+0.562, before the first pass that has no draft (+0.06): the better the canvas, the more alignment is
+worth, and the canvas' quality is what limits the drafts. Lookup's bookkeeping costs about 80 us a pass
+on a 2-core CPU; at batch 1 (100 test sentences, methods taking turns) spec was 12% slower with lookup on
+the first model and 2% on the shipped one. ``lookup`` is the default: on the shipped model it saves 7%
+of the passes for 2% of the time on a CPU, and on a GPU, where a pass's rows cost little, passes are
+the time.
 
 Relaxed verification (``top_beta`` > 1, SpecDec++ style): a draft token is also accepted where it
 is among the AR's ``top_beta`` most likely tokens and its log-probability is within
@@ -214,7 +223,7 @@ def speculative_decode(
     policy: str = "exhausted",
     block: int = 4,
     keep_draft: bool = True,
-    align: str = "position",
+    align: str = "lookup",
     top_beta: int = 1,
     tolerance: float = 1.0,
     length_penalty: float = 1.0,

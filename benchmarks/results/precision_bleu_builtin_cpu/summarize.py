@@ -24,10 +24,14 @@ for row, (stem, mode, hyp) in ROWS.items():
         same[d] = sum(a == b for a, b in zip(ref, out, strict=True)) / len(ref)
     summary[row] = {"bleu": bleu, "identical_to_float32": same}
     f, b, i = (bleu[d] for d in DTYPES)
-    lines.append(f"| {row} | {f:.2f} | {b:.2f} | {i:.2f} | {b - f:+.2f} | {i - f:+.2f} | "
-                 f"{100 * same['bfloat16']:.1f}% / {100 * same['int8']:.1f}% |")
+    lines.append(
+        f"| {row} | {f:.2f} | {b:.2f} | {i:.2f} | {b - f:+.2f} | {i - f:+.2f} | "
+        f"{100 * same['bfloat16']:.1f}% / {100 * same['int8']:.1f}% |"
+    )
 (HERE / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-head = ["| decode | float32 | bfloat16 | int8 | bf16 - fp32 | int8 - fp32 | identical to fp32 (bf16 / int8) |",
-        "|---|---|---|---|---|---|---|"]
+head = [
+    "| decode | float32 | bfloat16 | int8 | bf16 - fp32 | int8 - fp32 | identical to fp32 (bf16 / int8) |",
+    "|---|---|---|---|---|---|---|",
+]
 (HERE / "table.md").write_text("\n".join(head + lines) + "\n")
 print("\n".join(head + lines))
