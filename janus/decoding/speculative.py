@@ -75,8 +75,8 @@ Draft alignment (``align``). ``"position"`` takes a canvas' token at position q 
 a canvas that dropped or repeated a token then misses everything after the slip. ``"lookup"`` finds the
 accepted prefix's last 1-3 tokens in the latest canvas after every pass (the longest such key, nearest
 its own column: ``lookup_shift``) and drafts the canvas' tokens that follow them. Passes / greedy's, all
-1000 LibreOffice test sentences, batch 64, identical output in every run (benchmarks/spec_passes.py),
-position / lookup:
+1000 LibreOffice test sentences, batch 64, identical output in every run (benchmarks/spec_passes.py;
+benchmarks/results/spec_align_builtin_cpu/passes_stage1.json and passes.json), position / lookup:
 
 - ``janus-light`` at 10,500 updates (greedy 16.2 passes; NAR T=10 l=3 20.4 BLEU): exhausted T=1 0.738 /
   0.731, T=2 0.733 / 0.718, T=3 0.734 / 0.715; always T=1 0.701 / 0.699.
