@@ -383,7 +383,8 @@ def speculative_decode(
                 cs = torch.where(newly, math.inf, cs)
                 use = live[:, None] & (cols >= p[:, None]) & (cols < n[:, None])
                 tok[:, :Lc] = torch.where(use, ch, tok[:, :Lc])
-                filled = ch.clone() if lookup else ch
+                if lookup:  # the canvas as this pass filled it, before remask_lowest masks it again in place
+                    stok = torch.where(active[:, None], F.pad(ch, (0, Lmax - Lc), value=sp.pad), stok)
                 dend = torch.where(live, n, dend)
                 cstep = torch.where(live & (cstep + 1 < T), cstep + 1, -1)
                 if T > 1 and bool((cstep >= 0).any()):
@@ -392,8 +393,6 @@ def speculative_decode(
                 ctok[:, :Lc], cscore[:, :Lc] = ch, cs
             # 4b. lookup: the draft past the new prefix follows the prefix's last tokens in the latest canvas.
             if lookup:
-                if Lc:
-                    stok = torch.where(active[:, None], F.pad(filled, (0, Lmax - Lc), value=sp.pad), stok)
                 shift, found = lookup_shift(tok, p, stok, pad=sp.pad)
                 at = col + shift[:, None]
                 size = (stok != sp.pad).sum(1, keepdim=True)
