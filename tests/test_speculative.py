@@ -224,15 +224,11 @@ def test_lookup_shift_finds_the_longest_key_nearest_its_position():
                         [BOS, 7, 7, 7, 7, 7, X, X], [BOS, X, X, X, X, X, X, X],
                         [BOS, 5, 6, 9, X, X, X, X]])  # fmt: skip
     p = torch.tensor([4, 3, 6, 1, 4])
-    source = torch.tensor(
-        [
-            [BOS, 7, 9, 8, 9, 10, EOS, X, X, X],  # [8, 9] one column later: shift +1
-            [BOS, 5, 6, EOS, X, X, X, X, X, X],  # no key occurs
-            [BOS, 7, 7, 7, 7, 7, 7, 7, 9, EOS],  # [7, 7, 7] everywhere: the aligned one
-            [BOS, 5, EOS, X, X, X, X, X, X, X],  # the key is bos alone
-            [BOS, 6, 9, 11, EOS, X, X, X, X, X],
-        ]
-    )  # [5, 6, 9] missing, [6, 9] a column early
+    source = torch.tensor([[BOS, 7, 9, 8, 9, 10, EOS, X, X, X],  # [8, 9] one column later: shift +1
+                           [BOS, 5, 6, EOS, X, X, X, X, X, X],  # no key occurs
+                           [BOS, 7, 7, 7, 7, 7, 7, 7, 9, EOS],  # [7, 7, 7] everywhere: the aligned one
+                           [BOS, 5, EOS, X, X, X, X, X, X, X],  # the key is bos alone
+                           [BOS, 6, 9, 11, EOS, X, X, X, X, X]])  # last: [5, 6, 9] absent, [6, 9] early  # fmt: skip
     shift, found = lookup_shift(tok, p, source, pad=PAD)
     assert found.tolist() == [True, False, True, True, True]
     assert shift.tolist() == [1, 0, 0, 0, -1]
