@@ -14,6 +14,7 @@ the result. With beam 1 this is greedy search.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -162,17 +163,18 @@ def beam_search(
         sums = torch.zeros(B, K, dtype=torch.float64, device=dev)
         sums[:, 1:] = float("-inf")
         sums = sums.view(-1)
-        alive = torch.arange(B, device=dev)  # batch index of each live sentence
+        alive = list(range(B))  # batch index of each live sentence
+        hyp_min, hyp_max = min_lens.repeat_interleave(K), max_lens.repeat_interleave(K)  # per live hypothesis
         cache = KVCache(capacity=steps) if use_cache else None  # never grows during the search
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
         passes = [0] * B
+        eos, inf = sp.eos, math.inf
         for step in range(steps):
-            nb = alive.numel()
+            nb = len(alive)
             logp = next_token_logprobs(model, enc, tokens, step, cache)  # (nb*K, V)
             V = logp.shape[-1]
-            per_hyp = torch.arange(nb * K, device=dev) // K
             stop = repeating_tail(tokens, step, repeat_ngram, repeat_times) if repeat_ngram else None
-            constrain_ar(logp, step, min_lens[alive][per_hyp], max_lens[alive][per_hyp], sp, stop)
+            constrain_ar(logp, step, hyp_min, hyp_max, sp, stop)  # step: a host int, no copy
             # The 2K best extensions of each sentence are among the 2K best tokens of each of its
             # hypotheses (a hypothesis adds one constant score to all its tokens): rank those
             # K * 2K candidates in fp64 instead of all K * V.
@@ -180,41 +182,54 @@ def beam_search(
             row_top, row_tok = logp.topk(per, dim=1)  # (nb*K, per) fp32, best first
             cand = (sums[:, None] + row_top.double()).view(nb, K * per)
             top, pos = cand.topk(min(2 * K, K * per), dim=1)  # (nb, 2K), best first
-            src_beam = pos // per
             tok = row_tok.view(nb, K * per).gather(1, pos)
-            is_eos = (tok == sp.eos) & torch.isfinite(top)
-            # 1. An eos among the first K candidates finishes a hypothesis.
-            fin = is_eos[:, :K].nonzero().tolist()
-            for s, j in fin:
-                b = int(alive[s])
-                if len(finished[b]) < K:
-                    h = s * K + int(src_beam[s, j])
-                    ids = tokens[h, 1 : step + 1].tolist()
-                    finished[b].append((normalized(float(top[s, j]), step + 1, length_penalty), ids))
-            # 2. The first K non-eos candidates stay live.
-            live_rank = torch.where(is_eos, 2 * K + 1, torch.arange(top.shape[1], device=dev))
-            pick = live_rank.argsort(dim=1, stable=True)[:, :K]  # (nb, K)
-            new_sums = top.gather(1, pick)
-            new_tok = tok.gather(1, pick)
-            new_src = (torch.arange(nb, device=dev)[:, None] * K + src_beam.gather(1, pick)).view(-1)
-            # 3. Sentences with K finished hypotheses (or nothing live left) leave.
-            done = torch.tensor(
-                [len(finished[int(b)]) >= K for b in alive.tolist()], dtype=torch.bool, device=dev
-            ) | ~torch.isfinite(new_sums[:, 0])
-            for s in done.nonzero().squeeze(1).tolist():
-                passes[int(alive[s])] = step + 1
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
+            # The rest is bookkeeping over nb * 2K candidates: on the host, in one transfer.
+            top_l, pos_l, tok_l = torch.stack([top, pos.double(), tok.double()]).tolist()
+            order: list[int] = []  # rows of the current batch, in their new order
+            new_tok: list[int] = []
+            new_sums: list[float] = []
+            keep: list[int] = []
+            for s in range(nb):
+                b = alive[s]
+                fins = finished[b]
+                live = 0
+                row_order, row_tok_new, row_sums = [], [], []
+                for j, (score, p, t) in enumerate(zip(top_l[s], pos_l[s], tok_l[s])):
+                    h = s * K + int(p) // per
+                    if t == eos and -inf < score < inf:
+                        # 1. An eos among the first K candidates finishes a hypothesis.
+                        if j < K and len(fins) < K:
+                            ids = tokens[h, 1 : step + 1].tolist()
+                            fins.append((normalized(score, step + 1, length_penalty), ids))
+                        continue
+                    # 2. The first K non-eos candidates stay live.
+                    if live < K:
+                        row_order.append(h)
+                        row_tok_new.append(int(t))
+                        row_sums.append(score)
+                        live += 1
+                # 3. Sentences with K finished hypotheses (or nothing live left) leave.
+                if len(fins) >= K or not row_sums or not (-inf < row_sums[0] < inf):
+                    passes[b] = step + 1
+                    continue
+                keep.append(s)
+                order += row_order
+                new_tok += row_tok_new
+                new_sums += row_sums
+            if not keep:
                 break
-            order = new_src.view(nb, K)[keep].view(-1)  # rows of the current batch, new order
-            tokens = tokens[order]
-            tokens[:, step + 1] = new_tok[keep].view(-1)
-            sums = new_sums[keep].view(-1)
+            order_t = torch.tensor(order, device=dev)
+            tokens = tokens.index_select(0, order_t)
+            tokens[:, step + 1] = torch.tensor(new_tok, device=dev)
+            sums = torch.tensor(new_sums, dtype=torch.float64, device=dev)
             if cache is not None:
-                cache.select(order)
-            if keep.numel() != nb:
-                enc = enc.select(keep)
-                alive = alive[keep]
+                cache.select(order_t)
+            if len(keep) != nb:
+                keep_t = torch.tensor(keep, device=dev)
+                enc = enc.select(keep_t)
+                alive = [alive[s] for s in keep]
+                rows = (keep_t[:, None] * K + torch.arange(K, device=dev)).view(-1)
+                hyp_min, hyp_max = hyp_min[rows], hyp_max[rows]
         out = []
         for b in range(B):
             if not finished[b]:
