@@ -66,4 +66,11 @@ TORCH_LIBRARY(janus, m) {
   // The reduction of one mask-predict pass (CPU).
   m.set_python_module("janus.ops.mask_predict_update");
   m.def("best_token(Tensor logits, int[] banned) -> (Tensor, Tensor)");
+
+  // The next-token choice of an AR search step: per row of logits float32 [R, V], the k best ids allowed
+  // (not in `banned`; eos not when rules[r] & 1, eos alone when rules[r] & 2; ties: the smaller id) and
+  // their log-probabilities under the softmax of the whole row (-inf past the allowed ones), best first;
+  // rules uint8 [R] -> scores float32 [R, k], ids int64 [R, k] (CPU).
+  m.set_python_module("janus.ops.ar_topk");
+  m.def("ar_topk(Tensor logits, int k, int[] banned, int eos, Tensor rules) -> (Tensor, Tensor)");
 }

@@ -78,6 +78,30 @@ def test_cached_search_equals_recomputation(seed):
             assert a.passes == b.passes
 
 
+def test_every_ar_topk_backend_gives_the_same_searches(monkeypatch):
+    """The AR searches choose through janus.ops.ar_topk: its compiled kernel, torch's max/topk and the
+    reference (a stable sort) give the same tokens (random logits never tie) and scores to rounding."""
+    from janus.ops.ar_topk import AR_TOPK
+
+    m = varied_model(1)
+    src = random_sources(21, 6)
+    runs = {}
+    for backend in ("cpp", "torch", "reference"):
+        if not AR_TOPK.backend(backend).available()[0]:
+            continue
+        monkeypatch.setenv("JANUS_BACKEND_AR_TOPK", backend)
+        runs[backend] = [
+            search(m, src, max_len_a=1.0, max_len_b=6, repeat_ngram=2, repeat_times=2, **kw)
+            for search, kw in ((greedy_search, {}), (beam_search, {"beam": 3}), (speculative_decode, {}))
+        ]
+    assert "torch" in runs and "reference" in runs
+    want = runs.pop("reference")
+    for backend, got in runs.items():
+        for a, b in zip(got, want, strict=True):
+            assert [h.ids for h in a] == [h.ids for h in b], backend
+            assert all(math.isclose(x.score, y.score, rel_tol=1e-5, abs_tol=1e-5) for x, y in zip(a, b, strict=True))
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_beam_one_is_greedy(seed):
     m = varied_model(seed)

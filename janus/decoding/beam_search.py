@@ -21,16 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from janus.decoding.common import constrain_ar, inference, normalized, repeating_tail, token_limits
+from janus.decoding.common import choose_next, inference, normalized, repeating_tail, rule_edges, token_limits
 from janus.decoding.types import Hypothesis
 from janus.model import EncoderOut, JanusModel, KVCache
+from janus.ops.ar_topk import ar_rules
 from janus.streams import build_ar_step_rows, build_training_rows
 
 
-def next_token_logprobs(
+def next_token_logits(
     model: JanusModel, enc: EncoderOut, tokens: Tensor, step: int, cache: Optional[KVCache]
 ) -> Tensor:
-    """Log P_AR of the token at position step + 1 for every hypothesis: (N, V) fp32.
+    """Logits of P_AR for the token at position step + 1 of every hypothesis: (N, V), the model's
+    dtype (float32 for a bfloat16 model's few-row steps on a CPU, see ``JanusModel.project``).
 
     Args:
         tokens: int64 (N, >= step + 1), [bos, y_1 .. y_step, ...] per hypothesis; N = g * B.
@@ -50,7 +52,15 @@ def next_token_logprobs(
         prefix = torch.cat([tokens[:, : step + 1], torch.full_like(tokens[:, :1], sp.eos)], 1)
         rows = build_training_rows(prefix, None, pad=sp.pad, mask=sp.mask, ar=True, nar=False, aux=False)
         hidden = model.decode(rows, enc)[:, -1]
-    return F.log_softmax(model.project(hidden).float(), dim=-1)
+    return model.project(hidden)
+
+
+def next_token_logprobs(
+    model: JanusModel, enc: EncoderOut, tokens: Tensor, step: int, cache: Optional[KVCache]
+) -> Tensor:
+    """Log P_AR of the token at position step + 1 for every hypothesis: (N, V) fp32 (the log_softmax of
+    ``next_token_logits``, same arguments)."""
+    return F.log_softmax(next_token_logits(model, enc, tokens, step, cache).float(), dim=-1)
 
 
 def greedy_search(
@@ -90,13 +100,17 @@ def greedy_search(
         tokens[:, 0] = sp.bos
         sums = torch.zeros(B, dtype=torch.float64, device=src.device)
         alive = torch.arange(B, device=src.device)  # batch index of each live row
+        lo, hi = min_lens, max_lens  # of each live row
+        edges, rules = rule_edges(min_lens, max_lens), None
         cache = KVCache(capacity=steps) if use_cache else None  # never grows during the search
         out: list[Optional[Hypothesis]] = [None] * B
         for step in range(steps):
-            logp = next_token_logprobs(model, enc, tokens, step, cache)  # (N, V)
+            logits = next_token_logits(model, enc, tokens, step, cache)  # (N, V)
             stop = repeating_tail(tokens, step, repeat_ngram, repeat_times) if repeat_ngram else None
-            constrain_ar(logp, step, min_lens[alive], max_lens[alive], sp, stop)  # step: a host int, no copy
-            best, tok = logp.max(-1)
+            if rules is None or step in edges or stop is not None:
+                rules = ar_rules(step, lo, hi, stop)  # step: a host int, no copy
+            best, tok = choose_next(logits, 1, rules, sp)
+            best, tok = best[:, 0], tok[:, 0]
             tokens[:, step + 1] = tok
             sums += best.double()
             ended = tok == sp.eos
@@ -112,7 +126,7 @@ def greedy_search(
             keep = (~ended).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
-            alive, tokens, sums = alive[keep], tokens[keep], sums[keep]
+            alive, tokens, sums, lo, hi, rules = alive[keep], tokens[keep], sums[keep], lo[keep], hi[keep], rules[keep]
             enc = enc.select(keep)
             if cache is not None:
                 cache.select(keep)
@@ -165,21 +179,22 @@ def beam_search(
         sums = sums.view(-1)
         alive = list(range(B))  # batch index of each live sentence
         hyp_min, hyp_max = min_lens.repeat_interleave(K), max_lens.repeat_interleave(K)  # per live hypothesis
+        edges, rules = rule_edges(min_lens, max_lens), None
         cache = KVCache(capacity=steps) if use_cache else None  # never grows during the search
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
         passes = [0] * B
         eos, inf = sp.eos, math.inf
         for step in range(steps):
             nb = len(alive)
-            logp = next_token_logprobs(model, enc, tokens, step, cache)  # (nb*K, V)
-            V = logp.shape[-1]
+            logits = next_token_logits(model, enc, tokens, step, cache)  # (nb*K, V)
             stop = repeating_tail(tokens, step, repeat_ngram, repeat_times) if repeat_ngram else None
-            constrain_ar(logp, step, hyp_min, hyp_max, sp, stop)  # step: a host int, no copy
             # The 2K best extensions of each sentence are among the 2K best tokens of each of its
             # hypotheses (a hypothesis adds one constant score to all its tokens): rank those
             # K * 2K candidates in fp64 instead of all K * V.
-            per = min(2 * K, V)
-            row_top, row_tok = logp.topk(per, dim=1)  # (nb*K, per) fp32, best first
+            per = min(2 * K, logits.shape[-1])
+            if rules is None or step in edges or stop is not None:
+                rules = ar_rules(step, hyp_min, hyp_max, stop)  # the same for every hypothesis of a sentence
+            row_top, row_tok = choose_next(logits, per, rules, sp)  # (nb*K, per), best first
             cand = (sums[:, None] + row_top.double()).view(nb, K * per)
             top, pos = cand.topk(min(2 * K, K * per), dim=1)  # (nb, 2K), best first
             tok = row_tok.view(nb, K * per).gather(1, pos)
@@ -229,7 +244,7 @@ def beam_search(
                 enc = enc.select(keep_t)
                 alive = [alive[s] for s in keep]
                 rows = (keep_t[:, None] * K + torch.arange(K, device=dev)).view(-1)
-                hyp_min, hyp_max = hyp_min[rows], hyp_max[rows]
+                hyp_min, hyp_max, rules = hyp_min[rows], hyp_max[rows], rules[rows]
         out = []
         for b in range(B):
             if not finished[b]:

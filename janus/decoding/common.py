@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from janus.config import SpecialIds
 from janus.model import EncoderOut, JanusModel
+from janus.ops import ar_topk
 
 
 @contextlib.contextmanager
@@ -140,6 +141,32 @@ def repeating_tail(tokens: Tensor, step: int, ngram: int, times: int) -> Tensor:
     return repeating(tail, ends, ngram, times).squeeze(1)
 
 
+def choose_next(logits: Tensor, k: int, rules: Tensor, sp: SpecialIds) -> tuple[Tensor, Tensor]:
+    """The k best next tokens under the AR rules and their log-probabilities, best first: what
+    ``constrain_ar`` on ``log_softmax(logits)`` and a top-k give, in one ``janus.ops.ar_topk`` call.
+    Every AR search (greedy, beam, a speculative verification) chooses through this, so that they rank
+    equal scores alike (ties: the smaller id). Past the allowed ids the scores are -inf.
+
+    Args:
+        logits: (N, ..., V) next-token logits.
+        rules: uint8 of shape logits.shape[:-1] (or broadcastable to it): ``janus.ops.ar_topk.ar_rules``
+            of the tokens generated so far, the length limits and the repetition guard's stops.
+    Returns:
+        (scores float32, ids int64), each (N, ..., k).
+    """
+    shape = logits.shape[:-1]
+    if logits.dim() != 2 or rules.shape != shape:
+        logits, rules = logits.reshape(-1, logits.shape[-1]), rules.expand(shape).reshape(-1)
+    scores, ids = ar_topk(logits, k, banned_ids(sp), sp.eos, rules)
+    return scores.view(*shape, k), ids.view(*shape, k)
+
+
+def rule_edges(min_lens: Tensor, max_lens: Tensor) -> set[int]:
+    """The steps (tokens generated so far) at which ``ar_rules`` of some row changes without a repetition
+    guard: each row's minimum and maximum. A search recomputes its rules there only (one host sync here)."""
+    return set(torch.cat([min_lens, max_lens]).tolist())
+
+
 def constrain_ar(
     logp: Tensor,
     words: Tensor,
@@ -148,7 +175,8 @@ def constrain_ar(
     sp: SpecialIds,
     stop: Optional[Tensor] = None,
 ) -> Tensor:
-    """Apply the AR next-token rules to log-probabilities, in place.
+    """Apply the AR next-token rules to log-probabilities, in place (the specification of the rules that
+    ``choose_next`` applies inside ``janus.ops.ar_topk``).
 
     Pad, bos and <mask> are never chosen; eos is banned while fewer than ``min_lens`` tokens
     were generated; once ``max_lens`` tokens were generated, or where ``stop`` is set (and

@@ -114,10 +114,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from janus.decoding.common import canvas_banned_ids, constrain_ar, inference, normalized, repeating, token_limits
+from janus.decoding.common import canvas_banned_ids, choose_next, inference, normalized, repeating, token_limits
 from janus.decoding.types import Hypothesis
 from janus.model import JanusModel, KVCache
 from janus.ops import length_beam_init, mask_predict_update, remask_lowest
+from janus.ops.ar_topk import ar_rules
 from janus.streams import DecoderRows, RowKind, build_ar_verify_rows, spans_from
 
 # When a canvas is due and the accepted prefix has outgrown the last one, the new one is longer by
@@ -337,23 +338,25 @@ def speculative_decode(
             hidden = model.decode(rows, enc, cache)
             passes += 1
             # 3. Accept the AR's tokens up to and including the first rejected draft token.
-            logp = F.log_softmax(model.project(hidden[:, Ca + Lc :]).float(), dim=-1)  # (N, Ca, V)
+            logits = model.project(hidden[:, Ca + Lc :])  # (N, Ca, V)
             j = torch.arange(Ca, device=dev)[None, :]
             q = p[:, None] + j  # query positions
             stop = None
             if repeat_ngram:  # query q sees tok[0 .. q - 1]: the accepted prefix, then the draft
                 stop = repeating(tok, (q - 1).clamp_max(Lmax - 1), repeat_ngram, repeat_times)
-            constrain_ar(logp, q - 1, min_lens[:, None], max_lens[:, None], sp, stop)
-            best, ar_tok = logp.max(-1)  # (N, Ca)
+            # greedy's choice (and, relaxed, the top_beta best) of every query, as greedy_search chooses
+            rules = ar_rules(q - 1, min_lens[:, None], max_lens[:, None], stop)
+            top_lp, top_tok = choose_next(logits, min(top_beta, logits.shape[-1]), rules, sp)
+            best, ar_tok = top_lp[..., 0], top_tok[..., 0]  # (N, Ca)
             draft = tok.gather(1, q.clamp_max(Lmax - 1))
             drafted = q < dend[:, None]
             if top_beta == 1:
                 ok = drafted & (draft == ar_tok)
                 lp = best
             else:
-                lp_draft = logp.gather(2, draft[..., None]).squeeze(2)
-                kth = logp.topk(min(top_beta, logp.shape[-1]), dim=-1).values[..., -1]
-                ok = drafted & (lp_draft >= kth) & (lp_draft >= best - tolerance) & torch.isfinite(lp_draft)
+                hit = top_tok == draft[..., None]  # the draft token among the AR's top_beta
+                lp_draft = torch.where(hit, top_lp, -math.inf).max(-1).values
+                ok = drafted & (lp_draft >= best - tolerance) & torch.isfinite(lp_draft)
                 lp = torch.where(ok, lp_draft, best)
             bad = ~ok & (j < c[:, None])
             first = torch.where(bad.any(1), bad.int().argmax(1), c)
