@@ -134,6 +134,31 @@ class KVCache:
     layers: list[LayerCache] = field(default_factory=list)
     length: int = 0
     capacity: int = 0
+    # With a capacity: one buffer (layers, 2, N, H, capacity, D/H) whose views are every layer's keys and
+    # values, so that a beam step reorders all of them in one copy; None before the first write.
+    joint: Optional[Tensor] = None
+    _views: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    def prepare(self, num_layers: int, N: int, H: int, dk: int, like: Tensor) -> None:
+        """Before a pass: the layers' caches, and with a ``capacity`` and nothing written yet, the joint buffer
+        of that many columns for N hypotheses in ``like``'s dtype and device (zeros, as ``LayerCache.ensure``)."""
+        if not self.layers:
+            self.layers = [LayerCache(reserve=self.capacity) for _ in range(num_layers)]
+        if self.capacity and self.joint is None and all(c.self_k is None for c in self.layers):
+            self.joint = like.new_zeros(len(self.layers), 2, N, H, self.capacity, dk)
+            self._view_joint()
+
+    def _view_joint(self) -> None:
+        self._views = [(self.joint[i, 0], self.joint[i, 1]) for i in range(len(self.layers))]
+        for c, (k, v) in zip(self.layers, self._views):
+            c.self_k, c.self_v = k, v
+
+    def _joint_in_use(self) -> bool:
+        """Whether every layer's keys/values are still the joint buffer's views (a layer that outgrew the
+        capacity has buffers of its own)."""
+        return self.joint is not None and all(
+            c.self_k is k and c.self_v is v for c, (k, v) in zip(self.layers, self._views, strict=True)
+        )
 
     def select(self, hypotheses: Tensor) -> None:
         """Keep hypothesis rows ``hypotheses`` (int64 (N',)) in that order: beam search reorders
@@ -141,16 +166,34 @@ class KVCache:
         layers = [c for c in self.layers if c.self_k is not None]
         if not layers:
             return
+        joint = self._joint_in_use()
         if hypotheses.numel() != layers[0].self_k.shape[0]:
-            for c in layers:
-                c.self_k, c.self_v = c.self_k[hypotheses], c.self_v[hypotheses]
+            if joint:
+                self.joint = self.joint.index_select(2, hypotheses)
+                self._view_joint()
+            else:
+                self.joint = None
+                for c in layers:
+                    c.self_k, c.self_v = c.self_k[hypotheses], c.self_v[hypotheses]
             return
         # Same batch size: in place, only the rows that change (a beam step keeps about half its hypotheses
         # where they were) and the columns in use; index_select / index_copy_ take half the time of [] there.
-        moved = (hypotheses != torch.arange(hypotheses.numel(), device=hypotheses.device)).nonzero().squeeze(1)
-        if moved.numel() == 0:
+        if hypotheses.device.type == "cpu":  # a few host ints: cheaper than four tensor ops
+            order = hypotheses.tolist()
+            pairs = [(i, h) for i, h in enumerate(order) if h != i]
+            if not pairs:
+                return
+            moved = torch.tensor([i for i, _ in pairs])
+            sources = torch.tensor([h for _, h in pairs])
+        else:
+            moved = (hypotheses != torch.arange(hypotheses.numel(), device=hypotheses.device)).nonzero().squeeze(1)
+            if moved.numel() == 0:
+                return
+            sources = hypotheses[moved]
+        if joint:
+            used = self.joint.narrow(4, 0, self.length)
+            used.index_copy_(2, moved, used.index_select(2, sources))
             return
-        sources = hypotheses[moved]
         for c in layers:
             for t in (c.self_k, c.self_v):
                 used = t.narrow(2, 0, self.length)
@@ -666,8 +709,7 @@ class JanusModel(nn.Module):
         ``width`` (a host int) bounds every column and span."""
         N = x.shape[0]
         H, dk = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
-        if not cache.layers:
-            cache.layers = [LayerCache(reserve=cache.capacity) for _ in self.decoder]
+        cache.prepare(len(self.decoder), N, H, dk, x)
         for c in cache.layers:
             c.ensure(width, N, H, dk, x)
         cross = self._cross_kv(enc)
@@ -709,8 +751,8 @@ class JanusModel(nn.Module):
     ) -> Tensor:
         """x (N, R, D) through every decoder layer (cross-attention keys/values kept on ``enc`` when
         there is no autograd)."""
-        if cache is not None and not cache.layers:
-            cache.layers = [LayerCache(reserve=cache.capacity) for _ in self.decoder]
+        if cache is not None:
+            cache.prepare(len(self.decoder), x.shape[0], self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads, x)
         kept = self._cross_kv(enc) if not torch.is_grad_enabled() else None
         for i, layer in enumerate(self.decoder):
             cross_kv = kept[i] if kept is not None else layer.cross_attn.project_kv(enc.states)

@@ -146,6 +146,34 @@ def test_decode_ar_step_equals_the_step_rows_and_reserves_the_cache():
         m.decode_ar_step(tgt[:, 0], enc, KVCache())
 
 
+def test_cache_select_reorders_and_drops_hypotheses_in_every_layer():
+    """KVCache.select on the joint buffer of a cache with a capacity (every layer's keys/values reordered in
+    one copy), on the per-layer buffers of one without, and after a layer outgrew the capacity: the same rows."""
+    torch.manual_seed(1)
+    m = JanusModel(preset("tiny", vocab_size=60)).eval()
+    N, n = 4, 3
+    tgt = torch.randint(5, 60, (N, n))
+    src = torch.tensor([[7, 8, 9, EOS]])
+    with torch.no_grad():
+        enc = m.encode(src)
+        caches = {"joint": KVCache(capacity=n), "layers": KVCache(), "outgrown": KVCache(capacity=n - 1)}
+        for cache in caches.values():
+            for t in range(n):
+                m.decode_ar_step(tgt[:, t], enc, cache)
+        assert caches["joint"]._joint_in_use() and caches["joint"].layers[-1].self_v._base is not None
+        assert caches["layers"].joint is None and not caches["outgrown"]._joint_in_use()
+        before = [[t.clone() for t in (c.self_k, c.self_v)] for c in caches["layers"].layers]
+        steps = (torch.tensor([2, 0, 0, 3]), torch.tensor([0, 1, 2, 3]), torch.tensor([3, 1]))
+        for cache in caches.values():
+            want = before
+            for order in steps:
+                cache.select(order)
+                want = [[t[order] for t in kv] for kv in want]
+                for c, (k, v) in zip(cache.layers, want, strict=True):
+                    assert torch.equal(c.self_k[:, :, :n], k[:, :, :n]) and torch.equal(c.self_v[:, :, :n], v[:, :, :n])
+        assert caches["joint"]._joint_in_use() and caches["joint"].joint.shape[2] == 2
+
+
 def test_position_limit_is_a_clear_error():
     m = JanusModel(preset("tiny", vocab_size=60, max_target_positions=8))
     tgt = torch.full((1, 10), 7)
