@@ -502,6 +502,7 @@ class JanusModel(nn.Module):
         # The parameters and weights of ``fused_weights`` (inference passes through janus.ops.decoder_step).
         self._fused_params: Optional[list[Tensor]] = None
         self._fused_list: Optional[tuple[tuple, list[Tensor]]] = None
+        self._norm_eps = self.decoder[0].norm1.eps  # every decoder norm's (decoder_step takes one)
         self._fused_float = True  # False in the int8 copy of quantize_dynamic_int8, whose layers differ
         # Inside ``weights_fixed``: None outside, False until fused_weights has checked them, then True.
         self._fused_checked: Optional[bool] = None
@@ -623,13 +624,13 @@ class JanusModel(nn.Module):
         N = last.shape[0]
         if N % max(enc.states.shape[0], 1):
             raise ValueError(f"{N} decoder hypotheses do not split evenly over {enc.states.shape[0]} encoded sentences")
-        pos = self.tgt_pos.weight[t : t + 2]  # (2, D)
-        content = self.embed(last) * self.scale + pos[0]  # (N, D)
-        query = self.embed.weight[self.cfg.specials.mask] * self.scale + pos[1]  # (D,)
-        x = torch.stack([content, query.expand_as(content)], 1)  # (N, 2, D)
+        # rows [y_t at position t, <mask> at t + 1] of every hypothesis, as ``decode`` embeds them: (N, 2, D)
+        ids = torch.stack([last, torch.full_like(last, self.cfg.specials.mask)], 1)
+        x = F.embedding(ids, self.embed.weight) * self.scale + self.tgt_pos.weight[t : t + 2]
         if self.fused_step_ok(x):
             spans = torch.tensor([0, t + 1], device=x.device).expand(N, 2, 2)  # both rows see columns 0 .. t
-            x = self._fused_pass(x, 1, spans, spans[:, :1, 1] - 1, enc, cache, t + 1)
+            columns = torch.full((N, 1), t, dtype=torch.long, device=x.device)  # the content row's
+            x = self._fused_pass(x, 1, spans, columns, enc, cache, t + 1)
         else:
             x = self._run_decoder(x, 1, None, enc, enc.attention_mask(), cache, t, None)
         cache.length = t + 1
@@ -725,12 +726,14 @@ class JanusModel(nn.Module):
             enc.source_keep(),
             self.fused_weights(),
             H,
-            self.decoder[0].norm1.eps,
+            self._norm_eps,
         )
 
     def _cross_kv(self, enc: EncoderOut) -> list[tuple[Tensor, Tensor]]:
         """Every decoder layer's cross-attention keys/values of ``enc``, computed on first use and kept on it
         (inference only)."""
+        if len(enc.cross) == len(self.decoder) and None not in enc.cross:  # every step after the first
+            return enc.cross
         if len(enc.cross) != len(self.decoder):
             enc.cross = [None] * len(self.decoder)
         for i, layer in enumerate(self.decoder):
