@@ -24,9 +24,8 @@ rounding, or int8's per-batch activation scale, depends on the other rows: their
 
 Timing: a warm-up (two sentences through every method), then, per batch size, ``--rounds`` rounds in
 which every method decodes the timed sentences once (batch 1: the first ``--b1-sentences``, one at a
-time; larger batches: the first ``--timed-sentences``), the methods taking turns batch by batch (every
-method decodes a batch before any decodes the next, in reverse order every other batch and round:
-``harness.interleaved``), so that a slow spell of a shared machine falls on all of them alike; after 3 rounds no new
+time; larger batches: the first ``--timed-sentences``), the methods taking turns (in reverse order every
+other round), so that a slow spell of a shared machine falls on all of them alike; after 3 rounds no new
 round starts once ``--batch-seconds`` were spent. Each run has the encoder included and a device sync;
 p50 and p90 over the runs. Writes ``results.json`` (device, versions, git commit, settings, every row;
 rewritten after each batch size with ``complete: false`` until the last), ``speedup.png`` (speedup over AR
@@ -326,24 +325,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     for batch in sizes:
         n = counts[batch]
         sources, lengths = work.sources[:n], (forced[:n] if forced else None)
-        outputs: list[list] = [[None] * n for _ in runs_of]
-        # The batches the methods take turns on (each decode of one is one batch of its method's own).
-        chunks = make_decode_batches([len(ids) + 1 for ids in gen.encode(sources)],
-                                     dataclasses.replace(runs_of[0][1].options, max_batch_size=batch))  # fmt: skip
+        outputs: list[list] = [[] for _ in runs_of]
 
-        def run(
-            g: Generator, opts: DecodeConfig, hyps: list, c: int, sources=sources, lengths=lengths, chunks=chunks
-        ) -> None:
-            part = chunks[c]
-            out = g.generate([sources[i] for i in part], opts,
-                             target_lengths=[lengths[i] for i in part] if lengths else None)  # fmt: skip
-            for i, h in zip(part, out):
-                hyps[i] = h
+        def run(g: Generator, opts: DecodeConfig, hyps: list, sources=sources, lengths=lengths) -> None:
+            hyps[:] = g.generate(sources, opts, target_lengths=lengths)
 
         runs = [functools.partial(run, g, dataclasses.replace(m.options, max_batch_size=batch), hyps)
                 for (g, m), hyps in zip(runs_of, outputs)]  # fmt: skip
-        print(f"batch {batch}: timing {len(runs)} decodes in turn, batch by batch, {args.rounds} rounds", flush=True)
-        times = interleaved(runs, gen.device, rounds=args.rounds, budget_s=args.batch_seconds, chunks=len(chunks))
+        print(f"batch {batch}: timing {len(runs)} decodes in turn, {args.rounds} rounds", flush=True)
+        times = interleaved(runs, gen.device, rounds=args.rounds, budget_s=args.batch_seconds)
         for k, ((g, m), hyps, ms) in enumerate(zip(runs_of, outputs, times)):
             p50, p90 = percentile(ms, 0.5) / 1e3, percentile(ms, 0.9) / 1e3
             tokens = sum(len(h.ids) + 1 for h in hyps)  # + eos

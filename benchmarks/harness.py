@@ -110,8 +110,8 @@ def measure(
 
 
 def interleaved(
-    fns: Sequence[Callable[..., Any]], device: torch.device, *, rounds: int, budget_s: float = math.inf,
-    min_rounds: int = 3, chunks: Optional[int] = None,
+    fns: Sequence[Callable[[], Any]], device: torch.device, *, rounds: int, budget_s: float = math.inf,
+    min_rounds: int = 3,
 ) -> list[list[float]]:  # fmt: skip
     """Milliseconds of every run of each ``fn``, timed in rounds where all of them take turns.
 
@@ -119,11 +119,6 @@ def interleaved(
     every other round: a drift of the machine's speed (a shared VM, a warming cache) spreads over all
     of them instead of favouring whichever ran first. After ``min_rounds`` (3: the median of three
     cannot be set by one slow run), no new round starts once ``budget_s`` seconds were spent.
-
-    With ``chunks``, a run is ``fn(0)``, ``fn(1)``, ... ``fn(chunks - 1)`` (say, one batch of sentences
-    each) and the fns take turns chunk by chunk: every fn does chunk c, in an order reversed on every
-    other chunk and round, before any does chunk c + 1. A slow spell of a few seconds then falls on
-    all of them alike even within a round. A run's time is the sum of its chunks'.
     """
     if rounds < min_rounds:
         raise ValueError(f"rounds={rounds}: at least {min_rounds} (a median of fewer can be one slow run)")
@@ -132,19 +127,15 @@ def interleaved(
     for r in range(rounds):
         if r >= min_rounds and spent >= budget_s:
             break
-        total = [0.0] * len(fns)
-        for c in range(chunks or 1):
-            order = range(len(fns)) if (r + c) % 2 == 0 else reversed(range(len(fns)))
-            for i in order:
-                sync(device)
-                t0 = time.perf_counter()
-                fns[i](c) if chunks else fns[i]()
-                sync(device)
-                dt = time.perf_counter() - t0
-                spent += dt
-                total[i] += dt
-        for i, t in enumerate(total):
-            times[i].append(t * 1e3)
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            sync(device)
+            t0 = time.perf_counter()
+            fns[i]()
+            sync(device)
+            dt = time.perf_counter() - t0
+            spent += dt
+            times[i].append(dt * 1e3)
     return times
 
 

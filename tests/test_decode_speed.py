@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -195,21 +194,3 @@ def test_interleaved_rounds_take_turns_and_keep_three_runs():
     assert len(harness.interleaved(fns, torch.device("cpu"), rounds=4)[0]) == 4
     with pytest.raises(ValueError, match="rounds=2"):
         harness.interleaved(fns, torch.device("cpu"), rounds=2)
-
-
-def test_interleaved_chunks_take_turns_batch_by_batch():
-    """With chunks, every fn runs chunk c before any runs chunk c + 1, the order reversed every other chunk and
-    round; a run's time is the sum over its chunks."""
-    import harness
-
-    calls: list[str] = []
-    fns = [lambda c, k=k: calls.append(f"{k}{c}") for k in "ab"]
-    times = harness.interleaved(fns, torch.device("cpu"), rounds=3, chunks=2)
-    assert calls == "a0 b0 b1 a1 b0 a0 a1 b1 a0 b0 b1 a1".split()
-    assert [len(t) for t in times] == [3, 3]
-
-    def slow(c: int) -> None:
-        time.sleep(0.002 * (c + 1))
-
-    (total,) = harness.interleaved([slow], torch.device("cpu"), rounds=3, chunks=3)
-    assert all(x >= 12.0 for x in total)  # 2 + 4 + 6 ms of sleep in every run
