@@ -241,6 +241,30 @@ def test_lookup_shift_finds_the_longest_key_nearest_its_position():
     assert found1.tolist() == [True] and shift1.tolist() == [-1]
 
 
+def test_lookup_shift_on_the_host_equals_the_tensor_ops(monkeypatch):
+    """Few rows of CPU tensors take the host path; it finds the tensor ops' keys, shifts and ties."""
+    import janus.decoding.speculative as spec_module
+
+    g = torch.Generator().manual_seed(5)
+    cases = []
+    for _ in range(200):
+        N, L, Ls = int(torch.randint(1, 4, (1,), generator=g)), 12, int(torch.randint(4, 30, (1,), generator=g))
+        tok = torch.randint(5, 9, (N, L), generator=g)  # four words: keys recur often
+        tok[:, 0] = BOS
+        p = torch.randint(1, L, (N,), generator=g)
+        source = torch.randint(5, 9, (N, Ls), generator=g)
+        source[:, 0] = BOS
+        cut = torch.randint(2, Ls + 1, (N,), generator=g)
+        source[torch.arange(Ls)[None, :] >= cut[:, None]] = PAD
+        cases.append((tok, p, source, int(torch.randint(1, 4, (1,), generator=g))))
+    host = [lookup_shift(t, q, s, pad=PAD, longest=k) for t, q, s, k in cases]
+    monkeypatch.setattr(spec_module, "_HOST_LOOKUP_CELLS", 0)
+    ops = [lookup_shift(t, q, s, pad=PAD, longest=k) for t, q, s, k in cases]
+    assert sum(bool(f.any()) for _, f in ops) > 100  # keys were found
+    for (a, fa), (b, fb) in zip(host, ops, strict=True):
+        assert torch.equal(a, b) and torch.equal(fa, fb)
+
+
 def test_lookup_realigns_a_canvas_with_an_inserted_token(synthetic_model, monkeypatch):
     """Pass 1's canvas is greedy's output with one extra token at position k (and, its length being
     greedy's, without greedy's last token). Position drafts miss every token past k; lookup finds the AR's

@@ -199,6 +199,8 @@ def lookup_shift(tok: Tensor, p: Tensor, source: Tensor, *, pad: int, longest: i
         (shift int64 (N,), found bool (N,)); rows where no key occurs have shift 0 and found False.
     """
     N, Ls = source.shape
+    if source.device.type == "cpu" and N * Ls <= _HOST_LOOKUP_CELLS:
+        return _lookup_shift_host(tok, p, source, pad=pad, longest=longest)
     col = torch.arange(Ls, device=source.device)[None, :]
     # run[r, e]: how many of the prefix's last tokens (up to ``longest``) end at source column e
     run = (source == tok.gather(1, (p - 1)[:, None])) & (source != pad)
@@ -214,6 +216,34 @@ def lookup_shift(tok: Tensor, p: Tensor, source: Tensor, *, pad: int, longest: i
     found = length.gather(1, e[:, None]).squeeze(1) > 0
     shift = torch.where(found, e + 1 - p, 0)
     return shift, found
+
+
+# A lookup over at most this many source cells (rows x columns) runs on the host: at batch 1 a pass's ~20
+# tensor ops cost about 120 us on a 2-core CPU, the same loops over a few dozen Python ints about 20.
+_HOST_LOOKUP_CELLS = 128
+
+
+def _lookup_shift_host(tok: Tensor, p: Tensor, source: Tensor, *, pad: int, longest: int) -> tuple[Tensor, Tensor]:
+    """``lookup_shift`` for a few rows of CPU tensors, in Python over their values: the same keys, scores
+    and ties (the first column of the best score)."""
+    shifts, founds = [], []
+    for t, n, src in zip(tok.tolist(), p.tolist(), source.tolist()):
+        keys = [t[n - k] for k in range(1, min(longest, n) + 1)]  # the last token first
+        Ls = len(src)
+        best, best_e, best_len = None, 0, 0
+        for e, x in enumerate(src):
+            length = 0
+            if x != pad and x == keys[0]:
+                length = 1
+                while length < len(keys) and e - length >= 0 and src[e - length] == keys[length]:
+                    length += 1
+            score = length * (2 * Ls + 1) - abs(e - (n - 1))
+            if best is None or score > best:
+                best, best_e, best_len = score, e, length
+        found = best_len > 0
+        shifts.append(best_e + 1 - n if found else 0)
+        founds.append(found)
+    return torch.tensor(shifts, dtype=torch.long), torch.tensor(founds, dtype=torch.bool)
 
 
 def speculative_decode(
