@@ -87,9 +87,10 @@ benchmarks/results/spec_align_builtin_cpu/passes_stage1.json and passes.json), p
 A simulation over fixed canvases of the first model bounds what alignment can give: T=1 canvases 0.708
 by position, 0.693 by lookup, 0.681 with both verified in one pass; T=10 l=3 canvases 0.647 / 0.582 /
 0.562, before the first pass that has no draft (+0.06): the better the canvas, the more alignment is
-worth, and the canvas' quality is what limits the drafts. Lookup's bookkeeping costs about 80 us a pass
-on a 2-core CPU; at batch 1 (100 test sentences, methods taking turns) spec was 12% slower with lookup on
-the first model and 2% on the shipped one. ``lookup`` is the default: on the shipped model it saves 7%
+worth, and the canvas' quality is what limits the drafts. Lookup's bookkeeping cost about 80 us a pass
+on a 2-core CPU as tensor ops (at batch 1, 100 test sentences, methods taking turns, spec was 12% slower
+with lookup on the first model and 2% on the shipped one); a few rows are now aligned on the host, about
+20 us a pass (spec at batch 1 6% faster on the shipped model). ``lookup`` is the default: on the shipped model it saves 7%
 of the passes for 2% of the time on a CPU, and on a GPU, where a pass's rows cost little, passes are
 the time.
 
