@@ -1,6 +1,7 @@
 """ar_topk (janus/ops/ar_topk.py, csrc/cpu/ar_topk.cpp), the next-token choice of every AR search step: the
-reference against log_softmax + constrain_ar + a top-k, the compiled kernel against the reference (odd widths,
-every rule, ties, fewer allowed ids than k, non-finite rows, thread-count invariance, named errors)."""
+reference against log_softmax, the AR rules written out row by row and a top-k; the compiled kernel against
+the reference (odd widths, every rule, ties, fewer allowed ids than k, non-finite rows, thread-count
+invariance, named errors)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from ext_helpers import require_kernel
 
 from janus.config import SpecialIds
-from janus.decoding.common import banned_ids, constrain_ar
+from janus.decoding.common import banned_ids
 from janus.ops.ar_topk import NO_EOS, ONLY_EOS, ar_rules, ar_topk_ref
 
 SP = SpecialIds()
@@ -24,8 +25,25 @@ def random_rules(R: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 4, (R,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
+def rules_applied(logp: torch.Tensor, words, min_lens, max_lens, stop) -> torch.Tensor:
+    """The AR rules row by row, as the searches state them: pad, bos and <mask> never; eos not while fewer
+    than min_lens tokens were generated; eos alone once max_lens were, or where stop is set and min_lens
+    allows eos. A copy of ``logp`` with -inf at every id a row may not choose."""
+    out = logp.clone()
+    for r in range(out.shape[0]):
+        out[r, banned_ids(SP)] = float("-inf")
+        too_short = bool(words[r] < min_lens[r])
+        if too_short:
+            out[r, SP.eos] = float("-inf")
+        if bool(words[r] >= max_lens[r]) or (bool(stop[r]) and not too_short):
+            eos = out[r, SP.eos].clone()
+            out[r] = float("-inf")
+            out[r, SP.eos] = eos
+    return out
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-def test_reference_is_log_softmax_constrain_ar_and_topk(seed):
+def test_reference_is_log_softmax_the_rules_and_topk(seed):
     g = torch.Generator().manual_seed(seed)
     V, R, k = 50, 24, 6
     logits = torch.randn(R, V, generator=g) * 3
@@ -33,7 +51,7 @@ def test_reference_is_log_softmax_constrain_ar_and_topk(seed):
     min_lens = torch.randint(0, 4, (R,), generator=g)
     max_lens = min_lens + torch.randint(0, 4, (R,), generator=g)
     stop = torch.rand(R, generator=g) < 0.3
-    logp = constrain_ar(F.log_softmax(logits, -1), words, min_lens, max_lens, SP, stop)
+    logp = rules_applied(F.log_softmax(logits, -1), words, min_lens, max_lens, stop)
     scores, ids = ar_topk_ref(logits, k, banned_ids(SP), SP.eos, ar_rules(words, min_lens, max_lens, stop))
     want = logp.topk(k, dim=-1).values
     torch.testing.assert_close(scores, want, rtol=0, atol=0)

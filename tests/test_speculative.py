@@ -12,9 +12,10 @@ from test_decoding import BOS, EOS, MASK, PAD, random_model, random_sources, var
 
 from janus.config import DecodeConfig
 from janus.decoding import greedy_search, speculative_decode
-from janus.decoding.common import constrain_ar
+from janus.decoding.common import banned_ids
 from janus.decoding.speculative import POLICIES, fused_rows, lookup_shift
 from janus.model import KVCache
+from janus.ops.ar_topk import ar_rules, mask_disallowed
 from janus.streams import build_ar_verify_rows, build_canvas_rows, build_training_rows
 
 LIMITS = dict(max_len_a=1.0, max_len_b=6)
@@ -96,7 +97,8 @@ def test_relaxed_verification(seed):
     for b, h in enumerate(relaxed):
         logp = teacher_forced_logprobs(m, src[b : b + 1], h.ids)
         most = torch.floor(((src[b] != PAD).sum() - 1) * LIMITS["max_len_a"] + LIMITS["max_len_b"]).long()
-        constrain_ar(logp, torch.arange(len(h.ids) + 1), torch.tensor(1), most, m.cfg.specials)
+        rules = ar_rules(torch.arange(len(h.ids) + 1), torch.tensor(1), most)
+        mask_disallowed(logp, banned_ids(m.cfg.specials), EOS, rules)
         chosen = torch.tensor([*h.ids, EOS])
         lp = logp.gather(1, chosen[:, None]).squeeze(1)
         top = logp.topk(beta, -1).values

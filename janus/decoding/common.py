@@ -142,8 +142,8 @@ def repeating_tail(tokens: Tensor, step: int, ngram: int, times: int) -> Tensor:
 
 
 def choose_next(logits: Tensor, k: int, rules: Tensor, sp: SpecialIds) -> tuple[Tensor, Tensor]:
-    """The k best next tokens under the AR rules and their log-probabilities, best first: what
-    ``constrain_ar`` on ``log_softmax(logits)`` and a top-k give, in one ``janus.ops.ar_topk`` call.
+    """The k best next tokens under the AR rules and their log-probabilities, best first: the top k of
+    ``log_softmax(logits)`` with the ids the rules forbid at -inf, in one ``janus.ops.ar_topk`` call.
     Every AR search (greedy, beam, a speculative verification) chooses through this, so that they rank
     equal scores alike (ties: the smaller id). Past the allowed ids the scores are -inf.
 
@@ -165,42 +165,6 @@ def rule_edges(min_lens: Tensor, max_lens: Tensor) -> set[int]:
     """The steps (tokens generated so far) at which ``ar_rules`` of some row changes without a repetition
     guard: each row's minimum and maximum. A search recomputes its rules there only (one host sync here)."""
     return set(torch.cat([min_lens, max_lens]).tolist())
-
-
-def constrain_ar(
-    logp: Tensor,
-    words: Tensor,
-    min_lens: Tensor,
-    max_lens: Tensor,
-    sp: SpecialIds,
-    stop: Optional[Tensor] = None,
-) -> Tensor:
-    """Apply the AR next-token rules to log-probabilities, in place (the specification of the rules that
-    ``choose_next`` applies inside ``janus.ops.ar_topk``).
-
-    Pad, bos and <mask> are never chosen; eos is banned while fewer than ``min_lens`` tokens
-    were generated; once ``max_lens`` tokens were generated, or where ``stop`` is set (and
-    ``min_lens`` allows eos), only eos remains. The log-probabilities themselves stay
-    normalised over the whole vocabulary.
-
-    Args:
-        logp: (N, ..., V) fp32 log-probabilities of the next token.
-        words: int64 broadcastable to logp.shape[:-1]: tokens generated before this one.
-        min_lens, max_lens: int64 broadcastable likewise.
-        stop: bool broadcastable likewise: hypotheses that must end now (``repeating``), or None.
-    """
-    neg = float("-inf")
-    logp[..., banned_ids(sp)] = neg
-    too_short = (words < min_lens).expand(logp.shape[:-1])
-    logp[..., sp.eos].masked_fill_(too_short, neg)
-    at_max = (words >= max_lens).expand(logp.shape[:-1])
-    if stop is not None:
-        at_max = at_max | (stop & ~too_short)
-    if bool(at_max.any()):
-        eos = logp[..., sp.eos].clone()
-        logp.masked_fill_(at_max[..., None], neg)
-        logp[..., sp.eos] = torch.where(at_max, eos, logp[..., sp.eos])
-    return logp
 
 
 def normalized(sum_logp: float, num_tokens: int, length_penalty: float) -> float:

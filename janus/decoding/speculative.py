@@ -90,9 +90,9 @@ by position, 0.693 by lookup, 0.681 with both verified in one pass; T=10 l=3 can
 worth, and the canvas' quality is what limits the drafts. Lookup's bookkeeping cost about 80 us a pass
 on a 2-core CPU as tensor ops (at batch 1, 100 test sentences, methods taking turns, spec was 12% slower
 with lookup on the first model and 2% on the shipped one); a few rows are now aligned on the host, about
-20 us a pass (spec at batch 1 6% faster on the shipped model). ``lookup`` is the default: on the shipped model it saves 7%
-of the passes for 2% of the time on a CPU, and on a GPU, where a pass's rows cost little, passes are
-the time.
+20 us a pass (spec at batch 1 6% faster on the shipped model). ``lookup`` is the default: on the shipped
+model it saves 7% of the passes for 2% of the time on a CPU, and on a GPU, where a pass's rows cost
+little, passes are the time.
 
 Relaxed verification (``top_beta`` > 1, SpecDec++ style): a draft token is also accepted where it
 is among the AR's ``top_beta`` most likely tokens and its log-probability is within

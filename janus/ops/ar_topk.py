@@ -34,7 +34,7 @@ on any one backend. Force one with ``JANUS_BACKEND_AR_TOPK=cpp|torch|reference``
 
 Measured on a 2-core AVX-512 CPU, 2 threads, V = 8000 (the small preset's vocabulary): the kernel takes
 26 us for a beam-5 step's 5 rows and k = 10 (log_softmax, the banned ids and a top-10 in torch: 60 us,
-constrain_ar's rules besides), 10 us for greedy's one row and k = 1.
+the rules besides), 10 us for greedy's one row and k = 1.
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ ONLY_EOS = 2
 
 
 def ar_rules(words: Tensor, min_lens: Tensor, max_lens: Tensor, stop: Tensor | None = None) -> Tensor:
-    """The rules of ``ar_topk`` from a search's counts, as ``janus.decoding.common.constrain_ar`` applies
-    them: eos is not allowed while fewer than ``min_lens`` tokens were generated; once ``max_lens`` were,
-    or where ``stop`` is set (and ``min_lens`` allows eos), eos alone is. uint8 of the broadcast shape.
+    """The rules of ``ar_topk`` from a search's counts: eos is not allowed while fewer than ``min_lens`` tokens
+    were generated; once ``max_lens`` were, or where ``stop`` is set (and ``min_lens`` allows eos), eos alone
+    is. uint8 of the broadcast shape (``mask_disallowed`` applies them).
 
     Args:
         words, min_lens, max_lens: int64, broadcastable: tokens generated before the chosen one, and the
@@ -68,6 +68,43 @@ def ar_rules(words: Tensor, min_lens: Tensor, max_lens: Tensor, stop: Tensor | N
     if stop is not None:
         at_max = at_max | (stop & ~too_short)
     return too_short.to(torch.uint8) * NO_EOS + at_max.to(torch.uint8) * ONLY_EOS
+
+
+def mask_disallowed(key: Tensor, banned: Sequence[int], eos: int, rules: Tensor) -> Tensor:
+    """The AR rules, in place: -inf at every id a row may not choose (``banned``; eos where rules & NO_EOS;
+    all but eos where rules & ONLY_EOS). The specification of the rules the "cpp" kernel applies.
+
+    Args:
+        key: float (R, V) logits or log-probabilities.
+        rules: uint8 (R,) (``ar_rules``).
+    Returns:
+        ``key``.
+    """
+    neg = float("-inf")
+    if len(banned):
+        key[:, list(banned)] = neg
+    eos_key = torch.where((rules & NO_EOS) != 0, neg, key[:, eos])
+    key.masked_fill_(((rules & ONLY_EOS) != 0)[:, None], neg)
+    key[:, eos] = eos_key
+    return key
+
+
+def _keys(logits: Tensor, k: int, banned: Sequence[int], eos: int, rules: Tensor) -> tuple[Tensor, Tensor]:
+    """(log_softmax of the fp32 logits, the logits with the ids not allowed at -inf), k checked."""
+    V = logits.shape[1]
+    if not 1 <= k <= V:
+        raise ValueError(f"ar_topk: k={k} must be in [1, V={V}]")
+    logits = logits.float()
+    return F.log_softmax(logits, dim=-1), mask_disallowed(logits.clone(), banned, eos, rules)
+
+
+def _scored(top: Tensor, ids: Tensor, logp: Tensor) -> tuple[Tensor, Tensor]:
+    """(scores, ids) of the chosen ids (their keys ``top``): the log-probability, -inf past the allowed ids; a row
+    without a log-softmax (NaN throughout: a NaN or +inf in it, or only -inf) scores NaN with ids 0 .. k-1."""
+    scores = torch.where(top > float("-inf"), logp.gather(1, ids), float("-inf"))
+    broken = torch.isnan(logp[:, :1])  # no host sync
+    k = ids.shape[1]
+    return torch.where(broken, float("nan"), scores), torch.where(broken, torch.arange(k, device=ids.device), ids)
 
 
 def ar_topk_ref(logits: Tensor, k: int, banned: Sequence[int], eos: int, rules: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,51 +119,19 @@ def ar_topk_ref(logits: Tensor, k: int, banned: Sequence[int], eos: int, rules: 
     Returns:
         (scores float32 (R, k), ids int64 (R, k)), best first.
     """
-    R, V = logits.shape
-    if not 1 <= k <= V:
-        raise ValueError(f"ar_topk: k={k} must be in [1, V={V}]")
-    logp = F.log_softmax(logits.float(), dim=-1)
-    allowed = torch.ones(R, V, dtype=torch.bool, device=logits.device)
-    if len(banned):
-        allowed[:, list(banned)] = False
-    allowed[:, eos] &= (rules & NO_EOS) == 0
-    only = (rules & ONLY_EOS) != 0
-    eos_ok = allowed[:, eos].clone()
-    allowed[only] = False
-    allowed[:, eos] = eos_ok
-    key = torch.where(allowed, logits.float(), float("-inf"))
+    logp, key = _keys(logits, k, banned, eos, rules)
     # Stable: equal keys keep the order of their ids.
     top, ids = key.sort(dim=-1, descending=True, stable=True)
-    top, ids = top[:, :k].contiguous(), ids[:, :k].contiguous()
-    scores = torch.where(top > float("-inf"), logp.gather(1, ids), float("-inf"))
-    broken = torch.isnan(logp).any(-1)  # NaN or +inf in the row, or only -inf
-    if bool(broken.any()):
-        scores[broken] = float("nan")
-        ids[broken] = torch.arange(k, device=logits.device)
-    return scores, ids
+    return _scored(top[:, :k], ids[:, :k], logp)
 
 
 def ar_topk_torch(logits: Tensor, k: int, banned: Sequence[int], eos: int, rules: Tensor) -> tuple[Tensor, Tensor]:
     """``ar_topk_ref`` with torch's ``max`` (k = 1: ties to the smaller id, as the reference) or ``topk`` (k > 1:
     equal keys in topk's order) in place of a sort of every row; the backend of CUDA tensors, and of CPU
     tensors without the compiled ops."""
-    R, V = logits.shape
-    if not 1 <= k <= V:
-        raise ValueError(f"ar_topk: k={k} must be in [1, V={V}]")
-    logits = logits.float()
-    logp = F.log_softmax(logits, dim=-1)
-    key = logits.clone()
-    if len(banned):
-        key[:, list(banned)] = float("-inf")
-    eos_key = torch.where((rules & NO_EOS) != 0, float("-inf"), key[:, eos])
-    key.masked_fill_(((rules & ONLY_EOS) != 0)[:, None], float("-inf"))
-    key[:, eos] = eos_key
+    logp, key = _keys(logits, k, banned, eos, rules)
     top, ids = key.max(dim=-1, keepdim=True) if k == 1 else key.topk(k, dim=-1)
-    scores = torch.where(top > float("-inf"), logp.gather(1, ids), float("-inf"))
-    broken = torch.isnan(logp[:, :1])  # a row without a log-softmax is NaN throughout (no host sync here)
-    scores = torch.where(broken, float("nan"), scores)
-    ids = torch.where(broken, torch.arange(k, device=logits.device), ids)
-    return scores, ids
+    return _scored(top, ids, logp)
 
 
 def _ar_topk_fake(logits: Tensor, k: int, banned: list[int], eos: int, rules: Tensor) -> tuple[Tensor, Tensor]:
