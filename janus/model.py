@@ -30,7 +30,8 @@ from janus.config import ModelConfig
 from janus.ops.decoder_step import LAYER_WEIGHTS, decoder_step_checked, kernel_ready, max_rows
 from janus.ops.skinny_linear import MAX_ROWS as SKINNY_ROWS
 from janus.ops.skinny_linear import MIN_WEIGHT as SKINNY_MIN_WEIGHT
-from janus.ops.skinny_linear import skinny_linear_checked
+from janus.ops.skinny_linear import PANEL, pack_panels, skinny_linear_checked
+from janus.ops.skinny_linear import kernel_ready as skinny_kernel_ready
 from janus.streams import DecoderRows
 
 
@@ -331,6 +332,8 @@ def _fuse_qkv(x: Tensor, num_content: int) -> bool:
 
 # Rows up to which a GEMM against a D x 3D weight is bound by reading the weight, not by arithmetic.
 _FUSE_ROWS = 32
+# The weight matrices among a layer's ``LAYER_WEIGHTS`` (packed in panels for the kernel).
+_PRODUCTS = frozenset(i for i, name in enumerate(LAYER_WEIGHTS) if name.endswith(".weight") and "norm" not in name)
 
 
 def _skinny(x: Tensor) -> bool:
@@ -507,6 +510,7 @@ class JanusModel(nn.Module):
         # Inside ``weights_fixed``: None outside, False until fused_weights has checked them, then True.
         self._fused_checked: Optional[bool] = None
         self.out_proj: Optional[nn.Module] = None  # (D -> V) set by quantize_dynamic_int8 only
+        self._proj_panels: Optional[tuple[tuple, Tensor]] = None  # (key, the embedding's panels) of ``project``
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -674,8 +678,10 @@ class JanusModel(nn.Module):
 
     def fused_weights(self) -> list[Tensor]:
         """The decoder's weights in ``janus.ops.decoder_step.LAYER_WEIGHTS`` order, each self-attention's
-        q, k, v concatenated. Kept between calls while every parameter keeps its storage and version (a step
-        of a small model cannot afford to walk the modules: ~150 us); inside ``weights_fixed``, checked once."""
+        q, k, v concatenated, the weight matrices packed in panels (``janus.ops.skinny_linear.pack_panels``:
+        a second copy of the decoder's matrices, whose products the kernel runs about twice as fast). Kept
+        between calls while every parameter keeps its storage and version (a step of a small model cannot
+        afford to walk the modules: ~150 us); inside ``weights_fixed``, checked once."""
         if self._fused_checked and self._fused_list is not None:
             return self._fused_list[1]
         if self._fused_params is None:
@@ -697,7 +703,11 @@ class JanusModel(nn.Module):
         with torch.no_grad():
             for i in range(0, len(params), per):
                 p = [t.detach() for t in params[i : i + per]]
-                out += [torch.cat(p[0:3]), torch.cat(p[3:6]), *p[6:]]
+                layer = [torch.cat(p[0:3]), torch.cat(p[3:6]), *p[6:]]
+                # The products' weights in the kernel's panels where their rows allow (janus.ops.skinny_linear)
+                out += [
+                    pack_panels(w) if j in _PRODUCTS and w.shape[0] % PANEL == 0 else w for j, w in enumerate(layer)
+                ]
         if key is not None:
             self._fused_list = (key, out)
         return out
@@ -770,15 +780,16 @@ class JanusModel(nn.Module):
         if self.out_proj is not None:
             return _linear(self.out_proj, hidden)
         w = self.embed.weight
-        if (
-            w.dtype == torch.bfloat16
-            and hidden.dtype == torch.bfloat16
-            and _skinny(hidden)
-            and w.numel() >= SKINNY_MIN_WEIGHT
-        ):
-            # A step's few rows: float32 logits from the bf16 weights (bf16 logits of magnitude ~10 are rounded to
-            # ~0.06, enough to tie or swap a search's best candidates).
-            return skinny_linear_checked(hidden.float(), w, None)
+        if hidden.dtype == w.dtype and _skinny(hidden) and skinny_kernel_ready():
+            # A step's few rows through the kernel's panel tiles, on a packed copy of the embedding kept while
+            # it does not change. In bf16, float32 logits from the bf16 weights (bf16 logits of magnitude ~10
+            # are rounded to ~0.06, enough to tie or swap a search's best candidates).
+            key = None if w.is_inference() else (w.data_ptr(), w._version)
+            if key is None or self._proj_panels is None or self._proj_panels[0] != key:
+                with torch.no_grad():
+                    self._proj_panels = (key, pack_panels(w.detach()))
+            logits = skinny_linear_checked(hidden.float(), self._proj_panels[1], None)
+            return logits if logits.shape[-1] == w.shape[0] else logits[..., : w.shape[0]]
         return infer_linear(hidden, w, None)
 
     def forward(self, src: Tensor, rows: DecoderRows) -> tuple[Tensor, Tensor]:
@@ -820,7 +831,7 @@ def quantize_dynamic_int8(model: JanusModel, *, encoder: bool = False) -> JanusM
     from torch.ao import quantization as tq
 
     q = copy.deepcopy(model).float().eval()
-    q._fused_params, q._fused_list, q._fused_float = None, None, False
+    q._fused_params, q._fused_list, q._fused_float, q._proj_panels = None, None, False, None
     with torch.no_grad():
         for attn in [layer.attn for layer in q.encoder if encoder] + [layer.self_attn for layer in q.decoder]:
             attn.qkv = nn.Linear(attn.q.in_features, 3 * attn.q.out_features)

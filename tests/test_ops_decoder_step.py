@@ -1,5 +1,6 @@
 """decoder_step (csrc/cpu/decoder_step.cpp) against its reference: odd widths and heads, beams sharing a
-sentence, source padding, ragged visibility, caches written where asked and nowhere else; thread-count
+sentence, source padding, ragged visibility, caches written where asked and nowhere else, weight matrices
+row-major or in panels; thread-count
 and row invariance; named errors; dispatch; and the model's passes through it (AR steps, beams,
 speculative verification) equal to its own layers, with the same search outputs."""
 
@@ -14,6 +15,7 @@ from janus.config import preset
 from janus.decoding import beam_search, greedy_search, speculative_decode
 from janus.model import JanusModel, KVCache, quantize_dynamic_int8
 from janus.ops.decoder_step import DECODER_STEP, LAYER_WEIGHTS, MAX_ROWS, _fits_cpp, decoder_step, decoder_step_ref
+from janus.ops.skinny_linear import pack_panels
 
 FORCE = "JANUS_BACKEND_DECODER_STEP"
 
@@ -82,6 +84,14 @@ CASES = {
 }
 
 
+def packed(args):
+    """The arguments with every weight matrix whose rows are a multiple of 16 in panels (as the model's
+    ``fused_weights``; the others stay row-major: both layouts in one pass)."""
+    out = cloned(args)
+    out[9] = [pack_panels(w) if w.dim() == 2 and w.shape[0] % 16 == 0 else w for w in args[9]]
+    return out
+
+
 def in_dtype(args, dtype):
     out = cloned(args)
     for i in (0, 4, 5, 6, 7, 9):
@@ -89,11 +99,13 @@ def in_dtype(args, dtype):
     return out
 
 
+@pytest.mark.parametrize("panels", [False, True], ids=["row-major", "panels"])
 @pytest.mark.parametrize("name", ["greedy", "beams", "verify", "canvas", "odd widths", "iwslt width"])
-def test_bfloat16_is_closer_to_the_exact_result_than_torchs_bf16_layers(name):
+def test_bfloat16_is_closer_to_the_exact_result_than_torchs_bf16_layers(name, panels):
     """bf16 weights, caches and source keys/values, fp32 arithmetic: within the reference's own bf16 error
     (of the same bf16 inputs, against fp64), and the keys/values it caches are those rounded to bf16."""
     args = in_dtype(problem(5, **CASES[name]), torch.bfloat16)
+    args = packed(args) if panels else args
     kernel_args, ref_args, exact_args = cloned(args), cloned(args), in_double(args)
     out = torch.ops.janus.decoder_step(*kernel_args)
     want = decoder_step_ref(*ref_args)
@@ -105,9 +117,11 @@ def test_bfloat16_is_closer_to_the_exact_result_than_torchs_bf16_layers(name):
                                atol=1e-2, name=f"{name} cache {layer}")  # fmt: skip
 
 
+@pytest.mark.parametrize("panels", [False, True], ids=["row-major", "panels"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_the_reference(name):
+def test_matches_the_reference(name, panels):
     args = problem(3, **CASES[name])
+    args = packed(args) if panels else args
     kernel_args, ref_args, exact_args = cloned(args), cloned(args), in_double(args)
     out = torch.ops.janus.decoder_step(*kernel_args)
     want = decoder_step_ref(*ref_args)
@@ -127,10 +141,12 @@ def test_matches_the_reference(name):
                 assert untouched[n][:, ~written].all()
 
 
-def test_result_does_not_depend_on_the_thread_count_or_the_other_rows():
+@pytest.mark.parametrize("panels", [False, True], ids=["row-major", "panels"])
+def test_result_does_not_depend_on_the_thread_count_or_the_other_rows(panels):
     """One thread or two, a hypothesis alone or among others: the same bits (decoding's batch
     invariance rests on it)."""
     args = problem(7, N=6, R=4, C=2, B=3, D=64, H=4, F=96, W=20)
+    args = packed(args) if panels else args
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -172,7 +188,12 @@ def test_bad_arguments_are_named():
     bad = cloned(args)
     bad[9] = list(args[9])
     bad[9][12] = args[9][12][:, :5].contiguous()
-    with pytest.raises(ValueError, match=r"layer 0 W1 has shape \[48, 5\], expected \(48, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"layer 0 W1 has shape \[48, 5\], expected \(48, 32\) or its panels \(3, 32, 16\)"
+    ):
+        torch.ops.janus.decoder_step(*bad)
+    bad[9][12] = pack_panels(args[9][12])[:2].contiguous()
+    with pytest.raises(ValueError, match=r"layer 0 W1 has shape \[2, 32, 16\], expected \(48, 32\)"):
         torch.ops.janus.decoder_step(*bad)
     bad = cloned(args)
     bad[0] = args[0].double()

@@ -1,6 +1,7 @@
 """skinny_linear (csrc/cpu/skinny_linear.cpp) against F.linear: every row count of its row groups, odd
-shapes, bf16, no bias; thread-count and row invariance; named errors; dispatch; and the model's fp32
-and bf16 decoder steps through it equal to the steps through the reference."""
+shapes, bf16, no bias, row-major weights and their panels; thread-count and row invariance; named errors;
+dispatch; and the model's fp32 and bf16 decoder steps and projections through it equal to the same through
+the reference."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import torch.nn.functional as F
 from ext_helpers import require_kernel
 from tolerances import assert_within_baseline
 
-from janus.ops.skinny_linear import SKINNY_LINEAR, _fits_cpp, skinny_linear, skinny_linear_checked
+from janus.ops.skinny_linear import (
+    PANEL,
+    SKINNY_LINEAR,
+    _fits_cpp,
+    pack_panels,
+    skinny_linear,
+    skinny_linear_checked,
+    skinny_linear_ref,
+    unpack_panels,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +46,106 @@ def test_matches_f_linear_for_every_row_group(rows, dtype):
         out = torch.ops.janus.skinny_linear(x, w, b)
         assert out.dtype == dtype and out.shape == (rows, n)
         assert_within_baseline(out, exact(x, w, b), F.linear(x, w, b), atol=1e-5, name=f"{n}x{k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 10, 11, 13, 16, 25])
+def test_panels_match_f_linear_for_every_row_group(rows, dtype):
+    """The panel tiles: 1-4 rows their own layouts, multiples of 5 groups of 5, others groups of 6, the last
+    one short; 37 outputs pack into 3 panels whose last 11 rows are zero (outputs 0, or the padded bias's);
+    panel counts that leave a task fewer panels than a tile (3, 25) run panel by panel."""
+    g = torch.Generator().manual_seed(100 + rows)
+    for n, k, bias in ((37, 128, False), (48, 128, True), (400, 512, True), (16, 33, True), (64, 1, False)):
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        w = torch.randn(n, k, generator=g).to(dtype)
+        panels = pack_panels(w)
+        P = -(-n // PANEL)
+        assert panels.shape == (P, k, PANEL) and panels.is_contiguous()
+        b = torch.randn(P * PANEL, generator=g).to(dtype) if bias else None
+        out = torch.ops.janus.skinny_linear(x, panels, b)
+        assert out.dtype == dtype and out.shape == (rows, P * PANEL)
+        want = F.linear(x, w, None if b is None else b[:n])
+        assert_within_baseline(out[:, :n], exact(x, w, None if b is None else b[:n]), want, atol=1e-5, name=f"{n}x{k}")
+        tail = torch.zeros(rows, P * PANEL - n, dtype=dtype) if b is None else b[n:].expand(rows, -1)
+        assert torch.equal(out[:, n:], tail)
+
+
+def test_panels_pack_and_unpack():
+    w = torch.randn(37, 20)
+    panels = pack_panels(w)
+    assert torch.equal(panels[1, 3], w[16:32, 3])  # panel 1 holds outputs 16..31, K outermost
+    full = unpack_panels(panels)
+    assert full.shape == (48, 20) and torch.equal(full[:37], w) and not full[37:].any()
+    assert pack_panels(w.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_with_panels_a_rows_result_depends_on_neither_the_other_rows_nor_the_threads(dtype):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(13, 256, generator=g).to(dtype)
+    panels = pack_panels(torch.randn(1000, 256, generator=g).to(dtype))
+    b = torch.randn(1008, generator=g).to(dtype)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.janus.skinny_linear(x, panels, b)
+        torch.set_num_threads(2)
+        full = torch.ops.janus.skinny_linear(x, panels, b)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, full)
+    for rows in (slice(0, 1), slice(3, 5), slice(2, 5), slice(7, 11), slice(5, 10), slice(1, 7), slice(0, 12)):
+        assert torch.equal(torch.ops.janus.skinny_linear(x[rows].contiguous(), panels, b), full[rows]), rows
+
+
+def test_panels_through_the_dispatch_and_the_reference(monkeypatch):
+    x, w = torch.randn(3, 2, 40), torch.randn(21, 40)
+    panels = pack_panels(w)
+    with torch.no_grad():
+        assert SKINNY_LINEAR.select(x, panels).name == "cpp"
+        out = skinny_linear(x, panels)
+    assert out.shape == (3, 2, 32)
+    ref = skinny_linear_ref(x, panels)
+    assert ref.shape == (3, 2, 32) and not ref[..., 21:].any()
+    torch.testing.assert_close(ref[..., :21], F.linear(x, w), rtol=1e-6, atol=1e-6)
+    assert_within_baseline(out[..., :21], exact(x, w, None), F.linear(x, w))
+    monkeypatch.setenv("JANUS_BACKEND_SKINNY_LINEAR", "reference")
+    assert torch.equal(skinny_linear_checked(x, panels), ref)
+    assert _fits_cpp(x, torch.randn(2, 40, 8))[0] is False  # not 16 outputs a panel
+
+
+def test_panels_float32_rows_by_bfloat16_weights_give_float32():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 128, generator=g)
+    w = torch.randn(80, 128, generator=g).bfloat16()
+    out = torch.ops.janus.skinny_linear(x, pack_panels(w), None)
+    assert out.dtype == torch.float32
+    assert_within_baseline(out, exact(x, w, None), F.linear(x, w.float()), atol=1e-5, name="mixed panels")
+
+
+def test_the_projection_runs_on_panels_that_follow_the_embedding(monkeypatch):
+    """A step's few rows of logits come from a packed copy of the embedding (300 ids: 19 panels, the
+    last padded), cut to the vocabulary; an in-place update of the embedding reaches it."""
+    from janus.config import preset
+    from janus.model import JanusModel
+
+    torch.manual_seed(1)
+    model = JanusModel(preset("tiny", vocab_size=300)).eval()
+    seen = []
+    real = torch.ops.janus.skinny_linear
+    monkeypatch.setattr(torch.ops.janus, "skinny_linear", lambda *a: seen.append(a[1].shape) or real(*a),
+                        raising=False)  # fmt: skip
+    h, w = torch.randn(5, model.cfg.d_model), model.embed.weight
+    with torch.no_grad():
+        first = model.project(h)
+        assert first.shape == (5, 300) and seen == [(19, model.cfg.d_model, PANEL)]
+        assert_within_baseline(first, exact(h, w.detach(), None), F.linear(h, w.detach()))
+        w.mul_(-2.0)
+        second = model.project(h)
+    assert_within_baseline(second, exact(h, w.detach(), None), F.linear(h, w.detach()))
+    with torch.no_grad():
+        assert model.project(torch.randn(40, model.cfg.d_model)).shape == (40, 300)  # many rows: torch's GEMM
+    assert len(seen) == 2
 
 
 @pytest.mark.parametrize("rows", [1, 4, 10, 13])
@@ -111,6 +221,12 @@ def test_bad_arguments_are_named():
         torch.ops.janus.skinny_linear(torch.randn(2, 4), torch.randn(5, 4), torch.randn(4))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         torch.ops.janus.skinny_linear(torch.randn(2, 4).double(), torch.randn(5, 4).double(), None)
+    with pytest.raises(ValueError, match=r"a packed weight must be \(N / 16, K, 16\), got \[2, 4, 8\]"):
+        torch.ops.janus.skinny_linear(torch.randn(2, 4), torch.randn(2, 4, 8), None)
+    with pytest.raises(ValueError, match="x has 4 columns, weight 5"):
+        torch.ops.janus.skinny_linear(torch.randn(2, 4), torch.randn(2, 5, 16), None)
+    with pytest.raises(ValueError, match=r"bias must be \(32,\)"):
+        torch.ops.janus.skinny_linear(torch.randn(2, 4), torch.randn(2, 4, 16), torch.randn(30))
 
 
 def test_dispatch_sends_what_the_kernel_cannot_take_to_the_reference():
@@ -136,6 +252,8 @@ def test_forcing_the_reference_is_honoured_by_the_checked_entry(monkeypatch):
 def test_opcheck():
     args = (torch.randn(3, 40), torch.randn(9, 40), torch.randn(9))
     torch.library.opcheck(torch.ops.janus.skinny_linear.default, args)
+    packed = (torch.randn(3, 40), pack_panels(torch.randn(9, 40)), torch.randn(16))
+    torch.library.opcheck(torch.ops.janus.skinny_linear.default, packed)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])

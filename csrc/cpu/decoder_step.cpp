@@ -113,10 +113,36 @@ JANUS_INLINE void axpy(float* o, float w, const T* v, int64_t dk) {
   for (; d < dk; ++d) o[d] += w * at1(v + d);
 }
 
+// The scaled scores q . k of columns [s0, s0 + n) (n <= 16) into p[s0 ..): where dk is a multiple of 16, each
+// column's 16 lanes of products summed in one fold tree for all 16 columns (skinny_gemm.h's lane_sums16), in
+// place of a horizontal sum per column; else one column at a time, in order.
+template <typename T>
+JANUS_INLINE void scores16(const Attention<T>& A, const float* q, int64_t src, int64_t h, int64_t s0, int64_t n,
+                           float scale, float* p) {
+  if (A.dk % lanes::kLanes == 0) {
+    lanes::vf acc[lanes::kLanes];
+    for (int i = 0; i < lanes::kLanes; ++i) acc[i] = lanes::vf{};
+    for (int64_t i = 0; i < n; ++i) {
+      const T* k = A.k.at(src, h, s0 + i);
+      for (int64_t d = 0; d < A.dk; d += lanes::kLanes) {
+        acc[i] += lanes::load(lanes::vf{}, q + d) * lanes::load(lanes::vf{}, k + d);
+      }
+    }
+    float sums[lanes::kLanes];
+    const lanes::vf s16 = skinny::lane_sums16(acc) * scale;
+    std::memcpy(sums, &s16, sizeof s16);
+    std::copy(sums, sums + n, p + s0);
+  } else {
+    for (int64_t i = 0; i < n; ++i) p[s0 + i] = dot(q, A.k.at(src, h, s0 + i), A.dk) * scale;
+  }
+}
+
 template <typename T>
 JANUS_INLINE void attend_items(const Attention<T>& A, int64_t i0, int64_t i1) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(A.dk));
-  std::vector<float> p(static_cast<size_t>(A.S));
+  const float ninf = -std::numeric_limits<float>::infinity();
+  // Room for a block of 16 from any column: the exponentials run 16 at a time.
+  std::vector<float> p(static_cast<size_t>(A.S + lanes::kLanes));
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t h = item % A.H, row = item / A.H, n = row / A.R, b = n / A.g;
     const int64_t first = A.spans != nullptr ? A.spans[2 * row] : 0;
@@ -124,20 +150,26 @@ JANUS_INLINE void attend_items(const Attention<T>& A, int64_t i0, int64_t i1) {
     const float* q = A.q + row * A.ldq + h * A.dk;
     const bool* keep = A.keep != nullptr ? A.keep + b * A.S : nullptr;
     const int64_t src = A.spans != nullptr ? n : b;  // self-attention caches are per hypothesis
-    float top = -std::numeric_limits<float>::infinity();
+    // 1. Scores, the masked columns at -inf, and their maximum.
+    for (int64_t s0 = first; s0 < width; s0 += lanes::kLanes) {
+      scores16(A, q, src, h, s0, std::min<int64_t>(lanes::kLanes, width - s0), scale, p.data());
+    }
+    float top = ninf;
     for (int64_t s = first; s < width; ++s) {
-      if (keep != nullptr && !keep[s]) {
-        p[s] = -std::numeric_limits<float>::infinity();
-        continue;
-      }
-      p[s] = dot(q, A.k.at(src, h, s), A.dk) * scale;
+      if (keep != nullptr && !keep[s]) p[s] = ninf;
       top = std::max(top, p[s]);
+    }
+    // 2. exp(score - max), 16 at a time (past `width` on the block's spare room), masked columns exactly 0.
+    for (int64_t s0 = first; s0 < width; s0 += lanes::kLanes) {
+      const lanes::vf e = lanes::exp_neg(lanes::load(lanes::vf{}, p.data() + s0) - lanes::splat<lanes::vf>(top));
+      lanes::store(p.data() + s0, e);
     }
     float total = 0.0f;
     for (int64_t s = first; s < width; ++s) {
-      p[s] = std::exp(p[s] - top);
+      if (keep != nullptr && !keep[s]) p[s] = 0.0f;
       total += p[s];
     }
+    // 3. The weighted sum of the values.
     float* o = A.out + row * A.D + h * A.dk;
     std::fill(o, o + A.dk, 0.0f);
     for (int64_t s = first; s < width; ++s) {
@@ -183,6 +215,17 @@ void add_norm(float* x, const float* y, int64_t M, int64_t D, const T* w, const 
   }
 }
 
+// out (M, N) = x (M, K) W^T + b through the tiles of W's layout: (N, K) row-major or panels (N / 16, K, 16).
+template <typename T>
+void product(const float* x, int64_t M, int64_t K, const at::Tensor& w, int64_t N, const T* b, float* out) {
+  const T* wp = static_cast<const T*>(w.const_data_ptr());
+  if (w.dim() == 3) {
+    skinny::panel_gemm<T>(x, M, K, wp, N, b, out);
+  } else {
+    skinny::skinny_gemm<T>(x, M, K, wp, N, b, out);
+  }
+}
+
 // Every layer over the fp32 rows h (M = N * R, D), in place; weights, caches and cross keys/values of type T.
 template <typename T>
 void run_layers(float* h, int64_t N, int64_t R, int64_t C, int64_t D, int64_t H, int64_t F, int64_t B, int64_t S,
@@ -196,7 +239,7 @@ void run_layers(float* h, int64_t N, int64_t R, int64_t C, int64_t D, int64_t H,
     const at::Tensor* w = weights.data() + kPerLayer * l;
     auto ptr = [&](int i) { return static_cast<const T*>(w[i].const_data_ptr()); };
     // Self-attention: project, write the content rows' keys/values, attend to the visible cache columns.
-    skinny::skinny_gemm<T>(h, M, D, ptr(0), 3 * D, ptr(1), qkv.data());
+    product<T>(h, M, D, w[0], 3 * D, ptr(1), qkv.data());
     T* kc = static_cast<T*>(self_k[l].data_ptr());
     T* vc = static_cast<T*>(self_v[l].data_ptr());
     const auto ks = self_k[l].strides(), vs = self_v[l].strides();
@@ -216,18 +259,18 @@ void run_layers(float* h, int64_t N, int64_t R, int64_t C, int64_t D, int64_t H,
     }
     const Heads<T> sk{kc, ks[0], ks[1], ks[2]}, sv{vc, vs[0], vs[1], vs[2]};
     attend<T>({N, R, H, dk, D, 1, 3 * D, qkv.data(), sk, sv, spans, cap, nullptr, att.data()});
-    skinny::skinny_gemm<T>(att.data(), M, D, ptr(2), D, ptr(3), tmp.data());
+    product<T>(att.data(), M, D, w[2], D, ptr(3), tmp.data());
     add_norm<T>(h, tmp.data(), M, D, ptr(4), ptr(5), eps);
     // Cross-attention over the source.
-    skinny::skinny_gemm<T>(h, M, D, ptr(6), D, ptr(7), qkv.data());
+    product<T>(h, M, D, w[6], D, ptr(7), qkv.data());
     attend<T>({N, R, H, dk, D, N / B, D, qkv.data(), heads_of<T>(cross_k[l]), heads_of<T>(cross_v[l]), nullptr, S,
                keep, att.data()});
-    skinny::skinny_gemm<T>(att.data(), M, D, ptr(8), D, ptr(9), tmp.data());
+    product<T>(att.data(), M, D, w[8], D, ptr(9), tmp.data());
     add_norm<T>(h, tmp.data(), M, D, ptr(10), ptr(11), eps);
     // Feed-forward.
-    skinny::skinny_gemm<T>(h, M, D, ptr(12), F, ptr(13), ffn.data());
+    product<T>(h, M, D, w[12], F, ptr(13), ffn.data());
     for (float& u : ffn) u = std::max(u, 0.0f);
-    skinny::skinny_gemm<T>(ffn.data(), M, F, ptr(14), D, ptr(15), tmp.data());
+    product<T>(ffn.data(), M, F, w[14], D, ptr(15), tmp.data());
     add_norm<T>(h, tmp.data(), M, D, ptr(16), ptr(17), eps);
   }
 }
@@ -236,9 +279,16 @@ void check_matrix(const at::Tensor& t, int64_t rows, int64_t cols, const char* w
   TORCH_CHECK_VALUE(t.scalar_type() == dt && t.is_contiguous() && t.device().is_cpu(),
                     "janus::decoder_step: layer ", layer, " ", what, " must be a contiguous ", dt, " CPU tensor (x's dtype), got ",
                     t.scalar_type(), t.is_contiguous() ? "" : " (not contiguous)");
-  const bool ok = cols < 0 ? (t.dim() == 1 && t.size(0) == rows) : (t.dim() == 2 && t.size(0) == rows && t.size(1) == cols);
+  // A matrix may come packed in panels (rows / 16, cols, 16) (janus.ops.skinny_linear.pack_panels).
+  const int64_t L = lanes::kLanes;
+  const bool ok = cols < 0 ? (t.dim() == 1 && t.size(0) == rows)
+                           : (t.dim() == 2 && t.size(0) == rows && t.size(1) == cols) ||
+                                 (t.dim() == 3 && rows % L == 0 && t.size(0) == rows / L && t.size(1) == cols &&
+                                  t.size(2) == L);
   TORCH_CHECK_VALUE(ok, "janus::decoder_step: layer ", layer, " ", what, " has shape ", t.sizes(), ", expected (",
-                    rows, cols < 0 ? "" : ", ", cols < 0 ? std::string() : std::to_string(cols), ")");
+                    rows, cols < 0 ? "" : ", ", cols < 0 ? std::string() : std::to_string(cols), ")",
+                    cols < 0 ? std::string() : " or its panels (" + std::to_string(rows / L) + ", " +
+                                                   std::to_string(cols) + ", " + std::to_string(L) + ")");
 }
 
 void check_heads(const at::Tensor& t, int64_t n, int64_t H, int64_t dk, const char* what, int64_t layer,
@@ -310,7 +360,7 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
     TORCH_CHECK_VALUE(cp[i] >= 0 && cp[i] < cap, "janus::decoder_step: columns[", i / C, ", ", i % C, "]=", cp[i],
                       " is outside the cache's ", cap, " columns");
   }
-  const int64_t F = L ? weights[12].size(0) : 0;
+  const int64_t F = L ? weights[13].size(0) : 0;  // b1 (F,): W1 may be packed
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = weights.data() + kPerLayer * l;
     check_matrix(w[0], 3 * D, D, "Wqkv", l, dt);

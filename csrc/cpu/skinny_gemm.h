@@ -180,12 +180,120 @@ JANUS_INLINE void run_rows(const Problem& P, int64_t n0, int64_t n1) {
   run_rows<bf16_raw, float>(P, n0, n1);
 }
 
+// A panel tile's sums run in blocks of this many k, the blocks' sums added in order: one chain of K
+// multiply-adds rounds like K terms (at K = 512, three times the error of torch's GEMM), blocks of 128 like
+// 128 + K / 128.
+constexpr int64_t kPanelBlock = 128;
+
+// Panels: a weight (N, K) packed as (N / 16, K, 16), panel p holding outputs [16p, 16p + 16) K-major
+// (janus.ops.skinny_linear.pack_panels). A panel tile broadcasts one input element at a time against a
+// vector of 16 outputs, so an output's sum is a chain of fused multiply-adds in k order (in blocks of
+// kPanelBlock), stored as it is: no lane sums. Where K is small (the 128-wide layers of the `small` preset: 8 vectors of K per weight
+// row) the row-major tiles above spend as much on their lane-sum trees as on the products; measured in
+// janus.ops.skinny_linear's docstring. The sum does not depend on the tile either: a row's result depends
+// on neither the other rows nor the thread count.
+template <typename T, int G, int J, typename O = T>
+JANUS_INLINE void panel_tile(const Problem& P, int64_t r0, int64_t p) {
+  static_assert(G * J + J <= 30, "panel_tile: accumulators and weight vectors fit AVX-512's 32 registers");
+  const int64_t K = P.K;
+  const T* W = static_cast<const T*>(P.w) + p * K * kLanes;
+  const T* B = static_cast<const T*>(P.b);
+  O* Out = static_cast<O*>(P.out);
+  const float* X = P.x + r0 * K;
+  vf total[G][J];
+  for (int64_t k0 = 0; k0 < K; k0 += kPanelBlock) {
+    const int64_t k1 = std::min(K, k0 + kPanelBlock);
+    vf acc[G][J];
+    for (int g = 0; g < G; ++g) {
+      for (int j = 0; j < J; ++j) acc[g][j] = vf{};
+    }
+    for (int64_t k = k0; k < k1; ++k) {
+      vf u[J];
+      for (int j = 0; j < J; ++j) u[j] = load(W + (j * K + k) * kLanes);
+      for (int g = 0; g < G; ++g) {
+        const vf xv = vf{} + X[g * K + k];
+        for (int j = 0; j < J; ++j) acc[g][j] += u[j] * xv;
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int j = 0; j < J; ++j) total[g][j] = k0 == 0 ? acc[g][j] : total[g][j] + acc[g][j];
+    }
+  }
+  for (int j = 0; j < J; ++j) {
+    const vf bias = B != nullptr ? load(B + (p + j) * kLanes) : vf{};
+    for (int g = 0; g < G; ++g) lanes::store(Out + (r0 + g) * P.N + (p + j) * kLanes, total[g][j] + bias);
+  }
+}
+
+// The panel tile of input rows [r0, r0 + G), or of the fewer left.
+template <typename T, int G, int J, typename O = T>
+JANUS_INLINE void panel_rows(const Problem& P, int64_t r0, int64_t p) {
+  const int64_t left = P.M - r0;
+  if (left >= G) {
+    panel_tile<T, G, J, O>(P, r0, p);
+  } else if constexpr (G > 1) {
+    switch (left) {
+      case 1: panel_tile<T, 1, J, O>(P, r0, p); break;
+      case 2: if constexpr (G > 2) panel_tile<T, 2, J, O>(P, r0, p); break;
+      case 3: if constexpr (G > 3) panel_tile<T, 3, J, O>(P, r0, p); break;
+      case 4: if constexpr (G > 4) panel_tile<T, 4, J, O>(P, r0, p); break;
+      case 5: if constexpr (G > 5) panel_tile<T, 5, J, O>(P, r0, p); break;
+      default: break;
+    }
+  }
+}
+
+// Panels [p0, p1): J at a time for all input rows (groups of G), the J panels read from memory for the first
+// group and from cache for the others.
+template <typename T, int G, int J, typename O = T>
+JANUS_INLINE void panel_block(const Problem& P, int64_t p0, int64_t p1) {
+  int64_t p = p0;
+  for (; p + J <= p1; p += J) {
+    for (int64_t r0 = 0; r0 < P.M; r0 += G) panel_rows<T, G, J, O>(P, r0, p);
+  }
+  for (; p < p1; ++p) {
+    for (int64_t r0 = 0; r0 < P.M; r0 += G) panel_rows<T, G, 1, O>(P, r0, p);
+  }
+}
+
+// Rows per group and panels per tile by the row count: about 24 accumulators where the rows allow (enough
+// independent chains to hide the multiply-add latency), a beam of 5's ten rows as two groups of 5.
+template <typename T, typename O = T>
+JANUS_INLINE void run_panels(const Problem& P, int64_t p0, int64_t p1) {
+  switch (P.M) {
+    case 1: panel_block<T, 1, 8, O>(P, p0, p1); break;
+    case 2: panel_block<T, 2, 6, O>(P, p0, p1); break;
+    case 3: panel_block<T, 3, 6, O>(P, p0, p1); break;
+    case 4: panel_block<T, 4, 4, O>(P, p0, p1); break;
+    default:
+      if (P.M % 5 == 0) {
+        panel_block<T, 5, 4, O>(P, p0, p1);
+      } else {
+        panel_block<T, 6, 4, O>(P, p0, p1);
+      }
+  }
+}
+
+[[maybe_unused]] JANUS_CLONES void panels_f32(const Problem& P, int64_t p0, int64_t p1) { run_panels<float>(P, p0, p1); }
+[[maybe_unused]] JANUS_CLONES void panels_bf16(const Problem& P, int64_t p0, int64_t p1) {
+  run_panels<bf16_raw>(P, p0, p1);
+}
+[[maybe_unused]] JANUS_CLONES void panels_bf16_f32(const Problem& P, int64_t p0, int64_t p1) {
+  run_panels<bf16_raw, float>(P, p0, p1);
+}
+
 // Blocks of whole tiles of weight rows (a multiple of every tiling's 4, 3 and 2 weight rows), about 64 KB of
 // weight each at least, split across threads.
 constexpr int64_t kGrainRows = 24;
 inline int64_t block_grain(int64_t K, int64_t element_size) {
   return std::max<int64_t>(kGrainRows,
                            (int64_t{1} << 16) / std::max<int64_t>(1, K * element_size) / kGrainRows * kGrainRows);
+}
+// Panels per task: about 64 KB of weight, and a multiple of 24, which every panel tiling's 8, 6 or 4 panels
+// divide.
+inline int64_t panel_grain(int64_t K, int64_t element_size) {
+  return std::max<int64_t>(kGrainRows, (int64_t{1} << 16) / std::max<int64_t>(1, K * element_size * kLanes) /
+                                           kGrainRows * kGrainRows);
 }
 
 // out (M, N) = x (M, K) @ w (N, K)^T + b (N,) (b may be null): x and out fp32, w and b T (float or bf16_raw),
@@ -196,6 +304,15 @@ inline void skinny_gemm(const float* x, int64_t M, int64_t K, const T* w, int64_
   const Problem P{M, N, K, x, w, b, out};
   auto* run = std::is_same_v<T, float> ? block_f32 : block_bf16_f32;
   at::parallel_for(0, N, block_grain(K, sizeof(T)), [&](int64_t n0, int64_t n1) { run(P, n0, n1); });
+}
+
+// The same product with the weight packed in panels (N / 16, K, 16) (N a multiple of 16).
+template <typename T>
+inline void panel_gemm(const float* x, int64_t M, int64_t K, const T* w, int64_t N, const T* b, float* out) {
+  if (M == 0 || N == 0) return;
+  const Problem P{M, N, K, x, w, b, out};
+  auto* run = std::is_same_v<T, float> ? panels_f32 : panels_bf16_f32;
+  at::parallel_for(0, N / kLanes, panel_grain(K, sizeof(T)), [&](int64_t p0, int64_t p1) { run(P, p0, p1); });
 }
 
 }  // namespace

@@ -45,7 +45,8 @@ namespace {
 using namespace skinny;
 
 at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 2, "janus::skinny_linear: x must be (M, K) and weight (N, K), got ",
+  TORCH_CHECK_VALUE(x.dim() == 2 && (weight.dim() == 2 || weight.dim() == 3),
+                    "janus::skinny_linear: x must be (M, K) and weight (N, K) or panels (N / 16, K, 16), got ",
                     x.sizes(), " and ", weight.sizes());
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "janus::skinny_linear (CPU): x must be float32 or bfloat16, got ",
@@ -55,8 +56,13 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   TORCH_CHECK(weight.scalar_type() == dt || mixed, "janus::skinny_linear: weight (", weight.scalar_type(),
               ") must have x's dtype (", dt, "), or be bfloat16 with float32 x");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "janus::skinny_linear (CPU): tensors must be on the CPU");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK_VALUE(weight.size(1) == K, "janus::skinny_linear: x has ", K, " columns, weight ", weight.size(1));
+  // A 3-dim weight is packed in panels (N / 16, K, 16) (janus.ops.skinny_linear.pack_panels).
+  const bool panels = weight.dim() == 3;
+  TORCH_CHECK_VALUE(!panels || weight.size(2) == lanes::kLanes, "janus::skinny_linear: a packed weight must be (N / ",
+                    lanes::kLanes, ", K, ", lanes::kLanes, "), got ", weight.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = panels ? weight.size(0) * lanes::kLanes : weight.size(0);
+  const int64_t wK = weight.size(1);
+  TORCH_CHECK_VALUE(wK == K, "janus::skinny_linear: x has ", K, " columns, weight ", wK);
   at::Tensor b;
   if (bias.has_value()) {
     b = bias->contiguous();
@@ -71,6 +77,11 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const at::Tensor xf = dt == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
   Problem P{M, N, K, xf.const_data_ptr<float>(), w.const_data_ptr(), b.defined() ? b.const_data_ptr() : nullptr,
             out.data_ptr()};
+  if (panels) {
+    auto* run = mixed ? panels_bf16_f32 : dt == at::kFloat ? panels_f32 : panels_bf16;
+    at::parallel_for(0, N / lanes::kLanes, panel_grain(K, w.element_size()), [&](int64_t p0, int64_t p1) { run(P, p0, p1); });
+    return out;
+  }
   auto* run = mixed ? block_bf16_f32 : dt == at::kFloat ? block_f32 : block_bf16;
   at::parallel_for(0, N, block_grain(K, w.element_size()), [&](int64_t n0, int64_t n1) { run(P, n0, n1); });
   return out;

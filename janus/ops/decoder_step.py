@@ -43,6 +43,7 @@ from torch import Tensor
 
 from janus import _ext
 from janus.ops._dispatch import Backend, Verdict, all_on_cpu, compiled, register_op
+from janus.ops.skinny_linear import unpack_panels
 
 # The 18 tensors of one layer in ``weights``, in this order.
 LAYER_WEIGHTS = (
@@ -108,7 +109,8 @@ def decoder_step_ref(
         self_k, self_v: per layer (N, H, W, D/H), written in place at ``columns``.
         cross_k, cross_v: per layer (B, H, S, D/H), the encoder's keys/values; N = g * B.
         keep: bool (B, S), True at the source positions to attend to.
-        weights: ``len(LAYER_WEIGHTS)`` per layer, in that order.
+        weights: ``len(LAYER_WEIGHTS)`` per layer, in that order; a weight matrix may come packed in panels
+            (``janus.ops.skinny_linear.pack_panels``; its row count a multiple of 16).
         n_heads, eps: attention heads and the layer norms' epsilon.
     Returns:
         (N, R, D) final hidden states.
@@ -130,7 +132,7 @@ def decoder_step_ref(
 
     per = len(LAYER_WEIGHTS)
     for layer in range(len(self_k)):
-        w = weights[per * layer : per * (layer + 1)]
+        w = [unpack_panels(t) if t.dim() == 3 else t for t in weights[per * layer : per * (layer + 1)]]
         q, k, v = F.linear(x, w[0], w[1]).split(D, -1)
         self_k[layer].scatter_(2, index, split(k[:, :C]))
         self_v[layer].scatter_(2, index, split(v[:, :C]))

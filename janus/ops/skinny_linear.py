@@ -58,17 +58,40 @@ MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
 MIN_WEIGHT = 1 << 18
 
 
+# Outputs per panel of a packed weight (``pack_panels``): one AVX-512 vector of float32.
+PANEL = 16
+
+
+def pack_panels(weight: Tensor) -> Tensor:
+    """A weight (N, K) packed for the kernel's panel tiles: (ceil(N / 16), K, 16), panel p holding outputs
+    [16p, 16p + 16) with K outermost, the rows past N zero. A copy, in the weight's dtype and device."""
+    N, K = weight.shape
+    P = -(-N // PANEL)
+    if P * PANEL != N:
+        weight = torch.cat([weight, weight.new_zeros(P * PANEL - N, K)])
+    return weight.reshape(P, PANEL, K).transpose(1, 2).contiguous()
+
+
+def unpack_panels(panels: Tensor) -> Tensor:
+    """The (16 P, K) weight of panels (P, K, 16) (zero rows past the packed weight's N included)."""
+    P, K, _ = panels.shape
+    return panels.transpose(1, 2).reshape(P * PANEL, K)
+
+
 def skinny_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Reference: ``F.linear(x, weight, bias)``.
 
     Args:
         x: (..., K) input rows.
-        weight: (N, K), as an nn.Linear's.
-        bias: (N,) or None, of the weight's dtype.
+        weight: (N, K), as an nn.Linear's, or its panels (P, K, 16) (``pack_panels``), which give all 16 P
+            outputs (those past the packed weight's N are the bias's, or 0; the caller keeps the first N).
+        bias: (N,) or None, of the weight's dtype (16 P entries with panels).
     Returns:
         (..., N) in x's dtype. A bfloat16 weight with float32 x (weight-only bf16) gives float32 outputs,
         the products and sums in float32.
     """
+    if weight.dim() == 3:
+        weight = unpack_panels(weight)
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
         bias = bias.to(x.dtype) if bias is not None else None
@@ -76,7 +99,8 @@ def skinny_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) 
 
 
 def _skinny_linear_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    n = weight.shape[0] * PANEL if weight.dim() == 3 else weight.shape[0]
+    return x.new_empty((x.shape[0], n))
 
 
 @_ext.when_loaded  # registering a fake needs the C++ schema (csrc/ops.cpp) to exist
@@ -87,7 +111,7 @@ def _register_fake() -> None:
 def _skinny_linear_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     flat = x.reshape(-1, x.shape[-1])
     out = torch.ops.janus.skinny_linear(flat, weight, bias)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return out.view(*x.shape[:-1], out.shape[1])
 
 
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -109,7 +133,8 @@ def _fits_cpp(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Verdi
         )
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return False, "the kernel has no backward (inference only: run under torch.no_grad)"
-    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+    packed = weight.dim() == 3 and weight.shape[2] == PANEL
+    if x.dim() < 1 or (weight.dim() != 2 and not packed) or weight.shape[1] != x.shape[-1]:
         return False, f"shapes {tuple(x.shape)} and {tuple(weight.shape)} do not multiply"
     return True, ""
 
@@ -121,6 +146,12 @@ SKINNY_LINEAR = register_op(
         Backend("reference", skinny_linear_ref),
     ],
 )
+
+
+def kernel_ready() -> bool:
+    """Whether the "cpp" kernel may run: compiled and loaded, and JANUS_BACKEND_SKINNY_LINEAR (or
+    JANUS_BACKEND) does not force another backend."""
+    return SKINNY_LINEAR.may_use("cpp")
 
 
 def skinny_linear_checked(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
