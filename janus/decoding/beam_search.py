@@ -14,6 +14,7 @@ the result. With beam 1 this is greedy search.
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Optional
 
@@ -173,10 +174,8 @@ def beam_search(
         steps = int(max_lens.max()) + 1 if B else 0
         tokens = torch.full((B * K, steps + 1), sp.pad, dtype=torch.long, device=dev)
         tokens[:, 0] = sp.bos
-        # Cumulative log-probabilities; at the start only beam 0 of each sentence is live.
-        sums = torch.zeros(B, K, dtype=torch.float64, device=dev)
-        sums[:, 1:] = float("-inf")
-        sums = sums.view(-1)
+        # Cumulative log-probabilities (host floats: fp64); at the start only beam 0 of each sentence is live.
+        sums = [0.0 if i % K == 0 else -math.inf for i in range(B * K)]
         alive = list(range(B))  # batch index of each live sentence
         hyp_min, hyp_max = min_lens.repeat_interleave(K), max_lens.repeat_interleave(K)  # per live hypothesis
         edges, rules = rule_edges(min_lens, max_lens), None
@@ -195,11 +194,11 @@ def beam_search(
             if rules is None or step in edges or stop is not None:
                 rules = ar_rules(step, hyp_min, hyp_max, stop)  # the same for every hypothesis of a sentence
             row_top, row_tok = choose_next(logits, per, rules, sp)  # (nb*K, per), best first
-            cand = (sums[:, None] + row_top.double()).view(nb, K * per)
-            top, pos = cand.topk(min(2 * K, K * per), dim=1)  # (nb, 2K), best first
-            tok = row_tok.view(nb, K * per).gather(1, pos)
-            # The rest is bookkeeping over nb * 2K candidates: on the host, in one transfer.
-            top_l, pos_l, tok_l = torch.stack([top, pos.double(), tok.double()]).tolist()
+            # The rest is bookkeeping over nb * K * per candidates, on the host: their scores in fp64, the
+            # 2K best of each sentence first (ties: the lower hypothesis, then the better-ranked token; a NaN
+            # score, from a row without a softmax, counts as +inf, first, as torch.topk ranks NaN).
+            top_h, tok_h = row_top.tolist(), row_tok.tolist()
+            m = min(2 * K, K * per)
             order: list[int] = []  # rows of the current batch, in their new order
             new_tok: list[int] = []
             new_sums: list[float] = []
@@ -209,8 +208,10 @@ def beam_search(
                 fins = finished[b]
                 live = 0
                 row_order, row_tok_new, row_sums = [], [], []
-                for j, (score, p, t) in enumerate(zip(top_l[s], pos_l[s], tok_l[s])):
-                    h = s * K + int(p) // per
+                cand = [v if (v := sums[h] + x) == v else inf for h in range(s * K, s * K + K) for x in top_h[h]]
+                for j, p in enumerate(heapq.nlargest(m, range(K * per), key=cand.__getitem__)):
+                    h, score = s * K + p // per, cand[p]
+                    t = tok_h[h][p % per]
                     if t == eos and -inf < score < inf:
                         # 1. An eos among the first K candidates finishes a hypothesis.
                         if j < K and len(fins) < K:
@@ -220,7 +221,7 @@ def beam_search(
                     # 2. The first K non-eos candidates stay live.
                     if live < K:
                         row_order.append(h)
-                        row_tok_new.append(int(t))
+                        row_tok_new.append(t)
                         row_sums.append(score)
                         live += 1
                 # 3. Sentences with K finished hypotheses (or nothing live left) leave.
@@ -236,7 +237,7 @@ def beam_search(
             order_t = torch.tensor(order, device=dev)
             tokens = tokens.index_select(0, order_t)
             tokens[:, step + 1] = torch.tensor(new_tok, device=dev)
-            sums = torch.tensor(new_sums, dtype=torch.float64, device=dev)
+            sums = new_sums
             if cache is not None:
                 cache.select(order_t)
             if len(keep) != nb:
