@@ -30,7 +30,7 @@ from harness import environment, interleaved, print_table, write_json
 import janus.model
 from janus.config import PRESETS, ModelConfig
 from janus.model import JanusModel, KVCache
-from janus.ops.decoder_step import MAX_ROWS, NARROW, NARROW_BF16_ROWS, kernel_ready, max_rows
+from janus.ops.decoder_step import MAX_ROWS, NARROW, NARROW_ROWS, kernel_ready, max_rows
 from janus.streams import build_ar_verify_rows
 
 VOCAB = 8000
@@ -137,7 +137,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             "environment": environment(torch.device("cpu")),
             "settings": vars(args) | {"json": str(args.json)},
             "max_rows": {str(k).removeprefix("torch."): v for k, v in MAX_ROWS.items()},
-            "max_rows_bf16_narrow": {"width_at_most": NARROW, "rows": NARROW_BF16_ROWS},
+            "max_rows_narrow": {
+                "width_at_most": NARROW,
+                "rows": {str(k).removeprefix("torch."): v for k, v in NARROW_ROWS.items()},
+            },
             "results": results,
         }
         write_json(args.json, payload)

@@ -14,7 +14,15 @@ from tolerances import assert_within_baseline
 from janus.config import preset
 from janus.decoding import beam_search, greedy_search, speculative_decode
 from janus.model import JanusModel, KVCache, quantize_dynamic_int8
-from janus.ops.decoder_step import DECODER_STEP, LAYER_WEIGHTS, MAX_ROWS, _fits_cpp, decoder_step, decoder_step_ref
+from janus.ops.decoder_step import (
+    DECODER_STEP,
+    LAYER_WEIGHTS,
+    MAX_ROWS,
+    _fits_cpp,
+    decoder_step,
+    decoder_step_ref,
+    max_rows,
+)
 from janus.ops.skinny_linear import pack_panels
 
 FORCE = "JANUS_BACKEND_DECODER_STEP"
@@ -333,7 +341,8 @@ def test_what_the_kernel_does_not_take_runs_through_the_layers(monkeypatch):
     m = tiny_model()
     src = sources(3, 2)
     calls = count_calls(monkeypatch)
-    big = sources(4, MAX_ROWS[torch.float32] // 2 + 1)  # greedy over more than MAX_ROWS rows at its first steps
+    limit = max_rows(torch.float32, m.cfg.d_model)
+    big = sources(4, limit // 2 + 1)  # greedy over more than the kernel's rows at its first steps
     greedy_search(m, big, max_len_a=0.0, max_len_b=1)
     assert not calls
     greedy_search(m.double(), src, max_len_a=1.0, max_len_b=4)
@@ -441,9 +450,11 @@ def test_opcheck():
 
 
 def test_rows_by_dtype_and_width():
-    from janus.ops.decoder_step import NARROW, NARROW_BF16_ROWS, max_rows
+    from janus.ops.decoder_step import NARROW, NARROW_ROWS
 
-    assert max_rows(torch.float32, 512) == max_rows(torch.float32, 64) == MAX_ROWS[torch.float32]
+    assert max_rows(torch.float32, 512) == max_rows(torch.float32, NARROW + 1) == MAX_ROWS[torch.float32]
+    assert max_rows(torch.float32, 64) == max_rows(torch.float32, NARROW) == NARROW_ROWS[torch.float32]
+    assert MAX_ROWS[torch.float32] < NARROW_ROWS[torch.float32]
     assert max_rows(torch.bfloat16, 512) == MAX_ROWS[torch.bfloat16] < max_rows(torch.bfloat16, NARROW)
-    assert max_rows(torch.bfloat16, NARROW) == NARROW_BF16_ROWS
+    assert max_rows(torch.bfloat16, NARROW) == NARROW_ROWS[torch.bfloat16]
     assert max_rows(torch.float64, 64) == max_rows(torch.float16, 64) == 0

@@ -306,12 +306,25 @@ inline void skinny_gemm(const float* x, int64_t M, int64_t K, const T* w, int64_
   at::parallel_for(0, N, block_grain(K, sizeof(T)), [&](int64_t n0, int64_t n1) { run(P, n0, n1); });
 }
 
-// The same product with the weight packed in panels (N / 16, K, 16) (N a multiple of 16).
+// Input rows per task where a product has many (a mask-predict pass over whole canvases): a multiple of the
+// panel tilings' 5 and 6 rows.
+constexpr int64_t kRowGrain = 60;
+
+// The same product with the weight packed in panels (N / 16, K, 16) (N a multiple of 16). A few rows split the
+// panels across threads; more than kRowGrain rows split the rows, each task over every panel (the narrow
+// products of a small model have too few panels to split: 128 outputs are 8).
 template <typename T>
 inline void panel_gemm(const float* x, int64_t M, int64_t K, const T* w, int64_t N, const T* b, float* out) {
   if (M == 0 || N == 0) return;
-  const Problem P{M, N, K, x, w, b, out};
   auto* run = std::is_same_v<T, float> ? panels_f32 : panels_bf16_f32;
+  if (M > kRowGrain) {
+    at::parallel_for(0, M, kRowGrain, [&](int64_t r0, int64_t r1) {
+      const Problem P{r1 - r0, N, K, x + r0 * K, w, b, out + r0 * N};
+      run(P, 0, N / kLanes);
+    });
+    return;
+  }
+  const Problem P{M, N, K, x, w, b, out};
   at::parallel_for(0, N / kLanes, panel_grain(K, sizeof(T)), [&](int64_t p0, int64_t p1) { run(P, p0, p1); });
 }
 

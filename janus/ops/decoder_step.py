@@ -29,7 +29,7 @@ layers compute them) and the fallback; ``decoder_step`` dispatches (janus.ops._d
 - "reference": ``decoder_step_ref``.
 
 Force one with ``JANUS_BACKEND_DECODER_STEP=cpp|reference``. The model (``janus.model.JanusModel``) runs
-its inference passes of at most ``MAX_ROWS`` rows (by dtype) through the "cpp" kernel when it is available (see
+its inference passes of at most ``max_rows(dtype, width)`` rows through the "cpp" kernel when it is available (see
 ``JanusModel.fused_step_ok``); results agree with its own layers to fp32 rounding.
 """
 
@@ -74,14 +74,18 @@ LAYER_WEIGHTS = (
 # for few rows); bfloat16 iwslt 2.9 / 1.8 / 1.4 / 0.94 / 0.61 / 0.70 / 0.50 (oneDNN's bf16 GEMMs with AMX
 # tiles are flat in the rows), bfloat16 small preset 7.3 / 4.2 / 3.4 / 2.3 / 1.8 / 1.7 / 1.2.
 MAX_ROWS = {torch.float32: 64, torch.bfloat16: 16}
-# bfloat16 at widths up to this, where the kernel stays ahead past 64 rows (the small preset, width 128).
-NARROW, NARROW_BF16_ROWS = 128, 64
+# Widths up to this (the small preset's 128), where the kernel stays ahead past those rows. float32: with its
+# products on weight panels (skinny_linear.pack_panels), the small preset on a 2-core AVX-512 AMD EPYC, 2
+# threads (benchmarks/results/decoder_step_cpu_panels/), the kernel's speedup over the layers at 2 / 10 /
+# 32 / 64 / 160 / 320 / 640 / 1280 / 2560 rows: 5.9 / 3.8 / 2.2 / 2.6 / 1.43 / 1.32 / 1.11 / 1.04-1.06 / 0.97.
+NARROW = 128
+NARROW_ROWS = {torch.float32: 640, torch.bfloat16: 64}
 
 
 def max_rows(dtype: torch.dtype, width: int) -> int:
     """Rows (N * R) up to which a pass of this dtype and model width goes through the kernel (0: never)."""
-    if dtype == torch.bfloat16 and width <= NARROW:
-        return NARROW_BF16_ROWS
+    if width <= NARROW:
+        return NARROW_ROWS.get(dtype, 0)
     return MAX_ROWS.get(dtype, 0)
 
 
