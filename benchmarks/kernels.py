@@ -21,7 +21,9 @@ Cases (``Case``; sizes from the flags):
 - skinny_linear: the GEMMs of one incremental decoder step, as one product of M rows
   (``--skinny-rows``, default 2, 10 and 16: greedy, beam 5 and greedy at batch 8) with an
   (N, 512) weight of the size an iwslt decoder step reads with the shipped sample's 8000-piece
-  vocabulary (N = 38,720: 79 MB in fp32, far beyond the L2 cache), in fp32 and in bf16.
+  vocabulary (N = 38,720: 79 MB in fp32, far beyond the L2 cache), and an (N, 128) one of the small
+  preset's (the shipped model: N = 11,840, 6 MB), in fp32 and in bf16, the weight row-major and
+  in panels (``janus.ops.skinny_linear.pack_panels``).
 
 For each case and each backend available on the device (the compiled "cpp"/"cuda"
 kernels, "triton", "blocked", "reference", and "dispatch": the public function, which picks a
@@ -49,6 +51,7 @@ import torch
 from harness import environment, percentile, print_table, sync, write_json
 
 from janus.ops import registry
+from janus.ops.skinny_linear import pack_panels
 
 PAD, BOS, EOS, UNK, MASK = 0, 1, 2, 3, 4
 
@@ -168,16 +171,20 @@ def loss_inputs(ar_rows: int, masked_rows: int, vocab: int, dim: int) -> Callabl
 # 1 + 2 + 2) x 512 rows of 512 (self-attention q, k, v and out, cross-attention q and out, FFN in and
 # out) + the 8000 x 512 output projection of the shipped sample's vocabulary.
 SKINNY_N = 6 * 10 * 512 + 8000
+# The same for the small preset (width 128, the shipped model): 3 layers x 10 x 128 rows of 128 (the FFN's
+# second product, 128 x 512, counted as 4 x 128 x 128) + its 8000 x 128 projection: 6 MB in fp32, in cache.
+SKINNY_SMALL_N = 3 * 10 * 128 + 8000
 
 
-def skinny_inputs(rows: int, dtype: torch.dtype) -> Callable[[torch.device, int], tuple]:
-    n, k = SKINNY_N, 512
-
+def skinny_inputs(
+    rows: int, dtype: torch.dtype, n: int = SKINNY_N, k: int = 512, panels: bool = False
+) -> Callable[[torch.device, int], tuple]:
     def make(device: torch.device, seed: int) -> tuple:
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(rows, k, generator=g).to(device, dtype)
         w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
-        return x, w, torch.randn(n, generator=g).to(device, dtype)
+        b = torch.randn(n, generator=g).to(device, dtype)
+        return (x, pack_panels(w), b) if panels else (x, w, b)
 
     return make
 
@@ -259,12 +266,14 @@ def cases(args: argparse.Namespace) -> list[Case]:
         ),
     ] + [
         Case(
-            f"skinny_linear {str(dtype).replace('torch.', '')} M={m}",
+            f"skinny_linear {name}{' panels' if panels else ''} {str(dtype).replace('torch.', '')} M={m}",
             "skinny_linear",
-            f"M={m} N={SKINNY_N} K=512",
-            skinny_inputs(m, dtype),
+            f"M={m} N={n} K={k}",
+            skinny_inputs(m, dtype, n, k, panels),
             agree=close(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else close(rtol=1e-2, atol=1e-2),
         )
+        for name, n, k in (("iwslt", SKINNY_N, 512), ("small", SKINNY_SMALL_N, 128))
+        for panels in (False, True)
         for dtype in (torch.float32, torch.bfloat16)
         for m in (int(r) for r in args.skinny_rows.split(","))
     ]

@@ -8,8 +8,9 @@
 // row from memory once whatever the number of rows, and prefetches the rows it reads next, so a step
 // costs about one pass over the model's weights: memory bound, as it should be.
 //
-// Layout: x (M, K) and weight (N, K) row-major (the nn.Linear parameter as it is: no copy, no
-// repacking), both float32 or both bfloat16, or float32 x with a bfloat16 weight; bias (N,) in the
+// Layout: x (M, K) and weight (N, K) row-major (the nn.Linear parameter as it is), or the weight packed in
+// panels (N / 16, K, 16) (janus.ops.skinny_linear.pack_panels: the panel tiles of skinny_gemm.h, no lane sums;
+// out then has all N columns, bias N entries), both float32 or both bfloat16, or float32 x with a bfloat16 weight; bias (N,) in the
 // weight's dtype or absent; out (M, N) in x's dtype (bf16: round to nearest even). Products and sums in
 // fp32: per output, 16 lanes of K/16 fused multiply-adds in order, then the lanes' sum in a fixed tree,
 // then the K tail, then the bias (the BLAS sums in another order: results agree to rounding, not bit for

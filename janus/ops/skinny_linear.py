@@ -1,38 +1,57 @@
 """skinny_linear: ``x @ weight.T + bias`` for a few rows of x, the GEMM of an incremental decoder step.
 
 A decoder step multiplies a few rows (greedy: a content and a query row per sentence; beam search:
-twice the beam) by every weight matrix of the model, which do not stay in any cache from one step to
-the next: the step is bound by reading the weights. The "cpp" kernel (csrc/cpu/skinny_gemm.h) streams
-each weight row from memory once for all the rows, prefetching the weight rows four tiles ahead into
-L2, with fp32 products and sums and bf16 weights widened in registers; its tiles hold up to 16
-accumulators: 4 input rows by 4 weight rows up to 4 rows, 5 by 3 or 8 by 2 up to 16 (a beam of 5's
-ten rows in two groups), 4 by 4 again past that. BLAS GEMMs at these shapes grow with the row count
-(the weight is read again, from cache or not, per few rows). Measured by ``benchmarks/kernels.py
---case skinny_linear --skinny-rows 1,2,5,10,16`` (one (M, 512) x (38720, 512) product: the 79 MB of
-fp32 weights an iwslt-preset decoder step reads) on a 2-core AVX-512 AMD EPYC, 2 threads
-(``benchmarks/results/kernels_cpu_skinny.json``; ms):
+twice the beam) by every weight matrix of the model: bound by reading the weights for a large model,
+by the arithmetic's overheads for a small one. The "cpp" kernel (csrc/cpu/skinny_gemm.h) reads each
+weight row once for all the rows, with fp32 products and sums and bf16 weights widened in registers,
+in one of two layouts:
 
-    rows M            1       2       5       10      16
-    fp32 torch      6.83   14.93   11.97   15.69   13.57
-    fp32 cpp        1.82    1.80    1.95    3.69    5.04
-    bf16 torch      2.27    2.07    2.54    3.02    3.54
-    bf16 cpp        0.67    0.82    1.59    3.04    4.87
+- the weight as it is, (N, K) row-major: tiles of up to 16 accumulators (4 input rows by 4 weight rows
+  up to 4 rows, 5 by 3 or 8 by 2 up to 16, 4 by 4 past that), each output's 16 lanes summed in a tree
+  at the end, the weight rows prefetched four tiles ahead into L2;
+- its panels (``pack_panels``: (N / 16, K, 16), panel p holding outputs 16p .. 16p + 15 with K
+  outermost, a packed copy): tiles that broadcast one input element against 16 outputs, no lane sums
+  (a tree per output costs as much as the products where K is 128), each output a chain of fused
+  multiply-adds over k in blocks of 128, the panels streamed in order. The model packs its decoder's
+  matrices (``JanusModel.fused_weights``) and its embedding for the step projections.
+
+BLAS GEMMs at these shapes grow with the row count (the weight is read again, from cache or not, per
+few rows). Measured by ``benchmarks/kernels.py --case skinny_linear --skinny-rows 1,2,5,10`` on a
+2-core AVX-512 AMD EPYC, 2 threads (``benchmarks/results/kernels_cpu_skinny_panels.json``; ms, the
+median of 300 calls), one product of M rows by what a decoder step reads: iwslt, (38720, 512), 79 MB in
+fp32; small, the shipped model, (11840, 128), 6 MB:
+
+    rows M                    1       2       5       10
+    iwslt fp32  torch       6.89   15.05   12.20   15.55
+                rows        1.89    1.80    1.67    3.18
+                panels      1.01    1.66    1.49    2.42
+    iwslt bf16  torch       2.10    2.26    2.60    3.30
+                rows        0.60    0.73    1.55    2.99
+                panels      0.60    0.72    1.24    2.48
+    small fp32  torch       0.18    0.41    0.32    0.44
+                rows        0.07    0.11    0.17    0.34
+                panels      0.05    0.05    0.09    0.15
+    small bf16  torch       0.14    0.15    0.19    0.26
+                rows        0.08    0.10    0.19    0.37
+                panels      0.06    0.07    0.11    0.20
 
 Hence the model calls it (``janus.model.infer_linear``) for inference rows up to ``MAX_ROWS`` of the
 dtype: 16 in fp32 (a beam of 5 at batch 1 is 10 rows, greedy at batch 8 is 16), and 8 in bf16, where
 torch's bf16 GEMM catches up at about 10 rows (on a 2-core Intel Xeon with AMX, oneDNN's bf16 GEMM was
-flat in the rows at 1.9 ms, and the kernel a gain at 1-2 rows only). Only for weights of at least
+flat in the rows at 1.9 ms, and the kernel a gain at 1-2 rows only). A row-major weight only from
 ``MIN_WEIGHT`` elements: a small one (the 128-wide layers of the ``small`` preset: 16-65k elements) is
-in cache whatever the row count, and the kernel's fixed cost loses (one thread, M = 1 / 5 / 10 / 16
-rows, us, kernel / torch: 128 x 128 27/12, 31/7, 41/24, 49/26; 384 x 128 30/21, 44/20, 72/44, 105/65),
-while from 512 x 512 (262k) on the two are level or the kernel ahead.
+in cache whatever the row count, and the row-major tiles' fixed cost loses (one thread, M = 1 / 5 / 10 /
+16 rows, us, kernel / torch: 128 x 128 27/12, 31/7, 41/24, 49/26; 384 x 128 30/21, 44/20, 72/44,
+105/65), while from 512 x 512 (262k) on the two are level or the kernel ahead. Those small layers reach
+the panel tiles through ``janus.ops.decoder_step`` instead, in one call per pass.
 
 A float32 x with a bfloat16 weight (and bias) gives float32 outputs, the weight widened in registers:
 a bf16 model's step logits (``JanusModel.project``), which rounded to bf16 would be ~0.06 apart at
-magnitude 10.
+magnitude 10. Either layout's sum of an output does not depend on the tile, the other rows or the thread
+count; the two layouts sum in different orders (results agree to fp32 rounding, not bit for bit).
 
-``skinny_linear_ref`` (``F.linear``) is the specification and the fallback; ``skinny_linear``
-dispatches (janus.ops._dispatch) between:
+``skinny_linear_ref`` (``F.linear``, panels unpacked) is the specification and the fallback;
+``skinny_linear`` dispatches (janus.ops._dispatch) between:
 
 - "cpp": ``torch.ops.janus.skinny_linear`` (csrc/cpu/skinny_linear.cpp), CPU tensors, x and weight
   both float32 or both bfloat16, or float32 x with a bfloat16 weight;
