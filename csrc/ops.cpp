@@ -73,4 +73,10 @@ TORCH_LIBRARY(janus, m) {
   // rules uint8 [R] -> scores float32 [R, k], ids int64 [R, k] (CPU).
   m.set_python_module("janus.ops.ar_topk");
   m.def("ar_topk(Tensor logits, int k, int[] banned, int eos, Tensor rules) -> (Tensor, Tensor)");
+
+  // In place, a beam step's key/value cache reorder: cache[a, n, b, :length] = old cache[a, order[n], b, :length]
+  // for every row n (the rows that keep their place are not touched). cache [A, N, B, C, E] of any dtype, each
+  // (a, n, b) slab of columns contiguous; order int[N] (CPU).
+  m.set_python_module("janus.ops.cache_reorder");
+  m.def("cache_reorder(Tensor(a!) cache, int[] order, int length) -> ()");
 }

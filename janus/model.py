@@ -19,7 +19,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.ao.nn.quantized.dynamic import Linear as _DynamicInt8Linear
 
 from janus.config import ModelConfig
+from janus.ops.cache_reorder import cache_reorder_checked
+from janus.ops.cache_reorder import kernel_ready as cache_reorder_ready
 from janus.ops.decoder_step import LAYER_WEIGHTS, decoder_step_checked, kernel_ready, max_rows
 from janus.ops.skinny_linear import MAX_ROWS as SKINNY_ROWS
 from janus.ops.skinny_linear import MIN_WEIGHT as SKINNY_MIN_WEIGHT
@@ -161,14 +163,22 @@ class KVCache:
             c.self_k is k and c.self_v is v for c, (k, v) in zip(self.layers, self._views, strict=True)
         )
 
-    def select(self, hypotheses: Tensor) -> None:
-        """Keep hypothesis rows ``hypotheses`` (int64 (N',)) in that order: beam search reorders
-        them every step, and finished hypotheses leave."""
+    def select(self, hypotheses: Union[Tensor, list[int]]) -> None:
+        """Keep hypothesis rows ``hypotheses`` (int64 (N',), or host ints) in that order: beam search
+        reorders them every step, and finished hypotheses leave."""
         layers = [c for c in self.layers if c.self_k is not None]
         if not layers:
             return
         joint = self._joint_in_use()
-        if hypotheses.numel() != layers[0].self_k.shape[0]:
+        N = layers[0].self_k.shape[0]
+        if isinstance(hypotheses, list):
+            if joint and len(hypotheses) == N and self.joint.device.type == "cpu" and cache_reorder_ready():
+                # Same batch size on the CPU: the moved rows' columns in use, in one call (janus.ops.cache_reorder).
+                J = self.joint
+                cache_reorder_checked(J.view(J.shape[0] * 2, *J.shape[2:]), hypotheses, self.length)
+                return
+            hypotheses = torch.tensor(hypotheses, device=layers[0].self_k.device)
+        if hypotheses.numel() != N:
             if joint:
                 self.joint = self.joint.index_select(2, hypotheses)
                 self._view_joint()

@@ -14,7 +14,6 @@ the result. With beam 1 this is greedy search.
 
 from __future__ import annotations
 
-import heapq
 import math
 from typing import Optional
 
@@ -36,13 +35,18 @@ def next_token_logits(
     dtype (float32 for a bfloat16 model's few-row steps on a CPU, see ``JanusModel.project``).
 
     Args:
-        tokens: int64 (N, >= step + 1), [bos, y_1 .. y_step, ...] per hypothesis; N = g * B.
+        tokens: int64 (N, >= step + 1), [bos, y_1 .. y_step, ...] per hypothesis; N = g * B. Or (N,),
+            the tokens at position step alone, for a step the cache serves without autograd.
         step: position of the last known token.
         cache: a KVCache holding positions 0 .. step - 1 (one content row is added), or None
             to recompute the whole prefix (the specification the cache is tested against).
             Without autograd the step runs ``JanusModel.decode_ar_step`` (no rows, no masks).
     """
     sp = model.cfg.specials
+    if tokens.dim() == 1:
+        if cache is None or cache.length != step or torch.is_grad_enabled():
+            raise ValueError("next_token_logits: the last tokens alone need a cache at the step, without autograd")
+        return model.project(model.decode_ar_step(tokens, enc, cache))
     if cache is not None and cache.length == step and not torch.is_grad_enabled():
         hidden = model.decode_ar_step(tokens[:, step], enc, cache)  # (N, D): the query row
     elif cache is not None:
@@ -172,8 +176,11 @@ def beam_search(
         )
         B, K = src.shape[0], beam
         steps = int(max_lens.max()) + 1 if B else 0
-        tokens = torch.full((B * K, steps + 1), sp.pad, dtype=torch.long, device=dev)
-        tokens[:, 0] = sp.bos
+        # Each hypothesis' tokens after bos, on the host. A cached step needs the last ones only (one small
+        # tensor a step); the repetition guard and the uncached recomputation read them all.
+        paths: list[list[int]] = [[] for _ in range(B * K)]
+        last = torch.full((B * K,), sp.bos, dtype=torch.long, device=dev)
+        whole = bool(repeat_ngram) or not use_cache
         # Cumulative log-probabilities (host floats: fp64); at the start only beam 0 of each sentence is live.
         sums = [0.0 if i % K == 0 else -math.inf for i in range(B * K)]
         alive = list(range(B))  # batch index of each live sentence
@@ -185,6 +192,7 @@ def beam_search(
         eos, inf = sp.eos, math.inf
         for step in range(steps):
             nb = len(alive)
+            tokens = torch.tensor([[sp.bos, *p] for p in paths], dtype=torch.long, device=dev) if whole else last
             logits = next_token_logits(model, enc, tokens, step, cache)  # (nb*K, V)
             stop = repeating_tail(tokens, step, repeat_ngram, repeat_times) if repeat_ngram else None
             # The 2K best extensions of each sentence are among the 2K best tokens of each of its
@@ -195,8 +203,8 @@ def beam_search(
                 rules = ar_rules(step, hyp_min, hyp_max, stop)  # the same for every hypothesis of a sentence
             row_top, row_tok = choose_next(logits, per, rules, sp)  # (nb*K, per), best first
             # The rest is bookkeeping over nb * K * per candidates, on the host: their scores in fp64, the
-            # 2K best of each sentence first (ties: the lower hypothesis, then the better-ranked token; a NaN
-            # score, from a row without a softmax, counts as +inf, first, as torch.topk ranks NaN).
+            # 2K best of each sentence first (a stable sort: ties to the lower hypothesis, then the better-ranked
+            # token; a NaN score, from a row without a softmax, counts as +inf, first, as torch.topk ranks NaN).
             top_h, tok_h = row_top.tolist(), row_tok.tolist()
             m = min(2 * K, K * per)
             order: list[int] = []  # rows of the current batch, in their new order
@@ -209,14 +217,13 @@ def beam_search(
                 live = 0
                 row_order, row_tok_new, row_sums = [], [], []
                 cand = [v if (v := sums[h] + x) == v else inf for h in range(s * K, s * K + K) for x in top_h[h]]
-                for j, p in enumerate(heapq.nlargest(m, range(K * per), key=cand.__getitem__)):
+                for j, p in enumerate(sorted(range(K * per), key=cand.__getitem__, reverse=True)[:m]):
                     h, score = s * K + p // per, cand[p]
                     t = tok_h[h][p % per]
                     if t == eos and -inf < score < inf:
                         # 1. An eos among the first K candidates finishes a hypothesis.
                         if j < K and len(fins) < K:
-                            ids = tokens[h, 1 : step + 1].tolist()
-                            fins.append((normalized(score, step + 1, length_penalty), ids))
+                            fins.append((normalized(score, step + 1, length_penalty), paths[h][:]))
                         continue
                     # 2. The first K non-eos candidates stay live.
                     if live < K:
@@ -234,12 +241,11 @@ def beam_search(
                 new_sums += row_sums
             if not keep:
                 break
-            order_t = torch.tensor(order, device=dev)
-            tokens = tokens.index_select(0, order_t)
-            tokens[:, step + 1] = torch.tensor(new_tok, device=dev)
+            paths = [paths[h] + [t] for h, t in zip(order, new_tok)]
+            last = torch.tensor(new_tok, device=dev)
             sums = new_sums
             if cache is not None:
-                cache.select(order_t)
+                cache.select(order)
             if len(keep) != nb:
                 keep_t = torch.tensor(keep, device=dev)
                 enc = enc.select(keep_t)

@@ -12,6 +12,7 @@ from janus.ops._dispatch import BackendUnavailable, registry
 # Every op module that registers with the dispatch is imported here, so that
 # registry() (and python -m janus.info) lists it. Add new ones to this list.
 from janus.ops.ar_topk import ar_topk, ar_topk_ref
+from janus.ops.cache_reorder import cache_reorder, cache_reorder_ref
 from janus.ops.decoder_step import decoder_step, decoder_step_ref
 from janus.ops.janus_linear_loss import janus_linear_loss, janus_linear_loss_ref
 from janus.ops.janus_loss import janus_loss, janus_loss_ref
@@ -26,6 +27,8 @@ __all__ = [
     "BackendUnavailable",
     "ar_topk",
     "ar_topk_ref",
+    "cache_reorder",
+    "cache_reorder_ref",
     "decoder_step",
     "decoder_step_ref",
     "janus_linear_loss",
