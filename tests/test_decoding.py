@@ -536,3 +536,31 @@ def test_every_mode_on_cuda_matches_cpu(cuda_device, synthetic_model):
     assert bf16.dtype in (torch.bfloat16, torch.float16)
     hyps = bf16.generate(src, mode="ar", beam_size=1)
     assert sum(h.text == r for h, r in zip(hyps, synthetic_model.test_ref, strict=True)) >= 90
+
+
+def test_beam_ranks_its_candidates_alike_in_lists_and_in_one_tensor_sort():
+    """A step with few sentences ranks its candidates in Python lists, one with many in a tensor sort: the
+    same order (ties to the lower candidate, NaN first as +inf, -inf last), so that a sentence's beam does
+    not depend on the batch it is decoded in."""
+    import random
+
+    bs = importlib.import_module("janus.decoding.beam_search")
+    rng = random.Random(0)
+    special = [0.0, -1.0, -2.5, -math.inf, math.nan]
+    for _ in range(300):
+        K, per, nb = rng.randint(1, 5), rng.randint(1, 10), rng.randint(1, 4)
+        top = [rng.choice(special) if rng.random() < 0.3 else rng.uniform(-9, 0) for _ in range(nb * K * per)]
+        sums = [rng.choice(special[:4]) if rng.random() < 0.3 else rng.uniform(-20, 0) for _ in range(nb * K)]
+        row_top = torch.tensor(top, dtype=torch.float32).view(nb * K, per)
+        m = min(2 * K, K * per)
+        saved = bs._HOST_RANKED
+        try:
+            bs._HOST_RANKED = nb
+            lists = bs._ranked(sums, row_top, K, m)
+            bs._HOST_RANKED = 0
+            tensor = bs._ranked(sums, row_top, K, m)
+        finally:
+            bs._HOST_RANKED = saved
+        assert lists == tensor
+        for ranked in lists:
+            assert len(ranked) == m and all(a[0] >= b[0] for a, b in zip(ranked, ranked[1:]))
