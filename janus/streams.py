@@ -329,3 +329,50 @@ def build_ar_verify_rows(tokens: Tensor, starts: Tensor, ends: Tensor, *, pad: i
         cache_columns=columns,
         visible_span=spans_from(limit),
     )
+
+
+def build_ar_verify_rows_host(
+    tokens: list[list[int]], starts: list[int], ends: list[int], *, pad: int, mask: int, device: torch.device
+) -> DecoderRows:
+    """``build_ar_verify_rows`` from host lists: the same rows, built in a few tensor calls where the tensor
+    version takes about twenty (a speculative pass of one sentence on a CPU: ~30 us against ~130).
+
+    Args:
+        tokens: per hypothesis, its sequence [bos, accepted prefix, draft ...] (only columns < ends are read).
+        starts, ends: per hypothesis, 0 <= starts < ends < len(tokens[b]).
+        device: where the rows go.
+    """
+    B = len(tokens)
+    C = max(e - s for s, e in zip(starts, ends)) if B else 0
+    ints = []  # per hypothesis: row tokens, positions, kinds, visible limits (2C each)
+    columns = []
+    for seq, s, e in zip(tokens, starts, ends):
+        n = e - s
+        cols = list(range(s, s + C))
+        fill = C - n
+        content_pos = cols[:n] + [0] * fill
+        query_pos = [c + 1 for c in cols[:n]] + [0] * fill
+        ints.append(
+            [
+                seq[s:e] + [pad] * fill + [mask] * n + [pad] * fill,
+                content_pos + query_pos,
+                [RowKind.AR_C] * n + [RowKind.PAD] * fill + [RowKind.AR_Q] * n + [RowKind.PAD] * fill,
+                [c + 1 for c in content_pos] + [max(q, 1) for q in query_pos],
+            ]
+        )
+        columns.append(cols)
+    packed = torch.tensor(ints, dtype=torch.long, device=device).view(B, 4, 2 * C)
+    limit = packed[:, 3]
+    W = (max(starts) + C) if B else 0
+    vis = torch.arange(W, device=device)[None, None, :] < limit[:, :, None]
+    return DecoderRows(
+        packed[:, 0],
+        packed[:, 1],
+        packed[:, 2],
+        torch.full((B, 2 * C), -1, dtype=torch.long, device=device),
+        C,
+        vis,
+        max_position=max(ends) if B else 0,
+        cache_columns=torch.tensor(columns, dtype=torch.long, device=device).view(B, C),
+        visible_span=spans_from(limit),
+    )

@@ -16,7 +16,7 @@ from janus.decoding.common import banned_ids
 from janus.decoding.speculative import POLICIES, fused_rows, lookup_shift
 from janus.model import KVCache
 from janus.ops.ar_topk import ar_rules, mask_disallowed
-from janus.streams import build_ar_verify_rows, build_canvas_rows, build_training_rows
+from janus.streams import build_ar_verify_rows, build_ar_verify_rows_host, build_canvas_rows, build_training_rows
 
 LIMITS = dict(max_len_a=1.0, max_len_b=6)
 VARIANTS = [
@@ -171,12 +171,13 @@ def test_trained_model_spec_variants_equal_greedy_in_fewer_passes(synthetic_mode
         assert mean < 0.6 * mean_greedy, (kw, mean, mean_greedy)
 
 
-@pytest.mark.parametrize("seed,keep", [(0, True), (1, True), (0, False)])
-def test_draft_tokens_past_a_rejected_one_stay_in_the_draft(seed, keep, monkeypatch):
+@pytest.mark.parametrize("seed,keep,host", [(0, True, False), (1, True, False), (0, False, False), (0, True, True),
+                                            (0, False, True)])  # fmt: skip
+def test_draft_tokens_past_a_rejected_one_stay_in_the_draft(seed, keep, host, monkeypatch):
     """Pass 1 carries a NAR canvas whose tokens are greedy's up to position k and others from k on;
     pass 2 verifies that draft and rejects its token k. What pass 3 verifies past the new prefix is the
     draft's own tokens, not the AR's tokens of pass 2 there (predicted from the rejected token); with
-    ``keep_draft=False``, the AR's tokens."""
+    ``keep_draft=False``, the AR's tokens. Through the tensor loop and the host loop."""
     import janus.decoding.speculative as spec_module
 
     m = random_model(seed)
@@ -198,14 +199,16 @@ def test_draft_tokens_past_a_rejected_one_stay_in_the_draft(seed, keep, monkeypa
         return tokens, scores
 
     verified = []
-    build = spec_module.build_ar_verify_rows
+    name = "build_ar_verify_rows_host" if host else "build_ar_verify_rows"
+    build = getattr(spec_module, name)
 
     def record(tokens, starts, ends, **kw):
-        verified.append((tokens.clone(), starts.clone()))
+        verified.append((torch.as_tensor(tokens).clone(), torch.as_tensor(starts).clone()))
         return build(tokens, starts, ends, **kw)
 
+    monkeypatch.setattr(spec_module, "_HOST_SENTENCES", len(g) if host else 0)
     monkeypatch.setattr(spec_module, "mask_predict_update", nar_draft)
-    monkeypatch.setattr(spec_module, "build_ar_verify_rows", record)
+    monkeypatch.setattr(spec_module, name, record)
     s = speculative_decode(
         m, src, target_lengths=forced, policy="first", block=0, keep_draft=keep, align="position", **LIMITS
     )
@@ -309,3 +312,83 @@ def test_lookup_realigns_a_canvas_with_an_inserted_token(synthetic_model, monkey
         passes[align] = [h.passes for h in s]
     assert passes["lookup"] == [4] * len(g)
     assert all(a > 4 for a in passes["position"]), passes
+
+
+def test_host_rows_equal_the_tensor_rows():
+    """``build_ar_verify_rows_host`` builds the rows ``build_ar_verify_rows`` builds, field by field."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(100):
+        B, L = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(3, 16, (1,), generator=g))
+        tokens = torch.randint(5, 30, (B, L), generator=g)
+        tokens[:, 0] = BOS
+        starts = torch.randint(0, L - 1, (B,), generator=g)
+        ends = starts + 1 + (torch.rand(B, generator=g) * (L - 1 - starts)).long()
+        want = build_ar_verify_rows(tokens, starts, ends, pad=PAD, mask=MASK)
+        got = build_ar_verify_rows_host(tokens.tolist(), starts.tolist(), ends.tolist(), pad=PAD, mask=MASK,
+                                        device=torch.device("cpu"))  # fmt: skip
+        assert got.num_content == want.num_content and got.max_position == want.max_position
+        for name in ("tokens", "positions", "kinds", "ranks", "visibility", "cache_columns", "visible_span"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def _both_loops(m, src, monkeypatch, sizes=(1, 2, 4), **kw):
+    """Every sentence of ``src`` decoded in batches of each size through the host loop, and all of them through
+    the tensor loop; the two must agree hypothesis by hypothesis (ids, passes, score)."""
+    import janus.decoding.speculative as spec_module
+
+    with monkeypatch.context() as patch:
+        patch.setattr(spec_module, "_HOST_SENTENCES", 0)
+        tensor = speculative_decode(m, src, **kw)
+    for size in sizes:
+        with monkeypatch.context() as patch:
+            patch.setattr(spec_module, "_HOST_SENTENCES", size)
+
+            def unused(*args, **kwargs):
+                raise AssertionError("the tensor loop ran")
+
+            patch.setattr(spec_module, "build_ar_verify_rows", unused)
+            host = []
+            for b in range(0, src.shape[0], size):
+                part = src[b : b + size]
+                part = part[:, : int((part != PAD).sum(1).max())]
+                host += speculative_decode(m, part, **{k: v[b : b + size] if isinstance(v, torch.Tensor) else v
+                                                       for k, v in kw.items()})  # fmt: skip
+        for i, (h, t) in enumerate(zip(host, tensor, strict=True)):
+            assert (h.ids, h.passes) == (t.ids, t.passes), (kw, size, i)
+            assert math.isclose(h.score, t.score, rel_tol=1e-6, abs_tol=1e-6), (kw, size, i)
+    return tensor
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_host_loop_equals_the_tensor_loop(seed, monkeypatch):
+    """A few sentences on a CPU keep the bookkeeping on the host: the same passes, drafts and results as the
+    tensor loop for every variant, with forced lengths and the repetition guard."""
+    m = varied_model(seed)
+    src = random_sources(seed + 60, 6)
+    for kw in VARIANTS + [dict(policy="first", block=0, keep_draft=False, align="position")]:
+        _both_loops(m, src, monkeypatch, **kw, **LIMITS)
+    worst = random_model(seed, eos_bias=-1e4)
+    src = random_sources(seed + 61, 4, lo=4, hi=12)
+    forced = torch.tensor([1, 9, 17, 5])
+    for kw in (VARIANTS[0], VARIANTS[-1], dict(policy="always", block=2, draft_iterations=3)):
+        _both_loops(worst, src, monkeypatch, target_lengths=forced, max_len_a=2.0, max_len_b=8, **kw)
+        _both_loops(worst, src, monkeypatch, repeat_ngram=2, repeat_times=2, max_len_a=2.0, max_len_b=8, **kw)
+
+
+def test_host_loop_equals_the_tensor_loop_with_good_drafts(synthetic_model, monkeypatch):
+    """The synthetic model's drafts are mostly right: lookups, kept drafts and multi-pass canvases are
+    exercised, and both loops still agree."""
+    from janus.api import Generator
+
+    gen = Generator.from_checkpoint(synthetic_model.checkpoint, device="cpu")
+    rows = [s + [EOS] for s in gen.encode(synthetic_model.test_src[:12])]
+    src = torch.full((len(rows), max(map(len, rows))), PAD)
+    for b, r in enumerate(rows):
+        src[b, : len(r)] = torch.tensor(r)
+    g = greedy_search(gen.model, src, **LIMITS)
+    for kw in (dict(), dict(block=0, draft_iterations=3), dict(policy="always", align="position", block=2),
+               dict(policy="stall", draft_iterations=2, keep_draft=False),
+               dict(policy="first", block=0, keep_draft=False, align="position")):  # fmt: skip
+        spec = _both_loops(gen.model, src, monkeypatch, sizes=(1, 3), **kw, **LIMITS)
+        assert_greedy(spec, g, kw)
+        assert sum(h.passes for h in spec) < 0.7 * sum(h.passes for h in g), kw

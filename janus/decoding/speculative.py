@@ -108,6 +108,7 @@ a later pass before any AR query sees them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -117,10 +118,10 @@ from torch import Tensor
 
 from janus.decoding.common import canvas_banned_ids, choose_next, inference, normalized, repeating, token_limits
 from janus.decoding.types import Hypothesis
-from janus.model import JanusModel, KVCache
+from janus.model import EncoderOut, JanusModel, KVCache
 from janus.ops import length_beam_init, mask_predict_update, remask_lowest
 from janus.ops.ar_topk import ar_rules
-from janus.streams import DecoderRows, RowKind, build_ar_verify_rows, spans_from
+from janus.streams import DecoderRows, RowKind, build_ar_verify_rows, build_ar_verify_rows_host, spans_from
 
 # When a canvas is due and the accepted prefix has outgrown the last one, the new one is longer by
 # this fraction of the prefix (at least _EXTEND_MIN slots): the length head cannot see the prefix, so
@@ -227,24 +228,26 @@ _HOST_LOOKUP_CELLS = 128
 def _lookup_shift_host(tok: Tensor, p: Tensor, source: Tensor, *, pad: int, longest: int) -> tuple[Tensor, Tensor]:
     """``lookup_shift`` for a few rows of CPU tensors, in Python over their values: the same keys, scores
     and ties (the first column of the best score)."""
-    shifts, founds = [], []
-    for t, n, src in zip(tok.tolist(), p.tolist(), source.tolist()):
-        keys = [t[n - k] for k in range(1, min(longest, n) + 1)]  # the last token first
-        Ls = len(src)
-        best, best_e, best_len = None, 0, 0
-        for e, x in enumerate(src):
-            length = 0
-            if x != pad and x == keys[0]:
-                length = 1
-                while length < len(keys) and e - length >= 0 and src[e - length] == keys[length]:
-                    length += 1
-            score = length * (2 * Ls + 1) - abs(e - (n - 1))
-            if best is None or score > best:
-                best, best_e, best_len = score, e, length
-        found = best_len > 0
-        shifts.append(best_e + 1 - n if found else 0)
-        founds.append(found)
-    return torch.tensor(shifts, dtype=torch.long), torch.tensor(founds, dtype=torch.bool)
+    rows = [_lookup_row(t, n, src, pad, longest) for t, n, src in zip(tok.tolist(), p.tolist(), source.tolist())]
+    return torch.tensor([r[0] for r in rows], dtype=torch.long), torch.tensor([r[1] for r in rows], dtype=torch.bool)
+
+
+def _lookup_row(t: list[int], n: int, src: list[int], pad: int, longest: int) -> tuple[int, bool]:
+    """(shift, found) of one row of ``lookup_shift``: prefix ``t[:n]``, draft source ``src``."""
+    keys = [t[n - k] for k in range(1, min(longest, n) + 1)]  # the last token first
+    Ls = len(src)
+    best, best_e, best_len = None, 0, 0
+    for e, x in enumerate(src):
+        length = 0
+        if x != pad and x == keys[0]:
+            length = 1
+            while length < len(keys) and e - length >= 0 and src[e - length] == keys[length]:
+                length += 1
+        score = length * (2 * Ls + 1) - abs(e - (n - 1))
+        if best is None or score > best:
+            best, best_e, best_len = score, e, length
+    found = best_len > 0
+    return (best_e + 1 - n if found else 0), found
 
 
 def speculative_decode(
@@ -315,6 +318,12 @@ def speculative_decode(
         else:
             scores = model.length_scores(enc)
             n = length_beam_init(scores, 1, min_len + 2, max_lens + 2, sp.bos, sp.eos, sp.mask, sp.pad)[1]
+        if dev.type == "cpu" and B <= _HOST_SENTENCES and top_beta == 1:
+            return _decode_host(
+                model, enc, n.tolist(), min_lens.tolist(), max_lens.tolist(), T=T, policy=policy, block=block,
+                keep_draft=keep_draft, lookup=align == "lookup", length_penalty=length_penalty,
+                repeat_ngram=repeat_ngram, repeat_times=repeat_times,
+            )  # fmt: skip
         Lmax = int(max_lens.max()) + 2
         col = torch.arange(Lmax, device=dev)[None, :]
         banned = canvas_banned_ids(sp)
@@ -460,3 +469,189 @@ def speculative_decode(
                 enc = enc.select(keep)
                 cache.select(keep)
         return [h for h in out if h is not None]
+
+
+# Sentences up to which a CPU decode keeps its bookkeeping (prefixes, drafts, canvases, acceptance) in Python
+# lists: a pass's ~80 small tensor ops cost about 0.5 ms on a 2-core CPU whatever the batch, which at batch 1 is
+# more than the verification pass itself; the same work over a few sentences' ints costs a few dozen us each.
+_HOST_SENTENCES = 4
+
+
+@dataclasses.dataclass
+class _Sentence:
+    """One sentence of ``_decode_host``: its batch index, tokens (accepted prefix ``tok[:p]``, draft
+    ``tok[p:dend]``, pad past), canvas length n, token limits, canvas tokens and scores with the refinements
+    done (-1: none in use), whether a canvas is due, the draft source of ``lookup``, log-probability sum and
+    passes."""
+
+    index: int
+    tok: list[int]
+    p: int
+    dend: int
+    n: int
+    lo: int
+    hi: int
+    ctok: list[int]
+    cscore: list[float]
+    cstep: int = -1
+    due: bool = True
+    stok: Optional[list[int]] = None
+    sums: float = 0.0
+    passes: int = 0
+
+
+def _decode_host(
+    model: JanusModel,
+    enc: EncoderOut,
+    lengths: list[int],
+    min_lens: list[int],
+    max_lens: list[int],
+    *,
+    T: int,
+    policy: str,
+    block: int,
+    keep_draft: bool,
+    lookup: bool,
+    length_penalty: float,
+    repeat_ngram: int,
+    repeat_times: int,
+) -> list[Hypothesis]:
+    """``speculative_decode``'s loop (exact verification, ``top_beta`` = 1) with its bookkeeping on the
+    host: the same passes, acceptances, drafts and canvases, step for step (tested against the tensor
+    loop), for a few sentences on a CPU. The decoder, projection, token choice, canvas update and re-mask
+    are the same ops; everything between them is Python over ints.
+
+    Args:
+        enc: the encoded sentences; lengths: each one's canvas length (bos and eos included).
+        min_lens, max_lens: each one's token limits.
+    """
+    sp = model.cfg.specials
+    dev = enc.states.device
+    banned = canvas_banned_ids(sp)
+    Lmax = max(max_lens) + 2
+    live = [
+        _Sentence(b, [sp.bos] + [sp.pad] * (Lmax - 1), 1, 1, lengths[b], min_lens[b], max_lens[b],
+                  [sp.pad] * Lmax, [0.0] * Lmax, stok=[sp.pad] * Lmax if lookup else None)
+        for b in range(len(lengths))
+    ]  # fmt: skip
+    limits = torch.tensor([[s.lo for s in live], [s.hi for s in live]], dtype=torch.long, device=dev)
+    cache = KVCache()
+    out: list[Optional[Hypothesis]] = [None] * len(live)
+    while live:
+        # 1. Canvases that start in this pass (at least one slot past the prefix).
+        for s in live:
+            if policy == "always":
+                s.due = s.cstep < 0
+            if s.due and s.cstep < 0:
+                if s.n < s.p + 2:
+                    s.n = min(s.p + max(math.ceil(s.p * _EXTEND_FRACTION), _EXTEND_MIN), s.hi + 2)
+                if s.n >= s.p + 2:
+                    s.ctok = s.tok[: s.p] + [sp.mask] * (s.n - 1 - s.p) + [sp.eos] + [sp.pad] * (Lmax - s.n)
+                    s.cscore = [math.inf] * s.p + [0.0] * (Lmax - s.p)
+                    s.cstep = 0
+        active = [s.cstep >= 0 for s in live]
+        # 2. The verification window: c - 1 draft tokens (to the first eos, at most ``block``).
+        window = []
+        for s in live:
+            draft = s.tok[s.p : s.dend]
+            checked = draft.index(sp.eos) if sp.eos in draft else len(draft)
+            if block:
+                checked = min(checked, block)
+            window.append(min(1 + checked, s.hi + 2 - s.p))
+        rows = build_ar_verify_rows_host(
+            [s.tok for s in live], [s.p - 1 for s in live], [s.p - 1 + c for s, c in zip(live, window)],
+            pad=sp.pad, mask=sp.mask, device=dev,
+        )  # fmt: skip
+        Ca, Lc = rows.num_content, 0
+        if any(active):
+            Lc = max(s.n for s, a in zip(live, active) if a)
+            canvas = torch.tensor([s.ctok[:Lc] if a else [sp.pad] * Lc for s, a in zip(live, active)], device=dev)
+            rows = fused_rows(rows, canvas, pad=sp.pad)
+        hidden = model.decode(rows, enc, cache)
+        # 3. Greedy's choice at every query, as greedy_search chooses; accept up to the first rejected draft token.
+        logits = model.project(hidden[:, Ca + Lc :])  # (N, Ca, V)
+        before = torch.tensor([[s.p - 1 + j for j in range(Ca)] for s in live], dtype=torch.long, device=dev)
+        stop = None
+        if repeat_ngram:  # query q sees tok[0 .. q - 1]: the accepted prefix, then the draft
+            toks = torch.tensor([s.tok for s in live], dtype=torch.long, device=dev)
+            stop = repeating(toks, before.clamp_max(Lmax - 1), repeat_ngram, repeat_times)
+        rules = ar_rules(before, limits[0][:, None], limits[1][:, None], stop)
+        top_lp, top_tok = choose_next(logits, 1, rules, sp)
+        best, ar_tok = top_lp[..., 0].tolist(), top_tok[..., 0].tolist()
+        accepted, old_p, ended = [], [], []
+        for s, c, lp, ar in zip(live, window, best, ar_tok):
+            s.passes += 1
+            first = c
+            for j in range(c):
+                q = s.p + j
+                if not (q < s.dend and s.tok[q] == ar[j]):
+                    first = j
+                    break
+            take = min(first + 1, c)  # >= 1
+            # Accepted tokens (the draft's up to the first rejection, then the AR's), then the Jacobi draft of
+            # the window's positions that hold no draft token; a draft token past the rejected one stays.
+            for j in range(c):
+                q = s.p + j
+                drafted = q < s.dend
+                if j < take or not (keep_draft and drafted):
+                    s.tok[q] = s.tok[q] if j < first else ar[j]
+            s.sums += sum(lp[:take])
+            ended.append(s.tok[s.p + take - 1] == sp.eos)
+            old_p.append(s.p)
+            s.p += take
+            s.dend = max(s.dend, old_p[-1] + c)
+            accepted.append(take)
+        # 4. A canvas in this pass: its tokens past the new prefix are the draft; it is refined again (T > 1)
+        #    with the accepted tokens written in.
+        if Lc:
+            cs = torch.tensor([s.cscore[:Lc] for s in live], dtype=torch.float32, device=dev)
+            mask_predict_update(hidden[:, Ca : Ca + Lc], model.embed.weight, canvas, cs, sp.mask, banned)
+            filled, scores = canvas.tolist(), cs.tolist()
+            counts = []
+            for s, a, ch, sc, p0 in zip(live, active, filled, scores, old_p):
+                going = a and s.p < s.n - 1  # slots left past the prefix
+                if going:
+                    for q in range(p0, min(s.p, Lc)):
+                        ch[q], sc[q] = s.tok[q], math.inf
+                    s.tok[s.p : s.n] = ch[s.p : s.n]
+                    s.dend = s.n
+                if lookup and a:  # the canvas as this pass filled it, before remask_lowest masks it again
+                    s.stok = ch + [sp.pad] * (Lmax - Lc)
+                s.cstep = s.cstep + 1 if going and s.cstep + 1 < T else -1
+                counts.append((s.n - 1 - s.p) * (T - s.cstep) // T if s.cstep >= 0 else 0)
+            if any(counts):
+                canvas = torch.tensor(filled, dtype=torch.long, device=dev)
+                cs = torch.tensor(scores, dtype=torch.float32, device=dev)
+                counted = torch.tensor(counts, dtype=torch.long, device=dev)
+                remask_lowest(canvas, cs, counted, sp.mask, sp.pad, sp.bos, sp.eos)
+                filled, scores = canvas.tolist(), cs.tolist()
+            for s, a, ch, sc in zip(live, active, filled, scores):
+                if a:
+                    s.ctok[:Lc], s.cscore[:Lc] = ch, sc
+        for s, take in zip(live, accepted):
+            # 4b. lookup: the draft past the new prefix follows the prefix's last tokens in the latest canvas.
+            if lookup:
+                shift, found = _lookup_row(s.tok, s.p, s.stok, sp.pad, 3)
+                if found:
+                    size = sum(x != sp.pad for x in s.stok)
+                    for q in range(s.p, min(Lmax, size - shift)):
+                        if q + shift >= 0:
+                            s.tok[q] = s.stok[q + shift]
+                    s.dend = max(size - shift, s.p)
+            # 5. The policy: whether the sentence gets a canvas in the next pass.
+            s.due = policy != "first" and (s.dend <= s.p or (policy == "stall" and take < 2))
+        # 6. Finished sentences leave.
+        if any(ended):
+            for s, e in zip(live, ended):
+                if e:
+                    k = s.p - 2  # tokens without bos and eos
+                    out[s.index] = Hypothesis(ids=s.tok[1 : k + 1], score=normalized(s.sums, k + 1, length_penalty),
+                                              passes=s.passes)  # fmt: skip
+            keep = [i for i, e in enumerate(ended) if not e]
+            if not keep:
+                break
+            live = [live[i] for i in keep]
+            index = torch.tensor(keep, dtype=torch.long, device=dev)
+            limits, enc = limits[:, index], enc.select(index)
+            cache.select(keep)
+    return [h for h in out if h is not None]
