@@ -32,7 +32,7 @@ from janus.ops.cache_reorder import kernel_ready as cache_reorder_ready
 from janus.ops.decoder_step import LAYER_WEIGHTS, decoder_step_checked, kernel_ready, max_rows
 from janus.ops.skinny_linear import MAX_ROWS as SKINNY_ROWS
 from janus.ops.skinny_linear import MIN_WEIGHT as SKINNY_MIN_WEIGHT
-from janus.ops.skinny_linear import PANEL, pack_panels, skinny_linear_checked
+from janus.ops.skinny_linear import PANEL, PANEL_ROWS, pack_panels, skinny_linear_checked
 from janus.ops.skinny_linear import kernel_ready as skinny_kernel_ready
 from janus.streams import DecoderRows
 
@@ -790,17 +790,37 @@ class JanusModel(nn.Module):
         if self.out_proj is not None:
             return _linear(self.out_proj, hidden)
         w = self.embed.weight
-        if hidden.dtype == w.dtype and _skinny(hidden) and skinny_kernel_ready():
-            # A step's few rows through the kernel's panel tiles, on a packed copy of the embedding kept while
-            # it does not change. In bf16, float32 logits from the bf16 weights (bf16 logits of magnitude ~10
-            # are rounded to ~0.06, enough to tie or swap a search's best candidates).
-            key = None if w.is_inference() else (w.data_ptr(), w._version)
-            if key is None or self._proj_panels is None or self._proj_panels[0] != key:
-                with torch.no_grad():
-                    self._proj_panels = (key, pack_panels(w.detach()))
-            logits = skinny_linear_checked(hidden.float(), self._proj_panels[1], None)
-            return logits if logits.shape[-1] == w.shape[0] else logits[..., : w.shape[0]]
+        if hidden.dtype == w.dtype and hidden.numel() <= PANEL_ROWS.get(w.dtype, 0) * hidden.shape[-1]:
+            # Inference rows through the kernel's panel tiles (up to hundreds of float32 rows: a beam step of
+            # a batch, a verification pass), on a packed copy of the embedding. In bf16 (a step's few rows),
+            # float32 logits from the bf16 weights (bf16 logits of magnitude ~10 are rounded to ~0.06, enough
+            # to tie or swap a search's best candidates).
+            panels = self.output_panels()
+            if panels is not None:
+                logits = skinny_linear_checked(hidden.float(), panels, None)
+                return logits if logits.shape[-1] == w.shape[0] else logits[..., : w.shape[0]]
         return infer_linear(hidden, w, None)
+
+    def output_panels(self) -> Optional[Tensor]:
+        """The tied output projection (the embedding) packed for ``janus.ops.skinny_linear``'s panel tiles,
+        kept while the embedding does not change (storage and version), for inference on a CPU: what
+        ``project`` and the CPU backends of ``janus.ops.mask_predict_update`` multiply with. None where the
+        kernel does not apply: an untied projection, a dtype other than float32 and bfloat16, another
+        device, autograd, the kernel not compiled or forced away."""
+        w = self.embed.weight
+        if (
+            self.out_proj is not None
+            or w.device.type != "cpu"
+            or w.dtype not in PANEL_ROWS
+            or torch.is_grad_enabled()
+            or not skinny_kernel_ready()
+        ):
+            return None
+        key = None if w.is_inference() else (w.data_ptr(), w._version)
+        if key is None or self._proj_panels is None or self._proj_panels[0] != key:
+            with torch.no_grad():
+                self._proj_panels = (key, pack_panels(w.detach()))
+        return self._proj_panels[1]
 
     def forward(self, src: Tensor, rows: DecoderRows) -> tuple[Tensor, Tensor]:
         """Teacher-forced pass: (hidden (B, R, D), length_logits (B, C))."""

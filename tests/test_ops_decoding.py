@@ -553,6 +553,41 @@ def test_mask_predict_update_is_deterministic(target):
     assert not bool((first[0] == MASK).any())
 
 
+@pytest.mark.parametrize("backend", ["cpp", "blocked"])
+@pytest.mark.parametrize("R,L,V,D", [(1, 7, 1031, 19), (7, 65, 1031, 32), (9, 65, 8000, 24)])
+def test_mask_predict_update_on_panels_matches_the_oracle(backend, R, L, V, D, monkeypatch):
+    """Given the weight's panels, the CPU backends multiply on them (every block: several of 262 rows at
+    V = 8000), match the oracle to rounding, and give a slot the same bits whatever the other rows."""
+    from ext_helpers import require_kernel
+
+    from janus.ops.skinny_linear import pack_panels
+
+    require_kernel("skinny_linear", "cpu")
+    impl = registry()["mask_predict_update"].backend(backend)
+    if not impl.available()[0]:
+        require_kernel("best_token", "cpu")
+    g = torch.Generator().manual_seed(R + L + V + D)
+    hidden, weight, tokens, scores = random_update_inputs(R, L, V, D, g)
+    panels = pack_panels(weight)
+    seen = []
+    real = torch.ops.janus.skinny_linear
+    monkeypatch.setattr(torch.ops.janus, "skinny_linear", lambda *a: seen.append(a[0].shape[0]) or real(*a),
+                        raising=False)  # fmt: skip
+    target = Target(lambda *args: impl.impl(*args, panels=panels), "cpu")
+    t, s, differ = check_update(target, hidden, weight, tokens, scores, [PAD, BOS, EOS, MASK], tol=1e-4,
+                                score_tol=1e-4)  # fmt: skip
+    assert differ <= 1
+    assert sum(seen) == int((tokens == MASK).sum()) and (V < 8000 or len(seen) > 1), seen
+    alone = run_update(target, hidden[:1], weight, tokens[:1], scores[:1], [PAD, BOS, EOS, MASK])
+    assert torch.equal(alone[0], t[:1]) and torch.equal(bits(alone[1]), bits(s[:1]))
+    # the reference and the triton kernel take the argument and leave it: the oracle's result
+    seen.clear()
+    ref = registry()["mask_predict_update"].backend("reference").impl
+    check_update(Target(lambda *args: ref(*args, panels=panels), "cpu"), hidden, weight, tokens, scores,
+                 [PAD, BOS, EOS, MASK], tol=1e-4, score_tol=1e-4)  # fmt: skip
+    assert seen == []
+
+
 @pytest.mark.parametrize("target", LENGTH_BEAM_INIT)
 def test_length_beam_init_prefers_an_allowed_length_scored_minus_inf_to_a_repeat(target):
     # offset-mode length scores are -inf outside the class window; those lengths are still allowed

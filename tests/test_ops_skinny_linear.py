@@ -13,6 +13,7 @@ from tolerances import assert_within_baseline
 
 from janus.ops.skinny_linear import (
     PANEL,
+    PANEL_ROWS,
     SKINNY_LINEAR,
     _fits_cpp,
     pack_panels,
@@ -124,8 +125,8 @@ def test_panels_float32_rows_by_bfloat16_weights_give_float32():
 
 
 def test_the_projection_runs_on_panels_that_follow_the_embedding(monkeypatch):
-    """A step's few rows of logits come from a packed copy of the embedding (300 ids: 19 panels, the
-    last padded), cut to the vocabulary; an in-place update of the embedding reaches it."""
+    """Inference rows' logits (up to PANEL_ROWS of them) come from a packed copy of the embedding (300 ids:
+    19 panels, the last padded), cut to the vocabulary; an in-place update of the embedding reaches it."""
     from janus.config import preset
     from janus.model import JanusModel
 
@@ -144,8 +145,16 @@ def test_the_projection_runs_on_panels_that_follow_the_embedding(monkeypatch):
         second = model.project(h)
     assert_within_baseline(second, exact(h, w.detach(), None), F.linear(h, w.detach()))
     with torch.no_grad():
-        assert model.project(torch.randn(40, model.cfg.d_model)).shape == (40, 300)  # many rows: torch's GEMM
-    assert len(seen) == 2
+        assert model.project(torch.randn(40, model.cfg.d_model)).shape == (40, 300)  # a beam step of a batch
+        assert len(seen) == 3
+        many = PANEL_ROWS[torch.float32] + 1
+        assert model.project(torch.randn(many, model.cfg.d_model)).shape == (many, 300)  # torch's GEMM
+    assert len(seen) == 3
+    model.train()
+    with torch.no_grad():
+        model.project(h)  # the model in training mode still projects on panels without autograd
+    assert len(seen) == 4
+    assert model.project(h).requires_grad and len(seen) == 4  # with autograd: torch's, differentiable
 
 
 @pytest.mark.parametrize("rows", [1, 4, 10, 13])

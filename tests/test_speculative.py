@@ -193,7 +193,7 @@ def test_draft_tokens_past_a_rejected_one_stay_in_the_draft(seed, keep, host, mo
         ids[k:-1] = 5 + (ids[k:-1] - 5 + 1) % (V - 5)  # other ordinary tokens from k on
         draft[b, : len(ids)] = ids
 
-    def nar_draft(hidden, weight, tokens, scores, mask, banned):  # pass 1's canvas, every sentence
+    def nar_draft(hidden, weight, tokens, scores, mask, banned, **_):  # pass 1's canvas, every sentence
         slots = tokens == mask
         tokens[slots] = draft[:, : tokens.shape[1]][slots]
         return tokens, scores
@@ -299,7 +299,7 @@ def test_lookup_realigns_a_canvas_with_an_inserted_token(synthetic_model, monkey
         canvas = [BOS, *h.ids[: k - 1], extra, *h.ids[k - 1 : -1], EOS]
         draft[b, : len(canvas)] = torch.tensor(canvas)
 
-    def nar_draft(hidden, weight, tokens, scores, mask, banned):
+    def nar_draft(hidden, weight, tokens, scores, mask, banned, **_):
         slots = tokens == mask
         tokens[slots] = draft[:, : tokens.shape[1]][slots]
         return tokens, scores

@@ -120,6 +120,7 @@ def refine(
     """
     sp = model.cfg.specials
     banned = canvas_banned_ids(sp)
+    panels = model.output_panels()  # the CPU's faster products for mask_predict_update (None elsewhere)
     R, B = tokens.shape[0], enc.states.shape[0]
     if R == 0:
         return
@@ -160,7 +161,7 @@ def refine(
                 sub_enc = EncoderOut(sub_enc.states[:live], sub_enc.padding[:live], sub_enc.lengths[:live],
                                      [(k[:live], v[:live]) for k, v in sub_enc.cross])  # fmt: skip
             hidden = model.decode(rows, sub_enc)  # (cut, L, D)
-            mask_predict_update(hidden, model.embed.weight, tk[:cut], sc[:cut], sp.mask, banned)
+            mask_predict_update(hidden, model.embed.weight, tk[:cut], sc[:cut], sp.mask, banned, panels=panels)
             if history is not None:
                 _put(before[0], gr.rows_of, tk)
                 _put(before[1], gr.rows_of, sc)

@@ -327,6 +327,7 @@ def speculative_decode(
         Lmax = int(max_lens.max()) + 2
         col = torch.arange(Lmax, device=dev)[None, :]
         banned = canvas_banned_ids(sp)
+        panels = model.output_panels()
         # tok[b, :p] is the accepted prefix (bos first), tok[b, p:dend] the draft.
         tok = torch.full((B, Lmax), sp.pad, dtype=torch.long, device=dev)
         tok[:, 0] = sp.bos
@@ -419,7 +420,7 @@ def speculative_decode(
             if Lc:
                 cols = col[:, :Lc]
                 ch, cs = canvas, cscore[:, :Lc].clone()
-                mask_predict_update(hidden[:, Ca : Ca + Lc], model.embed.weight, ch, cs, sp.mask, banned)
+                mask_predict_update(hidden[:, Ca : Ca + Lc], model.embed.weight, ch, cs, sp.mask, banned, panels=panels)
                 live = active & (p < n - 1)  # slots left past the prefix
                 newly = live[:, None] & (cols >= old_p[:, None]) & (cols < p[:, None])
                 ch = torch.where(newly, tok[:, :Lc], ch)
@@ -528,6 +529,7 @@ def _decode_host(
     sp = model.cfg.specials
     dev = enc.states.device
     banned = canvas_banned_ids(sp)
+    panels = model.output_panels()
     Lmax = max(max_lens) + 2
     live = [
         _Sentence(b, [sp.bos] + [sp.pad] * (Lmax - 1), 1, 1, lengths[b], min_lens[b], max_lens[b],
@@ -605,7 +607,7 @@ def _decode_host(
         #    with the accepted tokens written in.
         if Lc:
             cs = torch.tensor([s.cscore[:Lc] for s in live], dtype=torch.float32, device=dev)
-            mask_predict_update(hidden[:, Ca : Ca + Lc], model.embed.weight, canvas, cs, sp.mask, banned)
+            mask_predict_update(hidden[:, Ca : Ca + Lc], model.embed.weight, canvas, cs, sp.mask, banned, panels=panels)
             filled, scores = canvas.tolist(), cs.tolist()
             counts = []
             for s, a, ch, sc, p0 in zip(live, active, filled, scores, old_p):

@@ -73,6 +73,18 @@ from janus.ops._dispatch import Backend, Verdict, all_on_cpu, compiled, register
 
 # Rows up to which the kernel beats torch's GEMM, by dtype (measured above).
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
+# Rows up to which the panel tiles beat torch's GEMM against a packed weight, by dtype. In float32 they run
+# at ~185 GFLOP/s on the 2-core EPYC from 8 rows to 1024 (the FMA units' peak), torch's GEMM at 60-150 (ms,
+# 2 threads, the vocabulary products of the small and iwslt presets, (8000, 128) and (10000, 512)):
+#
+#     rows M                 8      32      64     128     262     512    1024    2048
+#     (8000, 128)   torch  0.27    0.74    1.31    2.25    4.27    7.23   13.86   42.47
+#                   panels 0.11    0.33    0.64    1.30    2.92    5.67   11.31   42.72
+#     (10000, 512)  torch  2.41    4.77    7.00   11.64   17.06   29.80   56.56  132.10
+#                   panels 0.41    1.63    3.34    6.56   12.69   24.76   62.69  126.06
+#
+# In bfloat16 torch's GEMM (AVX512_BF16) overtakes them from 8-16 rows (the tiles widen bf16 to fp32).
+PANEL_ROWS = {torch.float32: 512, torch.bfloat16: 8}
 # Weights (elements) from which it does (measured above).
 MIN_WEIGHT = 1 << 18
 
