@@ -12,7 +12,7 @@ from ext_helpers import require_kernel
 
 from janus.config import SpecialIds
 from janus.decoding.common import banned_ids
-from janus.ops.ar_topk import NO_EOS, ONLY_EOS, ar_rules, ar_topk_ref
+from janus.ops.ar_topk import NO_EOS, ONLY_EOS, ar_rules, ar_topk_ref, rule_bits
 
 SP = SpecialIds()
 
@@ -172,3 +172,13 @@ def test_torch_backend_matches_the_reference():
         assert torch.equal(got[1][finite], want[1][finite])
         torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
         assert torch.equal(got[1][5], torch.arange(k)) and torch.equal(got[1][6], torch.arange(k))
+
+
+def test_rule_bits_are_ar_rules_of_host_ints():
+    words, lo, hi = torch.meshgrid(torch.arange(0, 8), torch.arange(0, 5), torch.arange(0, 9), indexing="ij")
+    want = ar_rules(words, lo, hi)
+    got = [
+        rule_bits(w, a, b) for w, a, b in zip(words.flatten().tolist(), lo.flatten().tolist(), hi.flatten().tolist())
+    ]
+    assert got == want.flatten().tolist()
+    assert {NO_EOS, ONLY_EOS, NO_EOS | ONLY_EOS, 0} == set(got)

@@ -120,7 +120,7 @@ from janus.decoding.common import canvas_banned_ids, choose_next, inference, nor
 from janus.decoding.types import Hypothesis
 from janus.model import EncoderOut, JanusModel, KVCache
 from janus.ops import length_beam_init, mask_predict_update, remask_lowest
-from janus.ops.ar_topk import ar_rules
+from janus.ops.ar_topk import ar_rules, rule_bits
 from janus.streams import DecoderRows, RowKind, build_ar_verify_rows, build_ar_verify_rows_host, spans_from
 
 # When a canvas is due and the accepted prefix has outgrown the last one, the new one is longer by
@@ -235,19 +235,20 @@ def _lookup_shift_host(tok: Tensor, p: Tensor, source: Tensor, *, pad: int, long
 def _lookup_row(t: list[int], n: int, src: list[int], pad: int, longest: int) -> tuple[int, bool]:
     """(shift, found) of one row of ``lookup_shift``: prefix ``t[:n]``, draft source ``src``."""
     keys = [t[n - k] for k in range(1, min(longest, n) + 1)]  # the last token first
+    if keys[0] == pad:
+        return 0, False
     Ls = len(src)
-    best, best_e, best_len = None, 0, 0
-    for e, x in enumerate(src):
-        length = 0
-        if x != pad and x == keys[0]:
-            length = 1
-            while length < len(keys) and e - length >= 0 and src[e - length] == keys[length]:
-                length += 1
+    best, best_e = None, 0
+    # Only the columns holding the last token matter: a column ending a key outscores every column that does
+    # not (2 * Ls + 1 per key token, against distances to the key's column that differ by less than Ls).
+    for e in [e for e, x in enumerate(src) if x == keys[0]]:
+        length = 1
+        while length < len(keys) and e - length >= 0 and src[e - length] == keys[length]:
+            length += 1
         score = length * (2 * Ls + 1) - abs(e - (n - 1))
         if best is None or score > best:
-            best, best_e, best_len = score, e, length
-    found = best_len > 0
-    return (best_e + 1 - n if found else 0), found
+            best, best_e = score, e
+    return (best_e + 1 - n, True) if best is not None else (0, False)
 
 
 def speculative_decode(
@@ -572,12 +573,14 @@ def _decode_host(
         hidden = model.decode(rows, enc, cache)
         # 3. Greedy's choice at every query, as greedy_search chooses; accept up to the first rejected draft token.
         logits = model.project(hidden[:, Ca + Lc :])  # (N, Ca, V)
-        before = torch.tensor([[s.p - 1 + j for j in range(Ca)] for s in live], dtype=torch.long, device=dev)
-        stop = None
         if repeat_ngram:  # query q sees tok[0 .. q - 1]: the accepted prefix, then the draft
+            before = torch.tensor([[s.p - 1 + j for j in range(Ca)] for s in live], dtype=torch.long, device=dev)
             toks = torch.tensor([s.tok for s in live], dtype=torch.long, device=dev)
             stop = repeating(toks, before.clamp_max(Lmax - 1), repeat_ngram, repeat_times)
-        rules = ar_rules(before, limits[0][:, None], limits[1][:, None], stop)
+            rules = ar_rules(before, limits[0][:, None], limits[1][:, None], stop)
+        else:
+            bits = [[rule_bits(s.p - 1 + j, s.lo, s.hi) for j in range(Ca)] for s in live]
+            rules = torch.tensor(bits, dtype=torch.uint8, device=dev)
         top_lp, top_tok = choose_next(logits, 1, rules, sp)
         best, ar_tok = top_lp[..., 0].tolist(), top_tok[..., 0].tolist()
         accepted, old_p, ended = [], [], []

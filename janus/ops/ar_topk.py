@@ -70,6 +70,12 @@ def ar_rules(words: Tensor, min_lens: Tensor, max_lens: Tensor, stop: Tensor | N
     return too_short.to(torch.uint8) * NO_EOS + at_max.to(torch.uint8) * ONLY_EOS
 
 
+def rule_bits(words: int, min_len: int, max_len: int) -> int:
+    """``ar_rules`` of one query from host ints, without a repetition stop (a few sentences' bookkeeping on
+    the host builds its rules with this)."""
+    return (NO_EOS if words < min_len else 0) | (ONLY_EOS if words >= max_len else 0)
+
+
 def mask_disallowed(key: Tensor, banned: Sequence[int], eos: int, rules: Tensor) -> Tensor:
     """The AR rules, in place: -inf at every id a row may not choose (``banned``; eos where rules & NO_EOS;
     all but eos where rules & ONLY_EOS). The specification of the rules the "cpp" kernel applies.
