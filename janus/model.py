@@ -17,7 +17,7 @@ import copy
 import functools
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -29,7 +29,13 @@ from torch.ao.nn.quantized.dynamic import Linear as _DynamicInt8Linear
 from janus.config import ModelConfig
 from janus.ops.cache_reorder import cache_reorder_checked
 from janus.ops.cache_reorder import kernel_ready as cache_reorder_ready
-from janus.ops.decoder_step import LAYER_WEIGHTS, decoder_step_checked, kernel_ready, max_rows
+from janus.ops.decoder_step import (
+    ENCODER_LAYER_WEIGHTS,
+    LAYER_WEIGHTS,
+    decoder_step_checked,
+    kernel_ready,
+    max_rows,
+)
 from janus.ops.skinny_linear import MAX_ROWS as SKINNY_ROWS
 from janus.ops.skinny_linear import MIN_WEIGHT as SKINNY_MIN_WEIGHT
 from janus.ops.skinny_linear import PANEL, PANEL_ROWS, pack_panels, skinny_linear_checked
@@ -342,8 +348,35 @@ def _fuse_qkv(x: Tensor, num_content: int) -> bool:
 
 # Rows up to which a GEMM against a D x 3D weight is bound by reading the weight, not by arithmetic.
 _FUSE_ROWS = 32
-# The weight matrices among a layer's ``LAYER_WEIGHTS`` (packed in panels for the kernel).
+# The weight matrices among a layer's ``LAYER_WEIGHTS`` (packed in panels for the kernel), and an encoder layer's.
 _PRODUCTS = frozenset(i for i, name in enumerate(LAYER_WEIGHTS) if name.endswith(".weight") and "norm" not in name)
+_ENCODER_PRODUCTS = frozenset(
+    i for i, name in enumerate(ENCODER_LAYER_WEIGHTS) if name.endswith(".weight") and "norm" not in name
+)
+
+
+def _layer_params(layers: nn.ModuleList, attention: str, names: Sequence[str]) -> list[Tensor]:
+    """Per layer: its self-attention's (``attention``) q, k, v weights and biases, then the parameters
+    ``names`` past the fused two (``janus.ops.decoder_step.LAYER_WEIGHTS`` or ``ENCODER_LAYER_WEIGHTS``)."""
+    params: list[Tensor] = []
+    for layer in layers:
+        a = layer.get_submodule(attention)
+        params += [a.q.weight, a.k.weight, a.v.weight, a.q.bias, a.k.bias, a.v.bias]
+        params += [layer.get_parameter(name) for name in names[2:]]
+    return params
+
+
+def _packed_layers(params: list[Tensor], num_layers: int, products: frozenset[int]) -> list[Tensor]:
+    """``_layer_params``' tensors as the kernel takes them: q, k, v concatenated, the ``products`` (indices of a
+    layer's weight matrices) packed in panels where their rows allow (janus.ops.skinny_linear); copies."""
+    out: list[Tensor] = []
+    per = len(params) // num_layers
+    with torch.no_grad():
+        for i in range(0, len(params), per):
+            p = [t.detach() for t in params[i : i + per]]
+            layer = [torch.cat(p[0:3]), torch.cat(p[3:6]), *p[6:]]
+            out += [pack_panels(w) if j in products and w.shape[0] % PANEL == 0 else w for j, w in enumerate(layer)]
+    return out
 
 
 def _skinny(x: Tensor) -> bool:
@@ -515,8 +548,11 @@ class JanusModel(nn.Module):
         # The parameters and weights of ``fused_weights`` (inference passes through janus.ops.decoder_step).
         self._fused_params: Optional[list[Tensor]] = None
         self._fused_list: Optional[tuple[tuple, list[Tensor]]] = None
+        self._encoder_params: Optional[list[Tensor]] = None  # the same for the encoder (``encoder_weights``)
+        self._encoder_list: Optional[tuple[tuple, list[Tensor]]] = None
         self._norm_eps = self.decoder[0].norm1.eps  # every decoder norm's (decoder_step takes one)
         self._fused_float = True  # False in the int8 copy of quantize_dynamic_int8, whose layers differ
+        self._encoder_float = True  # likewise for its encoder, when quantized
         # Inside ``weights_fixed``: None outside, False until fused_weights has checked them, then True.
         self._fused_checked: Optional[bool] = None
         self.out_proj: Optional[nn.Module] = None  # (D -> V) set by quantize_dynamic_int8 only
@@ -545,10 +581,22 @@ class JanusModel(nn.Module):
         padding = src == self.cfg.specials.pad
         pos = torch.arange(S, device=src.device)
         x = self.drop(self.embed(src) * self.scale + self.src_pos(pos))  # (B, S, D)
+        lengths = (~padding).sum(1)
+        if self._encoder_kernel_ok(x):
+            # Every layer in one decoder_step call without cross-attention (its encoder form): each sentence's
+            # rows are content rows at columns 0 .. S-1 of scratch keys/values and see its real positions (the
+            # source is right-padded; a pad row, as in the layers, sees them too).
+            H, dk = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
+            caches = [x.new_empty(B, H, S, dk) for _ in range(2 * len(self.encoder))]
+            seen = torch.stack([torch.zeros_like(lengths), lengths.clamp_min(1)], -1)[:, None, :].expand(B, S, 2)
+            columns = pos.expand(B, S)
+            x = decoder_step_checked(x, S, seen, columns, caches[0::2], caches[1::2], [], [], ~padding,
+                                     self.encoder_weights(), H, self.encoder[0].norm1.eps)  # fmt: skip
+            return EncoderOut(x, padding, lengths)
         mask = (~padding)[:, None, None, :]  # (B, 1, 1, S)
         for layer in self.encoder:
             x = layer(x, mask)
-        return EncoderOut(x, padding, (~padding).sum(1))
+        return EncoderOut(x, padding, lengths)
 
     def length_logits(self, enc: EncoderOut) -> Tensor:
         """Mean-pool the encoder states over non-pad tokens, then a linear layer: (B, C) logits."""
@@ -665,6 +713,19 @@ class JanusModel(nn.Module):
             and kernel_ready()
         )
 
+    def _encoder_kernel_ok(self, x: Tensor) -> bool:
+        """Whether ``encode`` runs rows x (B, S, D) through ``janus.ops.decoder_step``'s kernel: as
+        ``fused_step_ok`` for a decoder pass, with the encoder's own float layers (not an int8 copy's)."""
+        return (
+            x.device.type == "cpu"
+            and x.shape[0] * x.shape[1] <= max_rows(x.dtype, x.shape[2])
+            and x.dtype == self.embed.weight.dtype
+            and self._encoder_float
+            and not self.training
+            and not torch.is_grad_enabled()
+            and kernel_ready()
+        )
+
     @contextlib.contextmanager
     def weights_fixed(self) -> Iterator[None]:
         """A block in which the parameters do not change (a decode call: ``janus.decoding.common.inference``):
@@ -695,31 +756,30 @@ class JanusModel(nn.Module):
         if self._fused_checked and self._fused_list is not None:
             return self._fused_list[1]
         if self._fused_params is None:
-            # per layer: q, k, v weights and biases (fused below), then LAYER_WEIGHTS past the fused two
-            params: list[Tensor] = []
-            for layer in self.decoder:
-                a = layer.self_attn
-                params += [a.q.weight, a.k.weight, a.v.weight, a.q.bias, a.k.bias, a.v.bias]
-                params += [layer.get_parameter(name) for name in LAYER_WEIGHTS[2:]]
-            self._fused_params = params
+            self._fused_params = _layer_params(self.decoder, "self_attn", LAYER_WEIGHTS)
         params = self._fused_params
         key = self._fused_key(params)
         if self._fused_checked is False and key is not None:
             self._fused_checked = True  # the copy returned below matches these parameters
         if key is not None and self._fused_list is not None and self._fused_list[0] == key:
             return self._fused_list[1]
-        out: list[Tensor] = []
-        per = len(params) // len(self.decoder)
-        with torch.no_grad():
-            for i in range(0, len(params), per):
-                p = [t.detach() for t in params[i : i + per]]
-                layer = [torch.cat(p[0:3]), torch.cat(p[3:6]), *p[6:]]
-                # The products' weights in the kernel's panels where their rows allow (janus.ops.skinny_linear)
-                out += [
-                    pack_panels(w) if j in _PRODUCTS and w.shape[0] % PANEL == 0 else w for j, w in enumerate(layer)
-                ]
+        out = _packed_layers(params, len(self.decoder), _PRODUCTS)
         if key is not None:
             self._fused_list = (key, out)
+        return out
+
+    def encoder_weights(self) -> list[Tensor]:
+        """The encoder's weights in ``janus.ops.decoder_step.ENCODER_LAYER_WEIGHTS`` order, as ``fused_weights``
+        keeps the decoder's (q, k, v concatenated, the matrices in panels), checked against the parameters'
+        storage and version at every call (one a decode)."""
+        if self._encoder_params is None:
+            self._encoder_params = _layer_params(self.encoder, "attn", ENCODER_LAYER_WEIGHTS)
+        key = self._fused_key(self._encoder_params)
+        if key is not None and self._encoder_list is not None and self._encoder_list[0] == key:
+            return self._encoder_list[1]
+        out = _packed_layers(self._encoder_params, len(self.encoder), _ENCODER_PRODUCTS)
+        if key is not None:
+            self._encoder_list = (key, out)
         return out
 
     def _fused_pass(
@@ -862,6 +922,7 @@ def quantize_dynamic_int8(model: JanusModel, *, encoder: bool = False) -> JanusM
 
     q = copy.deepcopy(model).float().eval()
     q._fused_params, q._fused_list, q._fused_float, q._proj_panels = None, None, False, None
+    q._encoder_params, q._encoder_list, q._encoder_float = None, None, not encoder
     with torch.no_grad():
         for attn in [layer.attn for layer in q.encoder if encoder] + [layer.self_attn for layer in q.decoder]:
             attn.qkv = nn.Linear(attn.q.in_features, 3 * attn.q.out_features)

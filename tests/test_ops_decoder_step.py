@@ -16,6 +16,7 @@ from janus.decoding import beam_search, greedy_search, speculative_decode
 from janus.model import JanusModel, KVCache, quantize_dynamic_int8
 from janus.ops.decoder_step import (
     DECODER_STEP,
+    ENCODER_LAYER_WEIGHTS,
     LAYER_WEIGHTS,
     MAX_ROWS,
     _fits_cpp,
@@ -191,7 +192,9 @@ def test_bad_arguments_are_named():
         torch.ops.janus.decoder_step(*bad)
     bad = cloned(args)
     bad[9] = args[9][:-1]
-    with pytest.raises(ValueError, match="2 layers need 2 of each cache list and 36 weights"):
+    with pytest.raises(
+        ValueError, match=r"2 layers need 2 of each cache list \(the cross lists empty for an encoder\) and 36 weights"
+    ):
         torch.ops.janus.decoder_step(*bad)
     bad = cloned(args)
     bad[9] = list(args[9])
@@ -256,14 +259,17 @@ def sources(seed, batch, vocab=60):
     return src
 
 
-def count_calls(monkeypatch):
+def count_calls(monkeypatch, encoder=False):
+    """The shapes of the rows the model sends to the kernel: its decoder passes (those with cross-attention),
+    or with ``encoder`` its encoder's."""
     import janus.model
 
     calls = []
     real = janus.model.decoder_step_checked
 
     def counted(*args):
-        calls.append(args[0].shape)
+        if bool(args[6]) != encoder:
+            calls.append(args[0].shape)
         return real(*args)
 
     monkeypatch.setattr(janus.model, "decoder_step_checked", counted)
@@ -384,7 +390,13 @@ def test_a_decode_checks_the_kept_weights_once(monkeypatch):
     greedy_search(m, src, max_len_a=1.0, max_len_b=8)  # builds the kept copy
     checks = []
     real = JanusModel._fused_key
-    monkeypatch.setattr(JanusModel, "_fused_key", staticmethod(lambda params: (checks.append(1), real(params))[1]))
+
+    def key(params):  # the decoder's weights (the encoder's are checked once per encode call)
+        if params is m._fused_params:
+            checks.append(1)
+        return real(params)
+
+    monkeypatch.setattr(JanusModel, "_fused_key", staticmethod(key))
     hyps = greedy_search(m, src, max_len_a=1.0, max_len_b=8)
     assert max(h.passes for h in hyps) > 2 and len(checks) == 1
     checks.clear()
@@ -458,3 +470,112 @@ def test_rows_by_dtype_and_width():
     assert max_rows(torch.bfloat16, 512) == MAX_ROWS[torch.bfloat16] < max_rows(torch.bfloat16, NARROW)
     assert max_rows(torch.bfloat16, NARROW) == NARROW_ROWS[torch.bfloat16]
     assert max_rows(torch.float64, 64) == max_rows(torch.float16, 64) == 0
+
+
+def encoder_problem(seed, B=3, S=9, D=32, H=4, F=48, L=2):
+    """Random arguments of one encoder pass (no cross lists): right-padded sentences whose rows see their
+    real positions, written to scratch keys/values at columns 0 .. S-1."""
+    args = problem(seed, N=B, R=S, C=S, D=D, H=H, F=F, L=L, B=B, S=S, W=S)
+    lengths = torch.tensor([S - b % 4 for b in range(B)])
+    args[2] = torch.stack([torch.zeros(B, dtype=torch.long), lengths], -1)[:, None, :].expand(B, S, 2)
+    args[3] = torch.arange(S).expand(B, S)
+    args[6], args[7] = [], []
+    args[8] = torch.arange(S)[None, :] < lengths[:, None]
+    per = len(LAYER_WEIGHTS)
+    names = [name.replace("self_attn.", "attn.") for name in LAYER_WEIGHTS]
+    keep = [names.index(name) for name in ENCODER_LAYER_WEIGHTS]  # norm2 stays: the feed-forward's norm there
+    args[9] = [args[9][per * layer + i] for layer in range(L) for i in keep]
+    assert len(args[9]) == L * len(ENCODER_LAYER_WEIGHTS)
+    return args
+
+
+@pytest.mark.parametrize("panels", [False, True], ids=["row-major", "panels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encoder_layers_match_the_reference(panels, dtype):
+    """Empty cross lists: the encoder's layers (self-attention over each sentence's real positions and the
+    feed-forward, 12 weights a layer), in float32 to the reference's rounding, in bf16 within its error."""
+    args = encoder_problem(4)
+    args = in_dtype(args, dtype) if dtype != torch.float32 else args
+    args = packed(args) if panels else args
+    kernel_args, ref_args, exact_args = cloned(args), cloned(args), in_double(args)
+    out = torch.ops.janus.decoder_step(*kernel_args)
+    want, exact = decoder_step_ref(*ref_args), decoder_step_ref(*exact_args)
+    assert out.shape == args[0].shape and out.dtype == dtype
+    if dtype == torch.float32:
+        assert_within_baseline(out, exact, want, factor=4.0, atol=1e-5, name="encoder")
+    else:
+        assert_within_baseline(out, exact, want, factor=1.0, atol=1e-2, name="bf16 encoder")
+    # one sentence alone: the same bits
+    alone = cloned(args)
+    for i in (0, 2, 3, 8):
+        alone[i] = args[i][1:2].contiguous()
+    alone[4], alone[5] = [t[1:2].clone() for t in args[4]], [t[1:2].clone() for t in args[5]]
+    assert torch.equal(torch.ops.janus.decoder_step(*alone), out[1:2])
+
+
+def test_encoder_layers_name_a_bad_weight_count():
+    args = encoder_problem(5)
+    args[9] = args[9][:-1]
+    with pytest.raises(ValueError, match="the cross lists empty for an encoder"):
+        torch.ops.janus.decoder_step(*args)
+    args = encoder_problem(5)
+    args[6] = [torch.zeros(3, 4, 9, 8)] * 2  # cross keys without values
+    with pytest.raises(ValueError, match="layers need"):
+        torch.ops.janus.decoder_step(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_encoder_through_the_kernel_equals_its_layers(monkeypatch, dtype):
+    """The model's encoder runs through the kernel in one call (pad rows included: they see the real positions,
+    as in the layers); its states equal the layers' to rounding, and follow in-place weight updates."""
+    m = tiny_model(4).to(dtype)
+    src = sources(8, 5)
+    calls = count_calls(monkeypatch, encoder=True)
+    with torch.inference_mode():
+        fused = m.encode(src).states.float()
+    assert calls == [(5, src.shape[1], m.cfg.d_model)]
+    monkeypatch.setenv(FORCE, "reference")
+    with torch.inference_mode():
+        layers = m.encode(src).states.float()
+    assert len(calls) == 1
+    if dtype == torch.float32:
+        torch.testing.assert_close(fused, layers, rtol=1e-5, atol=2e-5)
+    else:
+        exact = tiny_model(4)
+        with torch.inference_mode():
+            want = exact.encode(src).states
+        assert_within_baseline(fused, want, layers, factor=1.0, atol=1e-2, name="bf16 encoder")
+    monkeypatch.delenv(FORCE)
+    with torch.no_grad():
+        m.encoder[1].ffn.ff1.bias.add_(0.5)
+        m.encoder[0].attn.k.weight.mul_(-1.0)
+    with torch.inference_mode():
+        moved = m.encode(src).states.float()
+    monkeypatch.setenv(FORCE, "reference")
+    with torch.inference_mode():
+        moved_layers = m.encode(src).states.float()
+    tol = dict(rtol=1e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    torch.testing.assert_close(moved, moved_layers, **tol)
+    assert not torch.allclose(moved, fused, rtol=1e-2, atol=1e-2)
+
+
+def test_the_encoder_kernel_is_not_used_where_it_does_not_apply(monkeypatch):
+    """Training mode, autograd, an int8 copy with a quantized encoder, float64, too many rows: the layers."""
+    m = tiny_model(5)
+    src = sources(9, 3)
+    calls = count_calls(monkeypatch, encoder=True)
+    m.encode(src)  # autograd
+    with torch.no_grad():
+        m.train()
+        m.encode(src)
+        m.eval()
+        m.double().encode(src)
+        m.float()
+        quantize_dynamic_int8(m, encoder=True).encode(src)
+        big = sources(10, max_rows(torch.float32, m.cfg.d_model))  # more rows than the kernel takes
+        m.encode(big)
+    assert not calls
+    with torch.no_grad():
+        quantize_dynamic_int8(m).encode(src)  # its encoder stays float32
+        m.encode(src)
+    assert len(calls) == 2

@@ -18,13 +18,16 @@
 //   3. cross-attention over the source positions s of sentence n / g with keep[n / g, s] (g = N / B rows per
 //      sentence: beams), x = LN2(x + ...);
 //   4. x = LN3(x + relu(x W1^T + b1) W2^T + b2).
+// Without cross-attention keys/values (empty lists) the layers are the encoder's: steps 1, 2 and 4 (every row a
+// content row; each sentence's rows see its real source positions), 12 weights per layer.
 // Softmax in fp32 with the maximum subtracted; layer norm with the biased variance, as torch's. Sums run in
 // another order than torch's kernels: results agree to fp32 rounding, not bit for bit. Each output is
 // computed by one thread in one order, so results depend on neither the thread count nor the other rows.
 //
 // Weights: 18 tensors per layer, in this order: Wqkv (3D, D), bqkv (3D), Wo (D, D), bo, LN1 weight, LN1 bias,
 // cross Wq (D, D), cross bq, cross Wo (D, D), cross bo, LN2 weight, LN2 bias, W1 (F, D), b1 (F), W2 (D, F),
-// b2 (D), LN3 weight, LN3 bias; all contiguous, of x's dtype (as the caches and the cross keys/values).
+// b2 (D), LN3 weight, LN3 bias; all contiguous, of x's dtype (as the caches and the cross keys/values). The
+// encoder's 12: the first 6, then W1, b1, W2, b2, LN2 weight, LN2 bias.
 //
 // bfloat16: the weights, caches and cross keys/values are read as bf16 and widened in registers; rows,
 // products, attention and norms stay in fp32 (rounded to bf16 where a key/value is written to the cache and
@@ -55,6 +58,7 @@ namespace janus {
 namespace {
 
 constexpr int64_t kPerLayer = 18;
+constexpr int64_t kPerEncoderLayer = 12;
 
 // A (B, H, S, dk) keys or values tensor of element type T with unit stride in dk (the cross-attention's are
 // transposed views).
@@ -233,11 +237,13 @@ void run_layers(float* h, int64_t N, int64_t R, int64_t C, int64_t D, int64_t H,
                 at::TensorList self_v, at::TensorList cross_k, at::TensorList cross_v, at::TensorList weights,
                 float eps) {
   const int64_t M = N * R, dk = D / H, L = static_cast<int64_t>(self_k.size());
+  const bool cross = !cross_k.empty();
+  const int64_t per = cross ? kPerLayer : kPerEncoderLayer, f = cross ? 12 : 6;  // f: the feed-forward's first
   std::vector<float> qkv(static_cast<size_t>(M * 3 * D)), att(static_cast<size_t>(M * D)),
       tmp(static_cast<size_t>(M * D)), ffn(static_cast<size_t>(M * F));
   for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor* w = weights.data() + kPerLayer * l;
-    auto ptr = [&](int i) { return static_cast<const T*>(w[i].const_data_ptr()); };
+    const at::Tensor* w = weights.data() + per * l;
+    auto ptr = [&](int64_t i) { return static_cast<const T*>(w[i].const_data_ptr()); };
     // Self-attention: project, write the content rows' keys/values, attend to the visible cache columns.
     product<T>(h, M, D, w[0], 3 * D, ptr(1), qkv.data());
     T* kc = static_cast<T*>(self_k[l].data_ptr());
@@ -261,17 +267,18 @@ void run_layers(float* h, int64_t N, int64_t R, int64_t C, int64_t D, int64_t H,
     attend<T>({N, R, H, dk, D, 1, 3 * D, qkv.data(), sk, sv, spans, cap, nullptr, att.data()});
     product<T>(att.data(), M, D, w[2], D, ptr(3), tmp.data());
     add_norm<T>(h, tmp.data(), M, D, ptr(4), ptr(5), eps);
-    // Cross-attention over the source.
-    product<T>(h, M, D, w[6], D, ptr(7), qkv.data());
-    attend<T>({N, R, H, dk, D, N / B, D, qkv.data(), heads_of<T>(cross_k[l]), heads_of<T>(cross_v[l]), nullptr, S,
-               keep, att.data()});
-    product<T>(att.data(), M, D, w[8], D, ptr(9), tmp.data());
-    add_norm<T>(h, tmp.data(), M, D, ptr(10), ptr(11), eps);
+    if (cross) {  // cross-attention over the source
+      product<T>(h, M, D, w[6], D, ptr(7), qkv.data());
+      attend<T>({N, R, H, dk, D, N / B, D, qkv.data(), heads_of<T>(cross_k[l]), heads_of<T>(cross_v[l]), nullptr, S,
+                 keep, att.data()});
+      product<T>(att.data(), M, D, w[8], D, ptr(9), tmp.data());
+      add_norm<T>(h, tmp.data(), M, D, ptr(10), ptr(11), eps);
+    }
     // Feed-forward.
-    product<T>(h, M, D, w[12], F, ptr(13), ffn.data());
+    product<T>(h, M, D, w[f], F, ptr(f + 1), ffn.data());
     for (float& u : ffn) u = std::max(u, 0.0f);
-    product<T>(ffn.data(), M, F, w[14], D, ptr(15), tmp.data());
-    add_norm<T>(h, tmp.data(), M, D, ptr(16), ptr(17), eps);
+    product<T>(ffn.data(), M, F, w[f + 2], D, ptr(f + 3), tmp.data());
+    add_norm<T>(h, tmp.data(), M, D, ptr(f + 4), ptr(f + 5), eps);
   }
 }
 
@@ -315,12 +322,15 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
                     " does not divide the width ", D);
   const int64_t H = n_heads, dk = D / H;
   TORCH_CHECK_VALUE(C >= 0 && C <= R, "janus::decoder_step: num_content=", C, " must be in [0, ", R, "]");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(self_v.size()) == L && static_cast<int64_t>(cross_k.size()) == L &&
-                        static_cast<int64_t>(cross_v.size()) == L &&
-                        static_cast<int64_t>(weights.size()) == kPerLayer * L,
-                    "janus::decoder_step: ", L, " layers need ", L, " of each cache list and ", kPerLayer * L,
-                    " weights, got ", self_v.size(), ", ", cross_k.size(), ", ", cross_v.size(), " and ",
-                    weights.size());
+  // Empty cross-attention lists: the encoder's layers (see the top of this file).
+  const bool cross = !(cross_k.empty() && cross_v.empty());
+  const int64_t per = cross ? kPerLayer : kPerEncoderLayer, f = cross ? 12 : 6, NC = cross ? L : 0;
+  TORCH_CHECK_VALUE(static_cast<int64_t>(self_v.size()) == L && static_cast<int64_t>(cross_k.size()) == NC &&
+                        static_cast<int64_t>(cross_v.size()) == NC &&
+                        static_cast<int64_t>(weights.size()) == per * L,
+                    "janus::decoder_step: ", L, " layers need ", L, " of each cache list (the cross lists empty for "
+                    "an encoder) and ", per * L, " weights, got ", self_v.size(), ", ", cross_k.size(), ", ",
+                    cross_v.size(), " and ", weights.size());
   TORCH_CHECK_VALUE(keep.dim() == 2 && keep.scalar_type() == at::kBool && keep.device().is_cpu(),
                     "janus::decoder_step: keep must be bool (B, S) on the CPU, got ", keep.scalar_type(), " ",
                     keep.sizes());
@@ -340,10 +350,12 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
   for (int64_t l = 0; l < L; ++l) {
     check_heads(self_k[l], N, H, dk, "self_k", l, dt);
     check_heads(self_v[l], N, H, dk, "self_v", l, dt);
-    check_heads(cross_k[l], B, H, dk, "cross_k", l, dt);
-    check_heads(cross_v[l], B, H, dk, "cross_v", l, dt);
+    if (cross) {
+      check_heads(cross_k[l], B, H, dk, "cross_k", l, dt);
+      check_heads(cross_v[l], B, H, dk, "cross_v", l, dt);
+    }
     TORCH_CHECK_VALUE(self_v[l].size(2) == self_k[l].size(2) && (cap < 0 || self_k[l].size(2) == cap) &&
-                          cross_k[l].size(2) == S && cross_v[l].size(2) == S,
+                          (!cross || (cross_k[l].size(2) == S && cross_v[l].size(2) == S)),
                       "janus::decoder_step: layer ", l, ": cache widths ", self_k[l].size(2), "/",
                       self_v[l].size(2), " and source widths ", cross_k[l].size(2), "/", cross_v[l].size(2),
                       " must agree across layers and with keep's ", S);
@@ -360,18 +372,23 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
     TORCH_CHECK_VALUE(cp[i] >= 0 && cp[i] < cap, "janus::decoder_step: columns[", i / C, ", ", i % C, "]=", cp[i],
                       " is outside the cache's ", cap, " columns");
   }
-  const int64_t F = L ? weights[13].size(0) : 0;  // b1 (F,): W1 may be packed
+  const int64_t F = L ? weights[f + 1].size(0) : 0;  // b1 (F,): W1 may be packed
   for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor* w = weights.data() + kPerLayer * l;
+    const at::Tensor* w = weights.data() + per * l;
     check_matrix(w[0], 3 * D, D, "Wqkv", l, dt);
     check_matrix(w[1], 3 * D, -1, "bqkv", l, dt);
     check_matrix(w[2], D, D, "Wo", l, dt);
-    check_matrix(w[6], D, D, "cross Wq", l, dt);
-    check_matrix(w[8], D, D, "cross Wo", l, dt);
-    check_matrix(w[12], F, D, "W1", l, dt);
-    check_matrix(w[13], F, -1, "b1", l, dt);
-    check_matrix(w[14], D, F, "W2", l, dt);
-    for (int i : {3, 4, 5, 7, 9, 10, 11, 15, 16, 17}) check_matrix(w[i], D, -1, "bias or norm", l, dt);
+    if (cross) {
+      check_matrix(w[6], D, D, "cross Wq", l, dt);
+      check_matrix(w[8], D, D, "cross Wo", l, dt);
+      for (int i : {7, 9, 10, 11}) check_matrix(w[i], D, -1, "bias or norm", l, dt);
+    }
+    check_matrix(w[f], F, D, "W1", l, dt);
+    check_matrix(w[f + 1], F, -1, "b1", l, dt);
+    check_matrix(w[f + 2], D, F, "W2", l, dt);
+    for (int64_t i : {int64_t{3}, int64_t{4}, int64_t{5}, f + 3, f + 4, f + 5}) {
+      check_matrix(w[i], D, -1, "bias or norm", l, dt);
+    }
   }
 
   // 2. The layers, in fp32 rows over buffers allocated once per call.

@@ -19,6 +19,11 @@ the first C = ``num_content`` rows of each hypothesis content rows:
    g = N / B hypotheses per sentence) where ``keep`` (B, S) holds; x = LN2(x + ...);
 4. x = LN3(x + relu(x W1^T + b1) W2^T + b2).
 
+With empty ``cross_k`` and ``cross_v`` the layers are the encoder's (``ENCODER_LAYER_WEIGHTS``): steps 1, 2
+and 4 (x = LN2(x + ...) there), every row a content row seeing its sentence's real positions. The model's
+encoder runs through it (``JanusModel.encode``): a 20-token sentence's three layers in one call, where torch
+makes ~60 operator calls.
+
 ``decoder_step_ref`` is the specification (torch's linear, attention and layer norm, as the model's own
 layers compute them) and the fallback; ``decoder_step`` dispatches (janus.ops._dispatch) between:
 
@@ -67,6 +72,22 @@ LAYER_WEIGHTS = (
     "norm3.bias",
 )
 
+# The 12 tensors of one encoder layer (no cross-attention lists), in this order.
+ENCODER_LAYER_WEIGHTS = (
+    "attn.qkv.weight",  # (3D, D): [Wq; Wk; Wv]
+    "attn.qkv.bias",
+    "attn.out.weight",
+    "attn.out.bias",
+    "norm1.weight",
+    "norm1.bias",
+    "ffn.ff1.weight",
+    "ffn.ff1.bias",
+    "ffn.ff2.weight",
+    "ffn.ff2.bias",
+    "norm2.weight",
+    "norm2.bias",
+)
+
 # Rows (N * R) up to which a pass goes through the kernel, by dtype. ``python benchmarks/decoder_step.py`` on
 # a 2-core AVX-512 Xeon with AMX, 2 threads (benchmarks/results/decoder_step_cpu.json), the kernel's speedup
 # over the layers at 2 / 10 / 16 / 32 / 50 / 64 / 80 rows: float32 small preset 3.8 / 3.0 / 2.1 / 1.6 / 1.0 /
@@ -111,10 +132,12 @@ def decoder_step_ref(
             [spans[n, r, 0], spans[n, r, 1]) (a non-empty range).
         columns: int64 (N, num_content), the cache column of each content row.
         self_k, self_v: per layer (N, H, W, D/H), written in place at ``columns``.
-        cross_k, cross_v: per layer (B, H, S, D/H), the encoder's keys/values; N = g * B.
+        cross_k, cross_v: per layer (B, H, S, D/H), the encoder's keys/values; N = g * B. Both empty: the
+            encoder's layers (no cross-attention).
         keep: bool (B, S), True at the source positions to attend to.
-        weights: ``len(LAYER_WEIGHTS)`` per layer, in that order; a weight matrix may come packed in panels
-            (``janus.ops.skinny_linear.pack_panels``; its row count a multiple of 16).
+        weights: ``len(LAYER_WEIGHTS)`` per layer, in that order (``len(ENCODER_LAYER_WEIGHTS)`` for the
+            encoder's); a weight matrix may come packed in panels (``janus.ops.skinny_linear.pack_panels``; its
+            row count a multiple of 16).
         n_heads, eps: attention heads and the layer norms' epsilon.
     Returns:
         (N, R, D) final hidden states.
@@ -134,7 +157,8 @@ def decoder_step_ref(
     def merge(t: Tensor) -> Tensor:  # (N, H, L, dk) -> (N, L, D)
         return t.transpose(1, 2).reshape(N, -1, D)
 
-    per = len(LAYER_WEIGHTS)
+    cross = bool(cross_k) or bool(cross_v)
+    per, f = (len(LAYER_WEIGHTS), 12) if cross else (len(ENCODER_LAYER_WEIGHTS), 6)  # f: the feed-forward's first
     for layer in range(len(self_k)):
         w = [unpack_panels(t) if t.dim() == 3 else t for t in weights[per * layer : per * (layer + 1)]]
         q, k, v = F.linear(x, w[0], w[1]).split(D, -1)
@@ -142,12 +166,13 @@ def decoder_step_ref(
         self_v[layer].scatter_(2, index, split(v[:, :C]))
         o = F.scaled_dot_product_attention(split(q), self_k[layer], self_v[layer], attn_mask=seen[:, None])
         x = F.layer_norm(x + F.linear(merge(o), w[2], w[3]), (D,), w[4], w[5], eps)
-        ck = cross_k[layer].repeat_interleave(g, 0)
-        cv = cross_v[layer].repeat_interleave(g, 0)
-        o = F.scaled_dot_product_attention(split(F.linear(x, w[6], w[7])), ck, cv, attn_mask=cross_mask)
-        x = F.layer_norm(x + F.linear(merge(o), w[8], w[9]), (D,), w[10], w[11], eps)
-        y = F.linear(F.relu(F.linear(x, w[12], w[13])), w[14], w[15])
-        x = F.layer_norm(x + y, (D,), w[16], w[17], eps)
+        if cross:
+            ck = cross_k[layer].repeat_interleave(g, 0)
+            cv = cross_v[layer].repeat_interleave(g, 0)
+            o = F.scaled_dot_product_attention(split(F.linear(x, w[6], w[7])), ck, cv, attn_mask=cross_mask)
+            x = F.layer_norm(x + F.linear(merge(o), w[8], w[9]), (D,), w[10], w[11], eps)
+        y = F.linear(F.relu(F.linear(x, w[f], w[f + 1])), w[f + 2], w[f + 3])
+        x = F.layer_norm(x + y, (D,), w[f + 4], w[f + 5], eps)
     return x
 
 
