@@ -582,7 +582,7 @@ class JanusModel(nn.Module):
         pos = torch.arange(S, device=src.device)
         x = self.drop(self.embed(src) * self.scale + self.src_pos(pos))  # (B, S, D)
         lengths = (~padding).sum(1)
-        if self._encoder_kernel_ok(x):
+        if self.fused_step_ok(x, encoder=True):
             # Every layer in one decoder_step call without cross-attention (its encoder form): each sentence's
             # rows are content rows at columns 0 .. S-1 of scratch keys/values and see its real positions (the
             # source is right-padded; a pad row, as in the layers, sees them too).
@@ -698,29 +698,17 @@ class JanusModel(nn.Module):
         cache.length = t + 1
         return x[:, 1]
 
-    def fused_step_ok(self, x: Tensor) -> bool:
+    def fused_step_ok(self, x: Tensor, *, encoder: bool = False) -> bool:
         """Whether an inference pass over rows x (N, R, D) runs through ``janus.ops.decoder_step``'s kernel:
         float32 or bfloat16 (the model's own dtype) on the CPU, eval mode without autograd, at most
         ``decoder_step.max_rows`` rows for that dtype and width, the decoder's own float layers (not the int8
-        copy's), and the kernel compiled and not forced away."""
+        copy's; with ``encoder``, a pass of the encoder's layers, and its own), and the kernel compiled and
+        not forced away."""
         return (
             x.device.type == "cpu"
             and x.shape[0] * x.shape[1] <= max_rows(x.dtype, x.shape[2])
             and x.dtype == self.embed.weight.dtype
-            and self._fused_float
-            and not self.training
-            and not torch.is_grad_enabled()
-            and kernel_ready()
-        )
-
-    def _encoder_kernel_ok(self, x: Tensor) -> bool:
-        """Whether ``encode`` runs rows x (B, S, D) through ``janus.ops.decoder_step``'s kernel: as
-        ``fused_step_ok`` for a decoder pass, with the encoder's own float layers (not an int8 copy's)."""
-        return (
-            x.device.type == "cpu"
-            and x.shape[0] * x.shape[1] <= max_rows(x.dtype, x.shape[2])
-            and x.dtype == self.embed.weight.dtype
-            and self._encoder_float
+            and (self._encoder_float if encoder else self._fused_float)
             and not self.training
             and not torch.is_grad_enabled()
             and kernel_ready()
