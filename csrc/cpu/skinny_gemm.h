@@ -309,23 +309,34 @@ inline void skinny_gemm(const float* x, int64_t M, int64_t K, const T* w, int64_
 // Input rows per task where a product has many (a mask-predict pass over whole canvases): a multiple of the
 // panel tilings' 5 and 6 rows.
 constexpr int64_t kRowGrain = 60;
+// Multiply-adds from which a product too narrow to split by panels (fewer than two tasks' worth) is split by
+// rows instead, in two tasks of a multiple of 6 rows: a task then has ~5 us of arithmetic or more, against
+// ~2 us of handing it to the second thread. On the 2-core EPYC, the small preset's decoder_step (its products
+// 128, 384 or 512 wide: one task of panels each) over mask-predict canvases of 2 x 20 and 3 x 20 rows took
+// 0.81x and 0.80x the time (811 -> 658 and 1183 -> 919-974 us), its encoder over 20 and 40 source tokens
+// 0.91x and 0.82x; passes of 2-10 rows (AR steps) and over 60 rows are as before.
+constexpr int64_t kRowSplitWork = int64_t{1} << 20;
 
 // The same product with the weight packed in panels (N / 16, K, 16) (N a multiple of 16). A few rows split the
 // panels across threads; more than kRowGrain rows split the rows, each task over every panel (the narrow
-// products of a small model have too few panels to split: 128 outputs are 8).
+// products of a small model have too few panels to split: 128 outputs are 8), and so do fewer rows of a
+// product too narrow for two tasks of panels where they hold kRowSplitWork multiply-adds.
 template <typename T>
 inline void panel_gemm(const float* x, int64_t M, int64_t K, const T* w, int64_t N, const T* b, float* out) {
   if (M == 0 || N == 0) return;
   auto* run = std::is_same_v<T, float> ? panels_f32 : panels_bf16_f32;
-  if (M > kRowGrain) {
-    at::parallel_for(0, M, kRowGrain, [&](int64_t r0, int64_t r1) {
+  const int64_t panels = N / kLanes, grain = panel_grain(K, sizeof(T));
+  int64_t rows = M > kRowGrain ? kRowGrain : 0;
+  if (!rows && panels < 2 * grain && M >= 12 && M * K * N >= kRowSplitWork) rows = (M + 11) / 12 * 6;
+  if (rows) {
+    at::parallel_for(0, M, rows, [&](int64_t r0, int64_t r1) {
       const Problem P{r1 - r0, N, K, x + r0 * K, w, b, out + r0 * N};
-      run(P, 0, N / kLanes);
+      run(P, 0, panels);
     });
     return;
   }
   const Problem P{M, N, K, x, w, b, out};
-  at::parallel_for(0, N / kLanes, panel_grain(K, sizeof(T)), [&](int64_t p0, int64_t p1) { run(P, p0, p1); });
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) { run(P, p0, p1); });
 }
 
 }  // namespace
