@@ -150,11 +150,13 @@ def test_matches_the_reference(name, panels):
                 assert untouched[n][:, ~written].all()
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "rows split"])
 @pytest.mark.parametrize("panels", [False, True], ids=["row-major", "panels"])
-def test_result_does_not_depend_on_the_thread_count_or_the_other_rows(panels):
+def test_result_does_not_depend_on_the_thread_count_or_the_other_rows(panels, wide):
     """One thread or two, a hypothesis alone or among others: the same bits (decoding's batch
-    invariance rests on it)."""
-    args = problem(7, N=6, R=4, C=2, B=3, D=64, H=4, F=96, W=20)
+    invariance rests on it). ``wide``: 48 rows of width 128, whose products split their rows across threads."""
+    shape = dict(R=8, C=4, D=128, F=512) if wide else dict(R=4, C=2, D=64, F=96)
+    args = problem(7, N=6, B=3, H=4, W=20, **shape)
     args = packed(args) if panels else args
     before = torch.get_num_threads()
     try:

@@ -80,12 +80,19 @@ def test_panels_pack_and_unpack():
     assert pack_panels(w.bfloat16()).dtype == torch.bfloat16
 
 
+# (rows, K, N): threads split the panels; a product too narrow for two tasks of panels, its rows split in two;
+# more than 60 rows, split in tasks of 60
+SPLITS = [(13, 256, 1000), (48, 128, 384), (150, 128, 128)]
+
+
+@pytest.mark.parametrize("M,K,N", SPLITS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_with_panels_a_rows_result_depends_on_neither_the_other_rows_nor_the_threads(dtype):
+def test_with_panels_a_rows_result_depends_on_neither_the_other_rows_nor_the_threads(dtype, M, K, N):
     g = torch.Generator().manual_seed(6)
-    x = torch.randn(13, 256, generator=g).to(dtype)
-    panels = pack_panels(torch.randn(1000, 256, generator=g).to(dtype))
-    b = torch.randn(1008, generator=g).to(dtype)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    panels = pack_panels(w)
+    b = torch.randn(panels.shape[0] * PANEL, generator=g).to(dtype)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -95,7 +102,11 @@ def test_with_panels_a_rows_result_depends_on_neither_the_other_rows_nor_the_thr
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, full)
-    for rows in (slice(0, 1), slice(3, 5), slice(2, 5), slice(7, 11), slice(5, 10), slice(1, 7), slice(0, 12)):
+    assert_within_baseline(full[:, :N].float(), exact(x, w, b[:N]), F.linear(x, w, b[:N]).float(), atol=1e-2 if
+                           dtype == torch.bfloat16 else 1e-5, name=f"{M}x{K}x{N}")  # fmt: skip
+    cuts = (slice(0, 1), slice(3, 5), slice(2, 5), slice(7, 11), slice(5, 10), slice(1, 7), slice(0, 12))
+    cuts += (slice(0, M // 2), slice(M // 3, M), slice(M - 13, M))  # across the row tasks' boundaries
+    for rows in cuts:
         assert torch.equal(torch.ops.janus.skinny_linear(x[rows].contiguous(), panels, b), full[rows]), rows
 
 
