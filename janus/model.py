@@ -582,10 +582,11 @@ class JanusModel(nn.Module):
         pos = torch.arange(S, device=src.device)
         x = self.drop(self.embed(src) * self.scale + self.src_pos(pos))  # (B, S, D)
         lengths = (~padding).sum(1)
-        if self.fused_step_ok(x, encoder=True):
+        if self.fused_step_ok(x, encoder=True) and not bool((padding[:, :-1] & ~padding[:, 1:]).any()):
             # Every layer in one decoder_step call without cross-attention (its encoder form): each sentence's
-            # rows are content rows at columns 0 .. S-1 of scratch keys/values and see its real positions (the
-            # source is right-padded; a pad row, as in the layers, sees them too).
+            # rows are content rows at columns 0 .. S-1 of scratch keys/values and see its real positions, a
+            # prefix (checked: a pad before a real token, which the decoding paths never make, takes the layers);
+            # a pad row, as in the layers, sees them too.
             H, dk = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
             caches = [x.new_empty(B, H, S, dk) for _ in range(2 * len(self.encoder))]
             seen = torch.stack([torch.zeros_like(lengths), lengths.clamp_min(1)], -1)[:, None, :].expand(B, S, 2)

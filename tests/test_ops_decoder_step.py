@@ -562,7 +562,8 @@ def test_the_encoder_through_the_kernel_equals_its_layers(monkeypatch, dtype):
 
 
 def test_the_encoder_kernel_is_not_used_where_it_does_not_apply(monkeypatch):
-    """Training mode, autograd, an int8 copy with a quantized encoder, float64, too many rows: the layers."""
+    """Training mode, autograd, an int8 copy with a quantized encoder, float64, too many rows, a left-padded
+    source: the layers."""
     m = tiny_model(5)
     src = sources(9, 3)
     calls = count_calls(monkeypatch, encoder=True)
@@ -576,8 +577,12 @@ def test_the_encoder_kernel_is_not_used_where_it_does_not_apply(monkeypatch):
         quantize_dynamic_int8(m, encoder=True).encode(src)
         big = sources(10, max_rows(torch.float32, m.cfg.d_model))  # more rows than the kernel takes
         m.encode(big)
+        left = torch.where(src == 0, 0, src).flip(1)  # left-padded: the layers, which mask any positions
+        left_states = m.encode(left).states
     assert not calls
     with torch.no_grad():
         quantize_dynamic_int8(m).encode(src)  # its encoder stays float32
         m.encode(src)
+        monkeypatch.setenv(FORCE, "reference")
+        torch.testing.assert_close(m.encode(left).states, left_states)
     assert len(calls) == 2
