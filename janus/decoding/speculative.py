@@ -532,8 +532,8 @@ def _decode_host(
 ) -> list[Hypothesis]:
     """``speculative_decode``'s loop (exact verification, ``top_beta`` = 1) with its bookkeeping on the
     host: the same passes, acceptances, drafts and canvases, step for step (tested against the tensor
-    loop), for a few sentences on a CPU. The decoder, projection, token choice, canvas update and re-mask
-    are the same ops; everything between them is Python over ints.
+    loop), for up to ``_HOST_SENTENCES`` sentences on a CPU. The decoder, projection, token choice, canvas
+    update and re-mask are the same ops; everything between them is Python over ints.
 
     Args:
         enc: the encoded sentences; lengths: each one's canvas length (bos and eos included).
@@ -648,7 +648,7 @@ def _decode_host(
         for s, take in zip(live, accepted):
             # 4b. lookup: the draft past the new prefix follows the prefix's last tokens in the latest canvas.
             if lookup:
-                shift, found = _lookup_row(s.tok, s.p, s.stok, sp.pad, 3)
+                shift, found = _lookup_row(s.tok, s.p, s.stok, sp.pad, 3)  # keys of 1-3 tokens, as lookup_shift's
                 if found:
                     size = sum(x != sp.pad for x in s.stok)
                     for q in range(s.p, min(Lmax, size - shift)):
