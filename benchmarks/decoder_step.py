@@ -12,12 +12,16 @@ rounds of ``--calls`` passes; the table gives microseconds per pass (median over
 whether the model sends that pass to the kernel (rows <= ``janus.ops.decoder_step.max_rows`` of the dtype
 and width; lifted here, so that every size is timed). Both return the same hidden states to rounding
 (checked first, every size: float32 to 1e-4; bfloat16 to 0.5, the layers rounding every intermediate).
+
+``--sources`` adds the encoder (its layers in the kernel's encoder form, ``JanusModel.encode``): batches of
+that many sources of ``--source-length`` tokens, rows = sentences x tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import os
 import statistics
@@ -71,6 +75,35 @@ def make_pass(model: JanusModel, hypotheses: int, rows: int, cached: int, seed: 
     return run
 
 
+def encode_states(model: JanusModel, src: torch.Tensor) -> torch.Tensor:
+    """The encoder's output states of ``src`` (B, S): the pass the encoder rows time."""
+    return model.encode(src).states
+
+
+def kernel_and_layers(run, args, label: str, dtype: str) -> tuple[float, float, float]:
+    """(kernel us, layers us, max abs difference) of one pass closure: both results compared first, then the
+    two taking turns in ``args.rounds`` rounds of ``args.calls`` passes."""
+    with through(kernel=False):
+        want = run().clone()
+    with through(kernel=True):
+        got = run()
+    err = (got.float() - want.float()).abs().max().item()
+    if not err <= (1e-4 if dtype == "float32" else 0.5):  # bf16: the layers round every op
+        raise AssertionError(f"{label}: kernel and layers differ by {err}")
+
+    def timed(kernel: bool):
+        def go() -> None:
+            with through(kernel):
+                for _ in range(args.calls):
+                    run()
+
+        return go
+
+    times = interleaved([timed(True), timed(False)], torch.device("cpu"), rounds=args.rounds)
+    fused, layers = (statistics.median(t) * 1e3 / args.calls for t in times)
+    return fused, layers, err
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small,iwslt", help="model presets (default small,iwslt)")
@@ -78,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rows", default="2,10", help="rows per hypothesis (default 2,10)")
     parser.add_argument("--dtype", default="float32,bfloat16", help="model dtypes (default float32,bfloat16)")
     parser.add_argument("--cached", type=int, default=20, help="cached columns before the pass (default 20)")
+    parser.add_argument("--sources", default="1,8,32", help="encoder batches, sentences (default 1,8,32; '' none)")
+    parser.add_argument("--source-length", type=int, default=20, help="tokens per source (default 20)")
     parser.add_argument("--calls", type=int, default=50, help="passes per timed run (default 50)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
@@ -93,44 +128,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     for preset, dtype in itertools.product(args.preset.split(","), args.dtype.split(",")):
         model = JanusModel(ModelConfig(vocab_size=VOCAB, **PRESETS[preset])).eval().to(getattr(torch, dtype))
-        for rows in (int(r) for r in args.rows.split(",")):
-            for n in (int(h) for h in args.hypotheses.split(",")):
-                with torch.inference_mode():
+        passes = [("decoder", n, rows) for rows in (int(r) for r in args.rows.split(","))
+                  for n in (int(h) for h in args.hypotheses.split(","))]  # fmt: skip
+        passes += [("encoder", int(b), args.source_length) for b in args.sources.split(",") if b]
+        for kind, n, rows in passes:
+            with torch.inference_mode():
+                if kind == "decoder":
                     run = make_pass(model, n, rows, args.cached, seed=n * 100 + rows)
-                    with through(kernel=False):
-                        want = run().clone()
-                    with through(kernel=True):
-                        got = run()
-                    err = (got.float() - want.float()).abs().max().item()
-                    if not err <= (1e-4 if dtype == "float32" else 0.5):  # bf16: the layers round every op
-                        raise AssertionError(f"{preset} {n}x{rows}: kernel and layers differ by {err}")
-
-                    def timed(kernel: bool, run=run):
-                        def go() -> None:
-                            with through(kernel):
-                                for _ in range(args.calls):
-                                    run()
-
-                        return go
-
-                    times = interleaved([timed(True), timed(False)], torch.device("cpu"), rounds=args.rounds)
-                fused, layers = (statistics.median(t) * 1e3 / args.calls for t in times)
-                row = {
-                    "preset": preset,
-                    "dtype": dtype,
-                    "hypotheses": n,
-                    "rows_per_hyp": rows,
-                    "rows": n * rows,
-                    "kernel_us": fused,
-                    "layers_us": layers,
-                    "speedup": layers / fused,
-                    "used": n * rows <= max_rows(getattr(torch, dtype), model.cfg.d_model),
-                    "max_abs_diff": err,
-                }
-                results.append(row)
-                print(f"  {preset} {dtype} {n} x {rows}: kernel {fused:.0f} us, layers {layers:.0f} us", flush=True)
+                else:
+                    src = torch.randint(5, VOCAB, (n, rows), generator=torch.Generator().manual_seed(n))
+                    src[:, -1] = model.cfg.specials.eos
+                    run = functools.partial(encode_states, model, src)  # hypotheses: sentences here
+                fused, layers, err = kernel_and_layers(run, args, f"{preset} {kind} {n}x{rows}", dtype)
+            row = {
+                "pass": kind,
+                "preset": preset,
+                "dtype": dtype,
+                "hypotheses": n,
+                "rows_per_hyp": rows,
+                "rows": n * rows,
+                "kernel_us": fused,
+                "layers_us": layers,
+                "speedup": layers / fused,
+                "used": n * rows <= max_rows(getattr(torch, dtype), model.cfg.d_model),
+                "max_abs_diff": err,
+            }
+            results.append(row)
+            print(f"  {preset} {dtype} {kind} {n} x {rows}: kernel {fused:.0f} us, layers {layers:.0f} us", flush=True)
     print()
-    columns = ["preset", "dtype", "hypotheses", "rows_per_hyp", "rows", "kernel_us", "layers_us", "speedup", "used"]
+    columns = ["pass", "preset", "dtype", "hypotheses", "rows_per_hyp", "rows", "kernel_us", "layers_us", "speedup",
+               "used"]  # fmt: skip
     print_table(results, columns)
     if args.json:
         payload = {
