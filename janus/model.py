@@ -865,7 +865,7 @@ class JanusModel(nn.Module):
             or not skinny_kernel_ready()
         ):
             return None
-        key = None if w.is_inference() else (w.data_ptr(), w._version)
+        key = self._fused_key([w])
         if key is None or self._proj_panels is None or self._proj_panels[0] != key:
             with torch.no_grad():
                 self._proj_panels = (key, pack_panels(w.detach()))
