@@ -524,6 +524,10 @@ def test_encoder_layers_name_a_bad_weight_count():
     args[6] = [torch.zeros(3, 4, 9, 8)] * 2  # cross keys without values
     with pytest.raises(ValueError, match="layers need"):
         torch.ops.janus.decoder_step(*args)
+    args = encoder_problem(5)
+    args[5] = [args[5][0], torch.zeros(3, 4, 10, 8)]  # layer 1's values one column wider
+    with pytest.raises(ValueError, match=r"layer 1: cache widths 9/10 must agree across layers"):
+        torch.ops.janus.decoder_step(*args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

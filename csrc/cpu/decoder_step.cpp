@@ -57,8 +57,12 @@
 namespace janus {
 namespace {
 
-constexpr int64_t kPerLayer = 18;
-constexpr int64_t kPerEncoderLayer = 12;
+// A layer's weights: how many, and where its feed-forward's start (W1, b1, W2, b2, its norm's weight and bias).
+struct LayerLayout {
+  int64_t per, ffn;
+};
+// The decoder's layers (cross-attention lists given) or the encoder's (none).
+constexpr LayerLayout layout(bool cross) { return cross ? LayerLayout{18, 12} : LayerLayout{12, 6}; }
 
 // A (B, H, S, dk) keys or values tensor of element type T with unit stride in dk (the cross-attention's are
 // transposed views).
@@ -238,7 +242,7 @@ void run_layers(float* h, int64_t N, int64_t R, int64_t C, int64_t D, int64_t H,
                 float eps) {
   const int64_t M = N * R, dk = D / H, L = static_cast<int64_t>(self_k.size());
   const bool cross = !cross_k.empty();
-  const int64_t per = cross ? kPerLayer : kPerEncoderLayer, f = cross ? 12 : 6;  // f: the feed-forward's first
+  const auto [per, f] = layout(cross);
   std::vector<float> qkv(static_cast<size_t>(M * 3 * D)), att(static_cast<size_t>(M * D)),
       tmp(static_cast<size_t>(M * D)), ffn(static_cast<size_t>(M * F));
   for (int64_t l = 0; l < L; ++l) {
@@ -324,7 +328,8 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
   TORCH_CHECK_VALUE(C >= 0 && C <= R, "janus::decoder_step: num_content=", C, " must be in [0, ", R, "]");
   // Empty cross-attention lists: the encoder's layers (see the top of this file).
   const bool cross = !(cross_k.empty() && cross_v.empty());
-  const int64_t per = cross ? kPerLayer : kPerEncoderLayer, f = cross ? 12 : 6, NC = cross ? L : 0;
+  const auto [per, f] = layout(cross);
+  const int64_t NC = cross ? L : 0;
   TORCH_CHECK_VALUE(static_cast<int64_t>(self_v.size()) == L && static_cast<int64_t>(cross_k.size()) == NC &&
                         static_cast<int64_t>(cross_v.size()) == NC &&
                         static_cast<int64_t>(weights.size()) == per * L,
@@ -354,11 +359,12 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
       check_heads(cross_k[l], B, H, dk, "cross_k", l, dt);
       check_heads(cross_v[l], B, H, dk, "cross_v", l, dt);
     }
-    TORCH_CHECK_VALUE(self_v[l].size(2) == self_k[l].size(2) && (cap < 0 || self_k[l].size(2) == cap) &&
-                          (!cross || (cross_k[l].size(2) == S && cross_v[l].size(2) == S)),
+    TORCH_CHECK_VALUE(self_v[l].size(2) == self_k[l].size(2) && (cap < 0 || self_k[l].size(2) == cap),
                       "janus::decoder_step: layer ", l, ": cache widths ", self_k[l].size(2), "/",
-                      self_v[l].size(2), " and source widths ", cross_k[l].size(2), "/", cross_v[l].size(2),
-                      " must agree across layers and with keep's ", S);
+                      self_v[l].size(2), " must agree across layers");
+    TORCH_CHECK_VALUE(!cross || (cross_k[l].size(2) == S && cross_v[l].size(2) == S), "janus::decoder_step: layer ",
+                      l, ": source widths ", cross ? cross_k[l].size(2) : 0, "/", cross ? cross_v[l].size(2) : 0,
+                      " must agree with keep's ", S);
     cap = self_k[l].size(2);
   }
   const int64_t* lp = lim.const_data_ptr<int64_t>();
