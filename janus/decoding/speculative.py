@@ -194,7 +194,13 @@ def fused_rows(ar: DecoderRows, canvas: Tensor, *, pad: int) -> DecoderRows:
     )
 
 
-def lookup_shift(tok: Tensor, p: Tensor, source: Tensor, *, pad: int, longest: int = 3) -> tuple[Tensor, Tensor]:
+# The longest key of ``lookup_shift``: the prefix's last 1-3 tokens.
+_LOOKUP_LONGEST = 3
+
+
+def lookup_shift(
+    tok: Tensor, p: Tensor, source: Tensor, *, pad: int, longest: int = _LOOKUP_LONGEST
+) -> tuple[Tensor, Tensor]:
     """Where the accepted prefix's last tokens occur in a draft source (``align="lookup"``).
 
     For each row, the longest key of the last k <= ``longest`` accepted tokens (k <= p) that occurs in
@@ -648,7 +654,7 @@ def _decode_host(
         for s, take in zip(live, accepted):
             # 4b. lookup: the draft past the new prefix follows the prefix's last tokens in the latest canvas.
             if lookup:
-                shift, found = _lookup_row(s.tok, s.p, s.stok, sp.pad, 3)  # keys of 1-3 tokens, as lookup_shift's
+                shift, found = _lookup_row(s.tok, s.p, s.stok, sp.pad, _LOOKUP_LONGEST)
                 if found:
                     size = sum(x != sp.pad for x in s.stok)
                     for q in range(s.p, min(Lmax, size - shift)):

@@ -158,7 +158,8 @@ def decoder_step_ref(
         return t.transpose(1, 2).reshape(N, -1, D)
 
     cross = bool(cross_k) or bool(cross_v)
-    per, f = (len(LAYER_WEIGHTS), 12) if cross else (len(ENCODER_LAYER_WEIGHTS), 6)  # f: the feed-forward's first
+    names = LAYER_WEIGHTS if cross else ENCODER_LAYER_WEIGHTS
+    per, f = len(names), names.index("ffn.ff1.weight")  # f: the feed-forward's first
     for layer in range(len(self_k)):
         w = [unpack_panels(t) if t.dim() == 3 else t for t in weights[per * layer : per * (layer + 1)]]
         q, k, v = F.linear(x, w[0], w[1]).split(D, -1)

@@ -33,8 +33,9 @@ are left untouched; works in place and returns its inputs.
 - both CPU backends, given ``panels`` (the model's packed output projection, ``JanusModel.output_panels``)
   and float32 inputs, multiply each block of up to ``PANEL_ROWS`` masked rows on the skinny_linear
   kernel's panel tiles: at the small preset's (8000, 128) 0.4-0.7x torch's GEMM time from 8 to 512 rows
-  (janus/ops/skinny_linear.py). A mask-predict decode of the shipped model (T=10, l=3) took 0.67x the time
-  at batch 1 and 0.75x at batch 32 (64 test sentences, same outputs). A slot's sums do not depend on the
+  (janus/ops/skinny_linear.py). A mask-predict decode of the shipped model (T=10, l=3) took 0.74-0.78x the
+  time at batch 1 and 0.71-0.82x at batch 32 (64 test sentences, two runs each against the code before, same
+  outputs). A slot's sums do not depend on the
   other rows there, so its result is the same in any batch;
 - "reference": ``mask_predict_update_ref``, which forms the logits of the masked slots.
 
