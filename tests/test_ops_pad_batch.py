@@ -296,6 +296,29 @@ def test_op_no_backend_fits_lists_every_reason(monkeypatch):
         op(torch.zeros(1))
 
 
+def test_triton_available_looks_triton_up_once(monkeypatch):
+    """Every dispatch asks its backends' availability: the module search (a walk of sys.path) runs once a
+    process; TRITON_INTERPRET is read at every call."""
+    import importlib.util
+
+    from janus.ops import _dispatch
+
+    _dispatch._triton_installed.cache_clear()
+    calls = []
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: calls.append(name) or real(name, *a))
+    try:
+        first = _dispatch.triton_available()
+        for _ in range(3):
+            assert _dispatch.triton_available() == first
+        assert calls == ["triton"]
+        if first[1] != "triton is not installed":
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            assert _dispatch.triton_available() == (True, "")
+    finally:
+        _dispatch._triton_installed.cache_clear()
+
+
 def test_op_needs_reference_last():
     with pytest.raises(ValueError, match="last backend must be 'reference'"):
         Op("bad", [Backend("reference", print), Backend("fast", print)])

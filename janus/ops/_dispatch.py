@@ -29,6 +29,7 @@ where ``_launch`` imports the kernel module on first call (never at import).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -107,9 +108,16 @@ def _compiled_verdict(op_name: str, key: str) -> Verdict:
     return True, ""
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    # A module search walks sys.path (about 40 us): once per process, not on every dispatch.
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> Verdict:
-    """Whether Triton kernels can run: triton importable, and a CUDA device or TRITON_INTERPRET=1."""
-    if importlib.util.find_spec("triton") is None:
+    """Whether Triton kernels can run: triton importable, and a CUDA device or TRITON_INTERPRET=1 (read at
+    every call; whether triton is installed is looked up once)."""
+    if not _triton_installed():
         return False, "triton is not installed"
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True, ""
