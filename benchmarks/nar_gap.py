@@ -17,16 +17,17 @@ Writes ``nar_gap.json`` (settings, every row, sacreBLEU's signature) and ``nar_g
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import sacrebleu
 import torch
+from harness import write_json
 from tqdm import tqdm
 
 from janus.api import Generator
+from janus.data import read_lines
 
 # (name, decoding options, the target lengths given: None = the model's own, "ar" = its AR beam-5
 # output's, "ref" = the references')
@@ -51,11 +52,6 @@ def repeats(ids: list[int]) -> int:
     return sum(a == b for a, b in zip(ids, ids[1:]))
 
 
-def read(path: str, sentences: int) -> list[str]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return lines[:sentences] if sentences else lines
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint, averaged or training folder, or builtin:NAME")
@@ -68,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    src, ref = read(args.src, args.sentences), read(args.ref, args.sentences)
+    src, ref = (read_lines(path)[0][: args.sentences or None] for path in (args.src, args.ref))
     if len(src) != len(ref):
         raise SystemExit(f"{args.src} has {len(src)} lines but {args.ref} {len(ref)}")
     gen = Generator.from_checkpoint(args.checkpoint, device="cpu", dtype="float32")
@@ -106,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         settings = dict(checkpoint=args.checkpoint, src=args.src, ref=args.ref, sentences=len(src),
                         batch_size=args.batch_size, dtype="float32", signature=str(bleu.get_signature()))  # fmt: skip
-        (out / "nar_gap.json").write_text(json.dumps(dict(settings=settings, results=rows), indent=1) + "\n")
+        write_json(out / "nar_gap.json", dict(settings=settings, results=rows))
         lines = [
             f"`{args.checkpoint}`, {len(src)} sentences of `{args.src}`, float32; sacreBLEU {settings['signature']}",
             "",
