@@ -6,7 +6,9 @@ batch; every variant's output is checked against greedy's, sentence by sentence.
     python benchmarks/spec_passes.py --checkpoint builtin:de-en --src ../shared/data/libreoffice-de-en/test.de \
         --out benchmarks/results/spec_align_builtin_cpu/passes.json
 
-Each variant is ``policy:T:align`` (draft policy, draft iterations, draft alignment; janus.config.DecodeConfig).
+Each variant is ``policy:T:align`` or ``policy:T:align:block`` (draft policy, draft iterations, draft
+alignment, and the most draft tokens a pass checks, 0 = the whole draft; without it, DecodeConfig's default:
+janus.config.DecodeConfig).
 """
 
 from __future__ import annotations
@@ -27,11 +29,16 @@ DEFAULT_VARIANTS = ",".join(
 
 
 def parse_variant(text: str) -> dict:
-    """``policy:T:align`` -> DecodeConfig overrides; names the bad part."""
+    """``policy:T:align[:block]`` -> DecodeConfig overrides; names the bad part."""
     parts = text.split(":")
-    if len(parts) != 3 or not parts[1].isdigit():
-        raise SystemExit(f"variant {text!r}: expected policy:T:align, e.g. exhausted:1:lookup")
-    return dict(draft_policy=parts[0], draft_iterations=int(parts[1]), draft_align=parts[2])
+    if len(parts) not in (3, 4) or not all(x.isdigit() for x in parts[1::2]):
+        raise SystemExit(
+            f"variant {text!r}: expected policy:T:align or policy:T:align:block, e.g. exhausted:1:lookup:0"
+        )
+    kw = dict(draft_policy=parts[0], draft_iterations=int(parts[1]), draft_align=parts[2])
+    if len(parts) == 4:
+        kw["draft_block"] = int(parts[3])
+    return kw
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -68,7 +75,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         r = rows[-1]
         print(
-            f"{r['draft_policy']:>9} T={r['draft_iterations']} {r['draft_align']:>8}: "
+            f"{r['draft_policy']:>9} T={r['draft_iterations']} {r['draft_align']:>8} "
+            f"block={r.get('draft_block', 'default')}: "
             f"{r['passes_vs_greedy']:.4f} of greedy's passes, {r['identical']}/{len(src)} identical",
             flush=True,
         )

@@ -32,6 +32,20 @@ def test_counts_passes_and_checks_output(synthetic_model, tmp_path):
     assert json.loads(out.read_text())["results"] == rows
 
 
-def test_bad_variant_is_named():
-    with pytest.raises(SystemExit, match="exhausted:one"):
-        spec_passes.main(["--checkpoint", "x", "--src", "y", "--variants", "exhausted:one:lookup"])
+def test_block_variant(synthetic_model, tmp_path):
+    src = tmp_path / "test.src"
+    src.write_text("\n".join(synthetic_model.test_src[:24]) + "\n")
+    rows = spec_passes.main(["--checkpoint", str(synthetic_model.checkpoint), "--src", str(src), "--batch-size", "8",
+                             "--variants", "exhausted:1:lookup:0,exhausted:1:lookup:1"])  # fmt: skip
+    assert [r["draft_block"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["identical"] == 24 and r["more_passes_than_greedy"] == 0
+    # a pass checking one draft token accepts at most two: at least half of greedy's passes (one a token and eos)
+    assert rows[1]["passes_vs_greedy"] >= 0.5
+    assert rows[0]["passes_vs_greedy"] < rows[1]["passes_vs_greedy"]
+
+
+@pytest.mark.parametrize("variant", ["exhausted:one:lookup", "exhausted:1:lookup:all", "exhausted:1:lookup:0:x"])
+def test_bad_variant_is_named(variant):
+    with pytest.raises(SystemExit, match=variant):
+        spec_passes.main(["--checkpoint", "x", "--src", "y", "--variants", variant])
