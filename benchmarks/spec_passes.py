@@ -14,14 +14,15 @@ janus.config.DecodeConfig).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
+from harness import write_json
 from tqdm import tqdm
 
 from janus.api import Generator
+from janus.data import read_lines
 
 DEFAULT_VARIANTS = ",".join(
     f"{policy}:{T}:{align}" for policy in ("exhausted", "always") for T in (1, 2, 3) for align in ("position", "lookup")
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = [parse_variant(v) for v in args.variants.split(",") if v]
-    lines = Path(args.src).read_text(encoding="utf-8").splitlines()
+    lines = read_lines(args.src)[0]
     src = lines[: args.sentences] if args.sentences else lines
     gen = Generator.from_checkpoint(args.checkpoint, device="cpu", dtype="float32")
     greedy = gen.generate(src, mode="ar", beam_size=1, max_batch_size=args.batch_size)
@@ -81,9 +82,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             flush=True,
         )
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         info = dict(checkpoint=args.checkpoint, src=args.src, batch_size=args.batch_size)
-        Path(args.out).write_text(json.dumps(dict(settings=info, results=rows), indent=1) + "\n")
+        write_json(Path(args.out), dict(settings=info, results=rows))
     return rows
 
 

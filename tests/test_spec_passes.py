@@ -49,3 +49,10 @@ def test_block_variant(synthetic_model, tmp_path):
 def test_bad_variant_is_named(variant):
     with pytest.raises(SystemExit, match=variant):
         spec_passes.main(["--checkpoint", "x", "--src", "y", "--variants", variant])
+
+
+def test_bad_source_bytes_name_the_line(tmp_path):
+    src = tmp_path / "test.src"
+    src.write_bytes(b"Klicken Sie auf OK.\n\xff Fehler\n")
+    with pytest.raises(ValueError, match=r"test\.src: line 2 is not valid UTF-8"):
+        spec_passes.main(["--checkpoint", "unused", "--src", str(src)])
