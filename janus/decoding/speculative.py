@@ -69,7 +69,14 @@ Why ``block`` 4 by default (passes / greedy's on the first two models; wall / gr
 0 (all) 0.90 / 0.37, wall 1.70; 8: 0.90 / 0.37, wall 1.59; 4: 0.90 / 0.42, wall 1.48; 2: wall
 1.33; on the synthetic model wall 0.97 with 4 against 0.93 with all. Checking fewer tokens costs
 fewer rows and vocabulary projections in every pass where drafts fail early, and caps a pass at
-block + 1 accepted tokens where they do not.
+block + 1 accepted tokens where they do not. With drafts as good as the self-distilled models' the cap
+binds: passes / greedy's on all 1000 LibreOffice test sentences (benchmarks/spec_passes.py, lookup,
+exhausted; every output greedy's), block 4 / 0 (the whole draft): the shipped ``builtin:de-en`` T=1 0.593 /
+0.571, T=2 0.563 / 0.543, T=3 0.558 / 0.538; its second self-distillation round (P_NAR weight 1.0,
+benchmarks/results/quality_cpu_selfkd2/) T=1 0.556 / 0.525, T=3 0.528 / 0.504 (block 8: 0.507), and with
+block 0 T=2 0.498, T=4 0.510, T=5 0.518. Where passes are the time (a GPU) check the whole
+draft (``DecodeConfig.draft_block`` 0, ``draft_iterations`` 2: decode_speed.py's ``spec-whole``); on a
+CPU each pass then costs more rows than the passes it saves.
 
 Draft alignment (``align``). ``"position"`` takes a canvas' token at position q as the draft for q;
 a canvas that dropped or repeated a token then misses everything after the slip. ``"lookup"`` finds the
