@@ -1,0 +1,39 @@
+"""Average a run's last 4 checkpoints and score it on the first N LibreOffice test pairs (all 1000 by default):
+AR beam 5 and NAR T=10 l=3, or with --full every decode of benchmarks/quality.py. Writes RUN-quick{N}.json.
+
+    R=janus-repo D=../shared/data/libreoffice-de-en python score_run.py RUN [N] [--full]
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(os.environ.get("R", "janus-repo")) / "benchmarks"))
+import torch  # noqa: E402
+from quality import DECODES, score  # noqa: E402
+
+from janus.api import Generator  # noqa: E402
+from janus.data import read_lines  # noqa: E402
+
+run = sys.argv[1]
+n = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2].isdigit() else 1000
+torch.set_num_threads(1)
+avg = Path(run) / "averaged"
+subprocess.run([sys.executable, "-m", "janus", "average", "--save-dir", run, "--last", "4", "--output", str(avg)],
+               check=True)  # fmt: skip
+test = Path(os.environ.get("D", "../shared/data/libreoffice-de-en")) / "test"
+src, ref = (read_lines(f"{test}.{lang}")[0][:n] for lang in ("de", "en"))
+gen = Generator.from_checkpoint(str(avg), device="cpu", dtype="float32")
+decodes = DECODES if "--full" in sys.argv else [d for d in DECODES if d[0] in ("AR beam 5", "NAR T=10 l=3")]
+rows = {}
+for label, options, _ in decodes:
+    row, _ = score(gen, label, dataclasses.replace(options, max_batch_size=64), src, ref, False)
+    rows[label] = {k: row[k] for k in ("bleu", "chrf", "passes", "bleu_signature")}
+    print(f"{run} {label}: BLEU {row['bleu']:.2f} chrF {row['chrf']:.1f} passes {row['passes']:.2f}", flush=True)
+latest = json.loads((Path(run) / "latest.json").read_text())
+Path(f"{run}-quick{n}.json").write_text(
+    json.dumps(dict(run=run, sentences=n, latest=latest, scores=rows), indent=1) + "\n"
+)
