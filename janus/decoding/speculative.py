@@ -76,7 +76,8 @@ exhausted; every output greedy's), block 4 / 0 (the whole draft): the shipped ``
 benchmarks/results/quality_cpu_selfkd2/) T=1 0.556 / 0.525, T=3 0.528 / 0.504 (block 8: 0.507), and with
 block 0 T=2 0.498, T=4 0.510, T=5 0.518. Where passes are the time (a GPU) check the whole
 draft (``DecodeConfig.draft_block`` 0, ``draft_iterations`` 2: decode_speed.py's ``spec-whole``); on a
-CPU each pass then costs more rows than the passes it saves.
+CPU each pass then costs more rows than the passes it saves (the shipped model at batch 1, three runs, methods
+taking turns: 1.54-1.80x greedy's time, against 1.12-1.29x with the defaults; benchmarks/results/spec_whole_cpu/).
 
 Draft alignment (``align``). ``"position"`` takes a canvas' token at position q as the draft for q;
 a canvas that dropped or repeated a token then misses everything after the slip. ``"lookup"`` finds the
