@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(os.environ.get("R", "janus-repo")) / "benchmarks"))
 import torch  # noqa: E402
+from harness import write_json  # noqa: E402
 from quality import DECODES, score  # noqa: E402
 
 from janus.api import Generator  # noqa: E402
@@ -34,6 +35,4 @@ for label, options, _ in decodes:
     rows[label] = {k: row[k] for k in ("bleu", "chrf", "passes", "bleu_signature")}
     print(f"{run} {label}: BLEU {row['bleu']:.2f} chrF {row['chrf']:.1f} passes {row['passes']:.2f}", flush=True)
 latest = json.loads((Path(run) / "latest.json").read_text())
-Path(f"{run}-quick{n}.json").write_text(
-    json.dumps(dict(run=run, sentences=n, latest=latest, scores=rows), indent=1) + "\n"
-)
+write_json(Path(f"{run}-quick{n}.json"), dict(run=run, sentences=n, latest=latest, scores=rows))
