@@ -39,6 +39,12 @@ ROWS = (
     ("NAR T=10 l=5", dict(mode="nar", iterations=10, length_beam=5), None),
     ("NAR T=10 l=3, AR re-rank", dict(mode="nar", iterations=10, length_beam=3, rerank=True), None),
     ("NAR T=10 l=3, repeats collapsed", dict(mode="nar", iterations=10, length_beam=3, dedup=True), None),
+    ("NAR T=10 l=3, length-weighted", dict(mode="nar", iterations=10, length_beam=3, length_weight=1.0), None),
+    (
+        "NAR T=10 l=3, length-weighted, repeats collapsed",
+        dict(mode="nar", iterations=10, length_beam=3, length_weight=1.0, dedup=True),
+        None,
+    ),  # fmt: skip
     ("NAR T=10 l=1, AR beam's lengths", dict(mode="nar", iterations=10, length_beam=1), "ar"),
     ("NAR T=10 l=3, around AR beam's lengths", dict(mode="nar", iterations=10, length_beam=3), "ar"),
     ("NAR T=20 l=1, AR beam's lengths", dict(mode="nar", iterations=20, length_beam=1), "ar"),

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # DecodeConfig fields that beam search ignores (mask-predict's and spec's): no flags for janus distill.
 _NOT_BEAM_SEARCH = frozenset(
-    {"mode", "iterations", "length_beam", "rerank", "dedup", "history", "window"}
+    {"mode", "iterations", "length_beam", "rerank", "length_weight", "dedup", "history", "window"}
     | {f.name for f in dataclasses.fields(DecodeConfig) if f.name.startswith(("draft_", "verify_"))}
 )
 
@@ -412,6 +412,7 @@ def _mode_settings(options: DecodeConfig) -> str:
         text = (
             f"T={options.iterations} l={options.length_beam}"
             + (" rerank" if options.rerank else "")
+            + (f" lw {options.length_weight:g}" if options.length_weight else "")
             + (" dedup" if options.dedup else "")
         )
     else:

@@ -8,6 +8,7 @@ checkpoint alone is enough to rebuild its model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -276,6 +277,12 @@ class DecodeConfig:
     iterations: int = _doc("nar: T, the number of decoder passes of mask-predict", default=10)
     length_beam: int = _doc("nar: l, candidates from the l most likely lengths", default=3)
     rerank: bool = _doc("nar: choose among the l candidates by the model's own P_AR (one more pass)", default=False)
+    length_weight: float = _doc(
+        "nar: choose among the l candidates by (sum of token log-probabilities + length_weight * log P(length)) / "
+        "tokens; 0 = the mean token log-probability (JANUS.md), 1 = the joint log-probability of length and tokens "
+        "per token (a length the head finds unlikely must earn its place)",
+        default=0.0,
+    )
     dedup: bool = _doc(
         "nar: collapse each run of one repeated token in the output into one token (the post-processing of "
         "much non-autoregressive work; mask-predict's own output keeps them)",
@@ -341,6 +348,11 @@ class DecodeConfig:
         check(self.beam_size >= 1, f"beam_size={self.beam_size} must be >= 1")
         check(self.iterations >= 1, f"iterations={self.iterations} must be >= 1 (it counts decoder passes)")
         check(self.length_beam >= 1, f"length_beam={self.length_beam} must be >= 1")
+        check(math.isfinite(self.length_weight) and self.length_weight >= 0,
+              f"length_weight={self.length_weight} must be a number >= 0")  # fmt: skip
+        check(not (self.rerank and self.length_weight),
+              f"length_weight={self.length_weight} with rerank: the P_AR re-ranking replaces the length-weighted "
+              "choice; give one of them")  # fmt: skip
         check(self.draft_iterations >= 1, f"draft_iterations={self.draft_iterations} must be >= 1")
         check(self.draft_policy in ("first", "exhausted", "stall", "always"),
               f"draft_policy={self.draft_policy!r}: choose first, exhausted, stall or always")  # fmt: skip

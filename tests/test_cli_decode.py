@@ -272,3 +272,4 @@ def test_settings_column_names_the_options_that_change_a_mode():
     relaxed = DecodeConfig(mode="spec", verify_top_beta=3, verify_tolerance=2.0, length_penalty=0.6)
     assert _mode_settings(relaxed) == "draft 1 exhausted k=4 relaxed top-3 tol 2 lp 0.6"
     assert _mode_settings(DecodeConfig(mode="nar", iterations=4, length_beam=1, dedup=True)) == "T=4 l=1 dedup"
+    assert _mode_settings(DecodeConfig(mode="nar", length_weight=1.0, dedup=True)) == "T=10 l=3 lw 1 dedup"

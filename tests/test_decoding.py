@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from janus.config import preset
+from janus.config import DecodeConfig, preset
 from janus.decoding import beam_search, greedy_search, mask_predict, speculative_decode
 from janus.decoding.beam_search import next_token_logprobs
 from janus.decoding.common import repeating, repeating_tail
@@ -301,6 +301,53 @@ def test_candidate_choice_and_rerank():
             ar = [sequence_logprob(m, row, tuple(c.ids)) / (len(c.ids) + 1) for c in cands]
         assert reranked[b].ids == cands[max(range(k), key=lambda i: (ar[i], -i))].ids
         assert math.isclose(reranked[b].score, max(ar), rel_tol=1e-4)
+
+
+def test_length_weight_adds_the_length_heads_vote_to_the_choice():
+    """With length_weight w, each sentence keeps the candidate with the best (sum of token log-probabilities
+    + w * log P(length)) / tokens; w = 0 is the plain mean."""
+    m = random_model(11)
+    src = random_sources(11, 6)
+    k, T = 3, 3
+    with torch.no_grad():
+        enc = m.encode(src)
+        length_lp = m.length_scores(enc)
+        _, lengths = length_beam_init(length_lp, k, 3, canvas_limit(src), BOS, EOS, MASK, PAD)
+    lengths = lengths.view(-1, k)
+    assert [h.ids for h in mask_predict(m, src, iterations=T, length_beam=k, length_weight=0.0)] == [
+        h.ids for h in mask_predict(m, src, iterations=T, length_beam=k)
+    ]
+    changed = 0
+    for w in (1.0, 20.0):
+        chosen = mask_predict(m, src, iterations=T, length_beam=k, length_weight=w)
+        for b in range(src.shape[0]):
+            cands = [
+                mask_predict(m, src[b : b + 1], iterations=T, length_beam=1, target_lengths=lengths[b, i : i + 1] - 2)[
+                    0
+                ]
+                for i in range(k)
+            ]
+            n = [len(c.ids) for c in cands]
+            joint = [(cands[i].score * n[i] + w * float(length_lp[b, lengths[b, i]])) / n[i] for i in range(k)]
+            best = max(range(k), key=lambda i: (joint[i], -i))
+            assert chosen[b].ids == cands[best].ids
+            assert math.isclose(chosen[b].score, joint[best], rel_tol=1e-4, abs_tol=1e-5)
+            changed += best != max(range(k), key=lambda i: (cands[i].score, -i))
+    assert changed  # the weight moved at least one choice: the check above can tell the rules apart
+    with pytest.raises(ValueError, match="length_weight"):
+        mask_predict(m, src, iterations=T, length_beam=k, length_weight=1.0, rerank=True)
+    with pytest.raises(ValueError, match="length_weight"):
+        mask_predict(m, src, iterations=T, length_beam=k, length_weight=-1.0)
+    # Forced lengths the head has no class for (offset mode, far from the source length) count as its least
+    # likely length: every score stays finite and such a candidate is chosen only on its tokens' merit.
+    offset = random_model(11, length_classes=8, length_offset=True)
+    far = torch.full((src.shape[0],), 30)
+    for h in mask_predict(offset, src, iterations=T, length_beam=k, length_weight=1.0, target_lengths=far):
+        assert math.isfinite(h.score) and len(h.ids) in (29, 30, 31)
+    for kw, text in ((dict(length_weight=-0.5), "-0.5"), (dict(length_weight=math.nan), "nan"),
+                     (dict(length_weight=1.0, rerank=True), "rerank")):  # fmt: skip
+        with pytest.raises(ValueError, match=text):
+            DecodeConfig(mode="nar", **kw)
 
 
 def test_length_groups_minimise_padded_rows_plus_group_cost():

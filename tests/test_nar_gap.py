@@ -35,6 +35,7 @@ def test_rows_scores_and_given_lengths(synthetic_model, tmp_path):
         assert by[name]["lengths"] == "the references'" and by[name]["tokens"] == round(sum(counts) / 24, 2)
     # Collapsing repeats leaves none.
     assert by["NAR T=10 l=3, repeats collapsed"]["repeats"] == 0
+    assert by["NAR T=10 l=3, length-weighted, repeats collapsed"]["repeats"] == 0
     saved = json.loads((tmp_path / "out" / "nar_gap.json").read_text())
     assert saved["results"] == rows and saved["settings"]["sentences"] == 24
     table = (tmp_path / "out" / "nar_gap.md").read_text()

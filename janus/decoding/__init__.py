@@ -50,6 +50,7 @@ def decode_batch(
             iterations=o.iterations,
             length_beam=o.length_beam,
             rerank=o.rerank,
+            length_weight=o.length_weight,
             dedup=o.dedup,
             history=o.history,
             **limits,

@@ -12,7 +12,9 @@ means 10). For each sentence:
    lowest-scoring tokens (ties: the smaller position), scores reset to 0.
 4. Choose the candidate with the best mean log-probability over its tokens (bos and
    eos excluded), or, with ``rerank``, the best mean log P_AR of its tokens and eos
-   from one teacher-forced AR pass over all candidates.
+   from one teacher-forced AR pass over all candidates. With ``length_weight`` w > 0
+   (an option beyond JANUS.md) the length head votes too: (sum of the tokens'
+   log-probabilities + w * log P(length)) / tokens.
 
 Pad, bos, eos and <mask> are never predicted at a masked slot: the canvas length
 decides where eos is. The three steps are the ops ``length_beam_init``,
@@ -232,6 +234,7 @@ def mask_predict(
     max_len_b: int = 10,
     min_len: int = 1,
     rerank: bool = False,
+    length_weight: float = 0.0,
     dedup: bool = False,
     history: bool = False,
     target_lengths: Optional[Tensor] = None,
@@ -245,6 +248,8 @@ def mask_predict(
         length_beam: l candidates per sentence.
         max_len_a, max_len_b, min_len: token-count limits, as in ``DecodeConfig``.
         rerank: choose the candidate by mean log P_AR (one more pass).
+        length_weight: w >= 0; choose the candidate by (sum of its token log-probabilities + w * log P(length))
+            / tokens, P the length head's (0: the mean token log-probability). Not with ``rerank``.
         dedup: collapse runs of one repeated token in the chosen candidate's ids (its score and history
             stay the canvas's).
         history: return the chosen canvas after every pass.
@@ -255,6 +260,8 @@ def mask_predict(
     """
     if iterations < 1 or length_beam < 1:
         raise ValueError(f"iterations={iterations} and length_beam={length_beam} must be >= 1")
+    if not (math.isfinite(length_weight) and length_weight >= 0) or (rerank and length_weight):
+        raise ValueError(f"length_weight={length_weight} must be a number >= 0, and 0 with rerank")
     with inference(model):
         sp = model.cfg.specials
         T, beam = iterations, length_beam
@@ -264,8 +271,9 @@ def mask_predict(
             return []
         # 1. Length candidates and their canvases (lengths here include bos and eos).
         lo, hi = token_limits(model, enc, None, max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
+        length_lp = model.length_scores(enc)  # (B, C) log P(n), n with bos and eos
         if target_lengths is None:
-            tokens, lengths = length_beam_init(model.length_scores(enc), beam, min_len + 2, hi + 2, sp.bos, sp.eos,
+            tokens, lengths = length_beam_init(length_lp, beam, min_len + 2, hi + 2, sp.bos, sp.eos,
                                                sp.mask, sp.pad)  # fmt: skip
         else:
             forced, _ = forced_limits(target_lengths.to(src.device), model.cfg.max_target_positions)
@@ -278,7 +286,15 @@ def mask_predict(
         refine(model, enc, tokens, scores, lengths - 2, T, steps if history else None)
         # 3. Choose a candidate per sentence.
         real = (tokens != sp.pad) & (tokens != sp.bos) & (tokens != sp.eos)
-        mean = (scores * real).sum(1) / real.sum(1).clamp_min(1)
+        total = (scores * real).sum(1)
+        if length_weight:
+            # A length the head cannot score (a forced one beyond its classes) counts as its least likely one.
+            n = lengths.view(B, beam)
+            floor = length_lp.masked_fill(~torch.isfinite(length_lp), float("inf")).amin(1, keepdim=True)
+            lp = length_lp.gather(1, n.clamp_max(length_lp.shape[1] - 1))
+            lp = torch.where((n < length_lp.shape[1]) & torch.isfinite(lp), lp, floor)
+            total = total + length_weight * lp.reshape(-1)
+        mean = total / real.sum(1).clamp_min(1)
         if rerank:
             mean = ar_mean_logprob(model, enc, tokens)
         best = mean.view(B, beam).argmax(1)  # ties: the earlier (more likely) length
