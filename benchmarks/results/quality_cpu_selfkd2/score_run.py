@@ -1,5 +1,6 @@
 """Average a run's last 4 checkpoints and score it on the first N LibreOffice test pairs (all 1000 by default):
-AR beam 5 and NAR T=10 l=3, or with --full every decode of benchmarks/quality.py. Writes RUN-quick{N}.json.
+AR beam 5 and NAR T=10 l=3 (plain, and with --length-weight 1 --dedup), or with --full every decode of
+benchmarks/quality.py. Writes RUN-quick{N}.json.
 
     R=janus-repo D=../shared/data/libreoffice-de-en python score_run.py RUN [N] [--full]
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(os.environ.get("R", "janus-repo")) / "benchmarks"))
 import torch  # noqa: E402
 from harness import write_json  # noqa: E402
-from quality import DECODES, score  # noqa: E402
+from quality import DECODES, NAR_TUNED, score  # noqa: E402
 
 from janus.api import Generator  # noqa: E402
 from janus.data import read_lines  # noqa: E402
@@ -28,7 +29,8 @@ subprocess.run([sys.executable, "-m", "janus", "average", "--save-dir", run, "--
 test = Path(os.environ.get("D", "../shared/data/libreoffice-de-en")) / "test"
 src, ref = (read_lines(f"{test}.{lang}")[0][:n] for lang in ("de", "en"))
 gen = Generator.from_checkpoint(str(avg), device="cpu", dtype="float32")
-decodes = DECODES if "--full" in sys.argv else [d for d in DECODES if d[0] in ("AR beam 5", "NAR T=10 l=3")]
+quick = ("AR beam 5", "NAR T=10 l=3", NAR_TUNED)
+decodes = DECODES if "--full" in sys.argv else [d for d in DECODES if d[0] in quick]
 rows = {}
 for label, options, _ in decodes:
     row, _ = score(gen, label, dataclasses.replace(options, max_batch_size=64), src, ref, False)
