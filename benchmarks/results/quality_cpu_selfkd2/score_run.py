@@ -1,8 +1,10 @@
 """Average a run's last 4 checkpoints and score it on the first N LibreOffice test pairs (all 1000 by default):
 AR beam 5 and NAR T=10 l=3 (plain, and with --length-weight 1 --dedup), or with --full every decode of
-benchmarks/quality.py. Writes RUN-quick{N}.json.
+benchmarks/quality.py. Writes RUN-quick{N}.json; with --at STEP, the checkpoints of updates STEP - 750 .. STEP
+(every 250) are averaged instead, to compare runs at the same update while they train, and it writes
+RUN-at-STEP.scores.json.
 
-    R=janus-repo D=../shared/data/libreoffice-de-en python score_run.py RUN [N] [--full]
+    R=janus-repo D=../shared/data/libreoffice-de-en python score_run.py RUN [N] [--full] [--at STEP]
 """
 
 import dataclasses
@@ -23,9 +25,15 @@ from janus.data import read_lines  # noqa: E402
 run = sys.argv[1]
 n = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2].isdigit() else 1000
 torch.set_num_threads(1)
-avg = Path(run) / "averaged"
-subprocess.run([sys.executable, "-m", "janus", "average", "--save-dir", run, "--last", "4", "--output", str(avg)],
-               check=True)  # fmt: skip
+at = int(sys.argv[sys.argv.index("--at") + 1]) if "--at" in sys.argv else None
+avg = Path(run) / ("averaged" if at is None else f"averaged-at-{at}")
+if at is None:
+    which = ["--save-dir", run, "--last", "4"]
+    latest = json.loads((Path(run) / "latest.json").read_text())
+else:
+    which = ["--inputs", *(str(Path(run) / f"checkpoint_{step:08d}") for step in range(at - 750, at + 1, 250))]
+    latest = dict(checkpoint=f"checkpoint_{at:08d}", step=at)
+subprocess.run([sys.executable, "-m", "janus", "average", *which, "--output", str(avg)], check=True)
 test = Path(os.environ.get("D", "../shared/data/libreoffice-de-en")) / "test"
 src, ref = (read_lines(f"{test}.{lang}")[0][:n] for lang in ("de", "en"))
 gen = Generator.from_checkpoint(str(avg), device="cpu", dtype="float32")
@@ -36,5 +44,5 @@ for label, options, _ in decodes:
     row, _ = score(gen, label, dataclasses.replace(options, max_batch_size=64), src, ref, False)
     rows[label] = {k: row[k] for k in ("bleu", "chrf", "passes", "bleu_signature")}
     print(f"{run} {label}: BLEU {row['bleu']:.2f} chrF {row['chrf']:.1f} passes {row['passes']:.2f}", flush=True)
-latest = json.loads((Path(run) / "latest.json").read_text())
-write_json(Path(f"{run}-quick{n}.json"), dict(run=run, sentences=n, latest=latest, scores=rows))
+out = Path(f"{run}-quick{n}.json" if at is None else f"{run}-at-{at}.scores.json")
+write_json(out, dict(run=run, sentences=n, latest=latest, scores=rows))
