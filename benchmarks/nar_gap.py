@@ -44,7 +44,7 @@ ROWS = (
         "NAR T=10 l=3, length-weighted, repeats collapsed",
         dict(mode="nar", iterations=10, length_beam=3, length_weight=1.0, dedup=True),
         None,
-    ),  # fmt: skip
+    ),
     ("NAR T=10 l=1, AR beam's lengths", dict(mode="nar", iterations=10, length_beam=1), "ar"),
     ("NAR T=10 l=3, around AR beam's lengths", dict(mode="nar", iterations=10, length_beam=3), "ar"),
     ("NAR T=20 l=1, AR beam's lengths", dict(mode="nar", iterations=20, length_beam=1), "ar"),
