@@ -210,6 +210,13 @@ class TrainConfig:
         "published objective) or 'ar' (P_AR is a fixed teacher in SKL(P_AR, P_NAR) and SKL(P_AR, P_AUX))",
         default="",
     )
+    nar_exposure: float = _doc(
+        "janus, cmlm: share of sentences whose observed (unmasked) NAR tokens are replaced, in training only, by "
+        "the model's own predictions on an all-masked canvas of their length, so that P_NAR and P_AUX learn to "
+        "fill masks next to wrong tokens as mask-predict's later passes must (error exposure; 0 = off, the "
+        "published objective; targets stay the references)",
+        default=0.0,
+    )
     init_from: str = _doc(
         "start from the weights of this checkpoint (a checkpoint or averaged folder, a training folder, or a "
         ".safetensors file of the same vocabulary and shapes) with a fresh optimizer, schedule and update "
@@ -222,6 +229,10 @@ class TrainConfig:
             raise ValueError(f"skl_stop_grad={self.skl_stop_grad!r}: choose one of {SKL_STOP_GRAD}")
         if self.joint_start < 0 or self.joint_ramp < 0:
             raise ValueError(f"joint_start={self.joint_start}, joint_ramp={self.joint_ramp}: must be >= 0")
+        if not (0.0 <= self.nar_exposure <= 1.0):
+            raise ValueError(f"nar_exposure={self.nar_exposure}: a share of sentences, in [0, 1]")
+        if self.nar_exposure > 0 and self.objective == "ar":
+            raise ValueError(f"nar_exposure={self.nar_exposure} exposes the NAR stream; --objective ar has none")
         if (self.joint_start or self.joint_ramp) and self.objective != "janus":
             raise ValueError(
                 f"joint_start/joint_ramp schedule the non-AR terms of --objective janus; "

@@ -17,6 +17,7 @@ Transformer trained through the same query stream the AR decoder uses) and
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,10 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from janus.config import LossWeights
-from janus.model import JanusModel
+from janus.decoding.common import canvas_banned_ids
+from janus.model import EncoderOut, JanusModel
 from janus.ops.janus_linear_loss import janus_linear_loss
 from janus.ops.janus_loss import TERMS, LossScales
-from janus.streams import DecoderRows, build_training_rows
+from janus.streams import DecoderRows, build_canvas_rows, build_training_rows
 
 # Logged sums: the masked-token terms, then the length loss.
 LOG_TERMS = TERMS + ("length",)
@@ -131,6 +133,45 @@ def row_states(hidden: Tensor, rows: DecoderRows) -> tuple[Optional[Tensor], ...
     return tuple(flat.index_select(0, r) if r is not None else None for r in (rows.ar_rows, rows.p_rows, rows.q_rows))
 
 
+@torch.no_grad()
+def first_pass_tokens(model: JanusModel, enc: EncoderOut, tgt: Tensor) -> Tensor:
+    """What mask-predict's first pass puts on an all-masked canvas of each target's length: (B, T) int64,
+    ``tgt`` with every token between bos and eos replaced by the model's most likely one (never a special id).
+    Runs in the model's current mode (in training, with its dropout)."""
+    sp = model.cfg.specials
+    n = (tgt != sp.pad).sum(1, keepdim=True)
+    pos = torch.arange(tgt.shape[1], device=tgt.device)[None, :]
+    inner = (pos >= 1) & (pos < n - 1)
+    canvas = torch.where(inner, torch.full_like(tgt, sp.mask), tgt)
+    hidden = model.decode(build_canvas_rows(canvas, pad=sp.pad), enc)  # (B, T, D)
+    logits = model.project(hidden[inner]).float()  # (K, V)
+    logits[:, canvas_banned_ids(sp)] = float("-inf")
+    return canvas.masked_scatter(inner, logits.argmax(-1))
+
+
+def expose_observed(
+    model: JanusModel, enc: EncoderOut, tgt: Tensor, masked: Tensor, rows: DecoderRows, share: float, start: int
+) -> DecoderRows:
+    """``rows`` with the observed canvas tokens (U rows other than bos and eos) of a random ``share`` of the
+    sentences replaced by ``first_pass_tokens`` (``TrainConfig.nar_exposure``). The AR rows, the masked slots,
+    the gold rows of P_AUX and every target are left as they are.
+
+    Args:
+        tgt: (B, T) targets; masked: (B, T) the masked set; start: the column of the canvas in ``rows``
+            (T - 1 after the AR content rows, 0 without them). Sentences are drawn with torch's generator.
+    """
+    sp = model.cfg.specials
+    B, T = tgt.shape
+    pick = torch.rand(B, device=tgt.device) < share
+    n = (tgt != sp.pad).sum(1, keepdim=True)
+    pos = torch.arange(T, device=tgt.device)[None, :]
+    observed = (pos >= 1) & (pos < n - 1) & ~masked & pick[:, None]
+    tokens = rows.tokens.clone()
+    canvas = tokens[:, start : start + T]
+    canvas.copy_(torch.where(observed, first_pass_tokens(model, enc, tgt), canvas))
+    return dataclasses.replace(rows, tokens=tokens)
+
+
 def compute_loss(
     model: JanusModel,
     src: Tensor,
@@ -144,6 +185,7 @@ def compute_loss(
     multiplier: float = 1.0,
     rows: Optional[DecoderRows] = None,
     skl_grad_ar: float = 1.0,
+    exposure: float = 0.0,
 ) -> LossOutput:
     """Run the teacher-forced passes of ``objective`` and return its loss.
 
@@ -157,6 +199,8 @@ def compute_loss(
             the previous step runs); built here when None.
         skl_grad_ar: factor on the gradient the SKL terms send into P_AR (1: the published objective;
             0: a stop-gradient, ``TrainConfig.skl_stop_grad="ar"``).
+        exposure: ``TrainConfig.nar_exposure``, the share of sentences whose observed canvas tokens are the
+            model's own first-pass predictions (``expose_observed``); applied only while the model trains.
     Returns:
         LossOutput with ``loss = sum_t scale_t * sum_t``.
     """
@@ -172,6 +216,9 @@ def compute_loss(
     if rows is None:
         rows = training_rows(tgt, masked, objective, pad=specials.pad, mask=specials.mask)
     enc = model.encode(src)
+    if exposure > 0 and st.nar and model.training:
+        rows = expose_observed(model, enc, tgt, masked & (tgt != specials.pad), rows, exposure,
+                               start=tgt.shape[1] - 1 if st.ar else 0)  # fmt: skip
     hidden = model.decode(rows, enc)  # (B, R, D)
     # Only the rows whose logits are used reach the vocabulary projection (one GEMM in the reference;
     # chunk by chunk, never all at once, in the fused kernel).
@@ -198,12 +245,18 @@ class Criterion(nn.Module):
     """
 
     def __init__(
-        self, model: JanusModel, objective: str, weights: LossWeights, label_smoothing: float, skl_grad_ar: float = 1.0
+        self,
+        model: JanusModel,
+        objective: str,
+        weights: LossWeights,
+        label_smoothing: float,
+        skl_grad_ar: float = 1.0,
+        exposure: float = 0.0,
     ) -> None:
         super().__init__()
         Streams.of(objective)  # validates the name
         self.model, self.objective, self.weights, self.eps = model, objective, weights, label_smoothing
-        self.skl_grad_ar = skl_grad_ar
+        self.skl_grad_ar, self.exposure = skl_grad_ar, exposure
 
     def forward(
         self,
@@ -217,6 +270,7 @@ class Criterion(nn.Module):
         out = compute_loss(
             self.model, src, tgt, masked, objective=self.objective, weights=self.weights,
             label_smoothing=self.eps, norm=norm, multiplier=multiplier, rows=rows, skl_grad_ar=self.skl_grad_ar,
+            exposure=self.exposure,
         )  # fmt: skip
         return out.loss, out.sums
 

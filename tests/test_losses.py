@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from janus.config import LossWeights, preset
-from janus.losses import Counts, compute_loss, summarize
+from janus.decoding.mask_predict import mask_predict
+from janus.losses import LOG_TERMS, Counts, compute_loss, expose_observed, first_pass_tokens, summarize, training_rows
 from janus.model import JanusModel
 from janus.ops.janus_loss import TERMS, LossScales, janus_loss_ref
 
@@ -212,3 +213,70 @@ def test_objectives_use_their_terms_only():
     assert (out.sums != 0).all()
     with pytest.raises(ValueError, match="unknown objective"):
         compute_loss(model, src, tgt, masked, objective="nat", weights=LossWeights(), label_smoothing=0.1)
+
+
+def test_first_pass_tokens_are_mask_predicts_first_pass():
+    """The tokens error exposure puts on the canvas are those a one-pass mask-predict of the same
+    length decodes (the inference code is the oracle), specials never among them."""
+    torch.manual_seed(0)
+    model = JanusModel(preset("tiny", vocab_size=40, dropout=0.0)).eval()
+    src, tgt, _ = toy_batch()
+    lengths = (tgt != PAD).sum(1)
+    got = first_pass_tokens(model, model.encode(src), tgt)
+    want = mask_predict(model, src, iterations=1, length_beam=1, target_lengths=lengths - 2)
+    for b, hyp in enumerate(want):
+        n = int(lengths[b])
+        assert got[b, 1 : n - 1].tolist() == hyp.ids
+        assert got[b, 0] == BOS and got[b, n - 1] == EOS and (got[b, n:] == PAD).all()
+
+
+def test_expose_observed_replaces_only_the_observed_canvas_tokens():
+    torch.manual_seed(0)
+    model = JanusModel(preset("tiny", vocab_size=40, dropout=0.0)).eval()
+    src, tgt, masked = toy_batch()
+    B, T = tgt.shape
+    rows = training_rows(tgt, masked, "janus", pad=PAD, mask=model.cfg.specials.mask)
+    enc = model.encode(src)
+    first = first_pass_tokens(model, enc, tgt)
+    torch.manual_seed(3)
+    out = expose_observed(model, enc, tgt, masked, rows, 1.0, start=T - 1)
+    canvas = out.tokens[:, T - 1 : 2 * T - 1]
+    n = (tgt != PAD).sum(1, keepdim=True)
+    pos = torch.arange(T)[None, :]
+    observed = (pos >= 1) & (pos < n - 1) & ~masked
+    assert observed.any() and (first[observed] != tgt[observed]).any()  # the case exposes something
+    torch.testing.assert_close(canvas[observed], first[observed], rtol=0, atol=0)
+    torch.testing.assert_close(canvas[~observed], rows.tokens[:, T - 1 : 2 * T - 1][~observed], rtol=0, atol=0)
+    # Outside the canvas (AR rows, gold rows of P_AUX, queries) nothing moves; targets are the references.
+    outside = torch.ones_like(rows.tokens, dtype=torch.bool)
+    outside[:, T - 1 : 2 * T - 1] = False
+    assert torch.equal(out.tokens[outside], rows.tokens[outside])
+    assert torch.equal(out.masked_targets, tgt[masked]) and out.ar_targets is rows.ar_targets
+    # share 0 draws no sentence; a share draws sentences (whole ones) by torch's generator
+    assert torch.equal(expose_observed(model, enc, tgt, masked, rows, 0.0, start=T - 1).tokens, rows.tokens)
+    torch.manual_seed(1)
+    half = expose_observed(model, enc, tgt, masked, rows, 0.5, start=T - 1).tokens[:, T - 1 : 2 * T - 1]
+    torch.manual_seed(1)
+    drawn = torch.rand(B) < 0.5
+    for b in range(B):
+        assert torch.equal(half[b], canvas[b] if drawn[b] else rows.tokens[b, T - 1 : 2 * T - 1])
+
+
+@pytest.mark.parametrize("objective", ["janus", "cmlm"])
+def test_exposure_changes_the_training_loss_only(objective):
+    """compute_loss(exposure=1) in training mode trains on exposed canvases: other masked-token terms, the
+    same AR and length terms and counts; in eval mode (validation) it is the plain loss; 0 is the plain loss."""
+    model = JanusModel(preset("tiny", vocab_size=40, dropout=0.0))
+    src, tgt, masked = toy_batch()
+    kw = dict(objective=objective, weights=LossWeights.for_objective(objective), label_smoothing=0.1)
+    plain = compute_loss(model, src, tgt, masked, **kw)
+    assert torch.equal(compute_loss(model, src, tgt, masked, exposure=0.0, **kw).loss, plain.loss)
+    exposed = compute_loss(model, src, tgt, masked, exposure=1.0, **kw)
+    assert exposed.counts == plain.counts and exposed.loss.requires_grad
+    term = {k: i for i, k in enumerate(LOG_TERMS)}
+    for k in ("nar", "nar_nll") + (("aux_nll", "skl_ar_nar") if objective == "janus" else ()):
+        assert exposed.sums[term[k]] != plain.sums[term[k]], k
+    for k in ("ar", "ar_nll", "length"):
+        assert exposed.sums[term[k]] == plain.sums[term[k]], k
+    model.eval()
+    torch.testing.assert_close(compute_loss(model, src, tgt, masked, exposure=1.0, **kw).loss, plain.loss)

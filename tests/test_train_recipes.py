@@ -1,5 +1,5 @@
 """The training recipes beyond the published objective (TrainConfig.joint_start / joint_ramp,
-skl_stop_grad, init_from): each an option, each off by default, each doing exactly what it says."""
+skl_stop_grad, init_from, nar_exposure): each an option, each off by default, each doing exactly what it says."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def weights_of(save: Path) -> dict[str, torch.Tensor]:
 
 def test_defaults_are_the_published_objective():
     cfg = TrainConfig()
-    assert (cfg.joint_start, cfg.joint_ramp, cfg.skl_stop_grad, cfg.init_from) == (0, 0, "", "")
+    assert (cfg.joint_start, cfg.joint_ramp, cfg.skl_stop_grad, cfg.init_from, cfg.nar_exposure) == (0, 0, "", "", 0)
     assert cfg.loss_weights(1) == cfg.loss_weights() == LossWeights()
     assert [cfg.joint_factor(s) for s in (1, 2, 1000)] == [1.0, 1.0, 1.0]
 
@@ -61,6 +61,10 @@ def test_joint_schedule_factors_and_weights():
         (dict(joint_start=-1), "joint_start=-1"),
         (dict(objective="ar", joint_start=5), "objective is ar"),
         (dict(objective="cmlm", joint_ramp=5), "objective is cmlm"),
+        (dict(nar_exposure=-0.1), "nar_exposure=-0.1"),
+        (dict(nar_exposure=1.5), "nar_exposure=1.5"),
+        (dict(nar_exposure=float("nan")), "nar_exposure=nan"),
+        (dict(objective="ar", nar_exposure=0.5), "objective ar has none"),
     ],
 )
 def test_bad_recipe_options_are_refused_with_the_value(kw, words):
@@ -98,6 +102,28 @@ def test_skl_stop_grad_reaches_the_criterion_and_changes_the_update(data_bin, tm
     # The first update's logged terms (computed before it) are the same: only the gradient differs.
     first = [events(tmp_path / d, "train")[0] for d in ("both", "stop")]
     assert first[0]["skl_ar_nar"] == pytest.approx(first[1]["skl_ar_nar"], rel=1e-6)
+
+
+def test_nar_exposure_reaches_the_criterion_changes_the_update_and_resumes_exactly(data_bin, tmp_path, capsys):
+    assert Trainer(config(data_bin, tmp_path / "x", nar_exposure=0.5)).loss_module.exposure == 0.5
+    assert Trainer(config(data_bin, tmp_path / "y")).loss_module.exposure == 0.0
+    # Without dropout, so that the draws of the exposure leave every other random choice the same.
+    train(config(data_bin, tmp_path / "plain", max_steps=2, dropout=0.0))
+    train(config(data_bin, tmp_path / "exposed", max_steps=4, nar_exposure=1.0, dropout=0.0))
+    assert "NAR error exposure: the observed tokens of 100% of the sentences" in capsys.readouterr().out
+    assert events(tmp_path / "exposed", "start")[0]["train"]["nar_exposure"] == 1.0
+    # The first update's logged terms: the AR ones equal (AR rows keep the references), P_NAR's differ.
+    first = [events(tmp_path / d, "train")[0] for d in ("plain", "exposed")]
+    assert first[0]["ar_nll"] == pytest.approx(first[1]["ar_nll"], rel=1e-6)
+    assert first[0]["nar_nll"] != pytest.approx(first[1]["nar_nll"], rel=1e-6)
+    # Interrupted after 2 updates and resumed, a run exposing half of the sentences (with dropout) draws the
+    # same sentences and dropout masks as one that ran through: the same weights.
+    train(config(data_bin, tmp_path / "whole", max_steps=4, nar_exposure=0.5))
+    train(config(data_bin, tmp_path / "twice", max_steps=2, nar_exposure=0.5))
+    train(config(data_bin, tmp_path / "twice", max_steps=4, nar_exposure=0.5))
+    whole, twice = weights_of(tmp_path / "whole"), weights_of(tmp_path / "twice")
+    for k in whole:
+        torch.testing.assert_close(twice[k], whole[k], rtol=0, atol=0, msg=k)
 
 
 def test_init_from_loads_the_weights_with_a_fresh_optimizer_and_schedule(data_bin, tmp_path, capsys):
