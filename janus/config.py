@@ -217,6 +217,12 @@ class TrainConfig:
         "published objective; targets stay the references)",
         default=0.0,
     )
+    nar_exposure_mask: str = _doc(
+        "with nar_exposure: which tokens of an exposed sentence stay masked: random (the masking scheme's) or "
+        "least-confident (as many as the scheme masks, the ones the first pass is least sure of: the state "
+        "mask-predict's second pass starts from)",
+        default="random",
+    )
     init_from: str = _doc(
         "start from the weights of this checkpoint (a checkpoint or averaged folder, a training folder, or a "
         ".safetensors file of the same vocabulary and shapes) with a fresh optimizer, schedule and update "
@@ -231,6 +237,8 @@ class TrainConfig:
             raise ValueError(f"joint_start={self.joint_start}, joint_ramp={self.joint_ramp}: must be >= 0")
         if not (0.0 <= self.nar_exposure <= 1.0):
             raise ValueError(f"nar_exposure={self.nar_exposure}: a share of sentences, in [0, 1]")
+        if self.nar_exposure_mask not in ("random", "least-confident"):
+            raise ValueError(f"nar_exposure_mask={self.nar_exposure_mask!r}: choose random or least-confident")
         if self.nar_exposure > 0 and self.objective == "ar":
             raise ValueError(f"nar_exposure={self.nar_exposure} exposes the NAR stream; --objective ar has none")
         if (self.joint_start or self.joint_ramp) and self.objective != "janus":

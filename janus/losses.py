@@ -134,10 +134,11 @@ def row_states(hidden: Tensor, rows: DecoderRows) -> tuple[Optional[Tensor], ...
 
 
 @torch.no_grad()
-def first_pass_tokens(model: JanusModel, enc: EncoderOut, tgt: Tensor) -> Tensor:
+def first_pass_tokens(model: JanusModel, enc: EncoderOut, tgt: Tensor) -> tuple[Tensor, Tensor]:
     """What mask-predict's first pass puts on an all-masked canvas of each target's length: (B, T) int64,
-    ``tgt`` with every token between bos and eos replaced by the model's most likely one (never a special id).
-    Runs in the model's current mode (in training, with its dropout)."""
+    ``tgt`` with every token between bos and eos replaced by the model's most likely one (never a special id),
+    and (B, T) fp32 its log-probability there (+inf elsewhere). Runs in the model's current mode (in training,
+    with its dropout)."""
     sp = model.cfg.specials
     n = (tgt != sp.pad).sum(1, keepdim=True)
     pos = torch.arange(tgt.shape[1], device=tgt.device)[None, :]
@@ -146,29 +147,46 @@ def first_pass_tokens(model: JanusModel, enc: EncoderOut, tgt: Tensor) -> Tensor
     hidden = model.decode(build_canvas_rows(canvas, pad=sp.pad), enc)  # (B, T, D)
     logits = model.project(hidden[inner]).float()  # (K, V)
     logits[:, canvas_banned_ids(sp)] = float("-inf")
-    return canvas.masked_scatter(inner, logits.argmax(-1))
+    best, token = F.log_softmax(logits, -1).max(-1)
+    scores = torch.full(tgt.shape, float("inf"), device=tgt.device).masked_scatter(inner, best)
+    return canvas.masked_scatter(inner, token), scores
 
 
 def expose_observed(
-    model: JanusModel, enc: EncoderOut, tgt: Tensor, masked: Tensor, rows: DecoderRows, share: float, start: int
+    model: JanusModel,
+    enc: EncoderOut,
+    tgt: Tensor,
+    masked: Tensor,
+    rows: DecoderRows,
+    share: float,
+    objective: str,
+    least_confident: bool = False,
 ) -> DecoderRows:
     """``rows`` with the observed canvas tokens (U rows other than bos and eos) of a random ``share`` of the
-    sentences replaced by ``first_pass_tokens`` (``TrainConfig.nar_exposure``). The AR rows, the masked slots,
-    the gold rows of P_AUX and every target are left as they are.
+    sentences replaced by ``first_pass_tokens`` (``TrainConfig.nar_exposure``). The AR rows, the gold rows of
+    P_AUX and every target stay the references.
 
     Args:
-        tgt: (B, T) targets; masked: (B, T) the masked set; start: the column of the canvas in ``rows``
-            (T - 1 after the AR content rows, 0 without them). Sentences are drawn with torch's generator.
+        tgt: (B, T) targets; masked: (B, T) the masked set; rows: ``training_rows(tgt, masked, objective)``.
+            Sentences are drawn with torch's generator.
+        least_confident: a drawn sentence's masked set becomes the m first-pass tokens the model is least sure
+            of (m its size in ``masked``), the state mask-predict's second pass starts from
+            (``TrainConfig.nar_exposure_mask="least-confident"``); the rows are then rebuilt for it.
     """
     sp = model.cfg.specials
     B, T = tgt.shape
     pick = torch.rand(B, device=tgt.device) < share
-    n = (tgt != sp.pad).sum(1, keepdim=True)
-    pos = torch.arange(T, device=tgt.device)[None, :]
-    observed = (pos >= 1) & (pos < n - 1) & ~masked & pick[:, None]
+    first, scores = first_pass_tokens(model, enc, tgt)
+    if least_confident:
+        rank = scores.sort(dim=1, stable=True).indices.argsort(dim=1)  # 0 = least sure; bos, eos and pad (+inf) last
+        lowest = rank < masked.sum(1, keepdim=True)
+        masked = torch.where(pick[:, None], lowest, masked)
+        rows = training_rows(tgt, masked, objective, pad=sp.pad, mask=sp.mask)
+    observed = torch.isfinite(scores) & ~masked & pick[:, None]
+    start = T - 1 if Streams.of(objective).ar else 0  # the canvas follows the AR content rows
     tokens = rows.tokens.clone()
     canvas = tokens[:, start : start + T]
-    canvas.copy_(torch.where(observed, first_pass_tokens(model, enc, tgt), canvas))
+    canvas.copy_(torch.where(observed, first, canvas))
     return dataclasses.replace(rows, tokens=tokens)
 
 
@@ -186,6 +204,7 @@ def compute_loss(
     rows: Optional[DecoderRows] = None,
     skl_grad_ar: float = 1.0,
     exposure: float = 0.0,
+    exposure_mask: str = "random",
 ) -> LossOutput:
     """Run the teacher-forced passes of ``objective`` and return its loss.
 
@@ -201,6 +220,7 @@ def compute_loss(
             0: a stop-gradient, ``TrainConfig.skl_stop_grad="ar"``).
         exposure: ``TrainConfig.nar_exposure``, the share of sentences whose observed canvas tokens are the
             model's own first-pass predictions (``expose_observed``); applied only while the model trains.
+        exposure_mask: ``TrainConfig.nar_exposure_mask``: "random" (the given masked set) or "least-confident".
     Returns:
         LossOutput with ``loss = sum_t scale_t * sum_t``.
     """
@@ -217,8 +237,8 @@ def compute_loss(
         rows = training_rows(tgt, masked, objective, pad=specials.pad, mask=specials.mask)
     enc = model.encode(src)
     if exposure > 0 and st.nar and model.training:
-        rows = expose_observed(model, enc, tgt, masked & (tgt != specials.pad), rows, exposure,
-                               start=tgt.shape[1] - 1 if st.ar else 0)  # fmt: skip
+        rows = expose_observed(model, enc, tgt, masked & (tgt != specials.pad), rows, exposure, objective,
+                               least_confident=exposure_mask == "least-confident")  # fmt: skip
     hidden = model.decode(rows, enc)  # (B, R, D)
     # Only the rows whose logits are used reach the vocabulary projection (one GEMM in the reference;
     # chunk by chunk, never all at once, in the fused kernel).
@@ -252,11 +272,12 @@ class Criterion(nn.Module):
         label_smoothing: float,
         skl_grad_ar: float = 1.0,
         exposure: float = 0.0,
+        exposure_mask: str = "random",
     ) -> None:
         super().__init__()
         Streams.of(objective)  # validates the name
         self.model, self.objective, self.weights, self.eps = model, objective, weights, label_smoothing
-        self.skl_grad_ar, self.exposure = skl_grad_ar, exposure
+        self.skl_grad_ar, self.exposure, self.exposure_mask = skl_grad_ar, exposure, exposure_mask
 
     def forward(
         self,
@@ -270,7 +291,7 @@ class Criterion(nn.Module):
         out = compute_loss(
             self.model, src, tgt, masked, objective=self.objective, weights=self.weights,
             label_smoothing=self.eps, norm=norm, multiplier=multiplier, rows=rows, skl_grad_ar=self.skl_grad_ar,
-            exposure=self.exposure,
+            exposure=self.exposure, exposure_mask=self.exposure_mask,
         )  # fmt: skip
         return out.loss, out.sums
 

@@ -252,7 +252,7 @@ class Trainer:
         # and a DDP forward may run collectives.
         self.loss_module = Criterion(self.model, cfg.objective, self.weights, cfg.label_smoothing,
                                      skl_grad_ar=0.0 if cfg.skl_stop_grad == "ar" else 1.0,
-                                     exposure=cfg.nar_exposure)  # fmt: skip
+                                     exposure=cfg.nar_exposure, exposure_mask=cfg.nar_exposure_mask)  # fmt: skip
         self.criterion: nn.Module = self.loss_module
         if self.env.world > 1:
             self.criterion = nn.parallel.DistributedDataParallel(
@@ -407,7 +407,8 @@ class Trainer:
             self.say(f"  SKL terms: no gradient into P_{cfg.skl_stop_grad.upper()} (skl_stop_grad={cfg.skl_stop_grad})")
         if cfg.nar_exposure:
             self.say(f"  NAR error exposure: the observed tokens of {cfg.nar_exposure:.0%} of the sentences are the "
-                     "model's own first-pass predictions (nar_exposure)")  # fmt: skip
+                     "model's own first-pass predictions (nar_exposure), masked: "
+                     f"{cfg.nar_exposure_mask} (nar_exposure_mask)")  # fmt: skip
         if self.ckpt is not None:
             extra = f" (--init-from {cfg.init_from} applies to fresh runs only)" if cfg.init_from else ""
             self.say(f"resuming from step {self.step} (checkpoint {self.ckpt.path}){extra}")

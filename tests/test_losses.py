@@ -222,7 +222,7 @@ def test_first_pass_tokens_are_mask_predicts_first_pass():
     model = JanusModel(preset("tiny", vocab_size=40, dropout=0.0)).eval()
     src, tgt, _ = toy_batch()
     lengths = (tgt != PAD).sum(1)
-    got = first_pass_tokens(model, model.encode(src), tgt)
+    got, scores = first_pass_tokens(model, model.encode(src), tgt)
     want = mask_predict(model, src, iterations=1, length_beam=1, target_lengths=lengths - 2)
     for b, hyp in enumerate(want):
         n = int(lengths[b])
@@ -237,9 +237,9 @@ def test_expose_observed_replaces_only_the_observed_canvas_tokens():
     B, T = tgt.shape
     rows = training_rows(tgt, masked, "janus", pad=PAD, mask=model.cfg.specials.mask)
     enc = model.encode(src)
-    first = first_pass_tokens(model, enc, tgt)
+    first, _ = first_pass_tokens(model, enc, tgt)
     torch.manual_seed(3)
-    out = expose_observed(model, enc, tgt, masked, rows, 1.0, start=T - 1)
+    out = expose_observed(model, enc, tgt, masked, rows, 1.0, "janus")
     canvas = out.tokens[:, T - 1 : 2 * T - 1]
     n = (tgt != PAD).sum(1, keepdim=True)
     pos = torch.arange(T)[None, :]
@@ -253,9 +253,9 @@ def test_expose_observed_replaces_only_the_observed_canvas_tokens():
     assert torch.equal(out.tokens[outside], rows.tokens[outside])
     assert torch.equal(out.masked_targets, tgt[masked]) and out.ar_targets is rows.ar_targets
     # share 0 draws no sentence; a share draws sentences (whole ones) by torch's generator
-    assert torch.equal(expose_observed(model, enc, tgt, masked, rows, 0.0, start=T - 1).tokens, rows.tokens)
+    assert torch.equal(expose_observed(model, enc, tgt, masked, rows, 0.0, "janus").tokens, rows.tokens)
     torch.manual_seed(1)
-    half = expose_observed(model, enc, tgt, masked, rows, 0.5, start=T - 1).tokens[:, T - 1 : 2 * T - 1]
+    half = expose_observed(model, enc, tgt, masked, rows, 0.5, "janus").tokens[:, T - 1 : 2 * T - 1]
     torch.manual_seed(1)
     drawn = torch.rand(B) < 0.5
     for b in range(B):
@@ -280,3 +280,33 @@ def test_exposure_changes_the_training_loss_only(objective):
         assert exposed.sums[term[k]] == plain.sums[term[k]], k
     model.eval()
     torch.testing.assert_close(compute_loss(model, src, tgt, masked, exposure=1.0, **kw).loss, plain.loss)
+
+
+@pytest.mark.parametrize("objective", ["janus", "cmlm"])
+def test_least_confident_exposure_masks_what_the_first_pass_is_least_sure_of(objective):
+    """nar_exposure_mask="least-confident": a drawn sentence keeps m masked slots, m as before, at its m
+    lowest-scoring first-pass tokens (mask-predict's re-masking), sees the first pass's tokens everywhere else,
+    and its rows are those of that masked set (targets the references)."""
+    torch.manual_seed(0)
+    model = JanusModel(preset("tiny", vocab_size=40, dropout=0.0)).eval()
+    src, tgt, masked = toy_batch()
+    T = tgt.shape[1]
+    enc = model.encode(src)
+    first, scores = first_pass_tokens(model, enc, tgt)
+    rows = training_rows(tgt, masked, objective, pad=PAD, mask=MASK)
+    out = expose_observed(model, enc, tgt, masked, rows, 1.0, objective, least_confident=True)
+    start = T - 1 if objective == "janus" else 0
+    canvas = out.tokens[:, start : start + T]
+    now = canvas == MASK
+    assert torch.equal(now.sum(1), masked.sum(1)) and not torch.equal(now, masked)
+    for b in range(tgt.shape[0]):
+        n = int((tgt[b] != PAD).sum())
+        lowest = scores[b, 1 : n - 1].topk(int(masked[b].sum()), largest=False).indices + 1
+        assert sorted(now[b].nonzero().flatten().tolist()) == sorted(lowest.tolist())
+        keep = ~now[b, :n]
+        assert torch.equal(canvas[b, :n][keep], first[b, :n][keep])
+    rebuilt = training_rows(tgt, now, objective, pad=PAD, mask=MASK)
+    assert torch.equal(out.masked_targets, tgt[now]) and torch.equal(out.p_rows, rebuilt.p_rows)
+    outside = torch.ones_like(out.tokens, dtype=torch.bool)
+    outside[:, start : start + T] = False
+    assert torch.equal(out.tokens[outside], rebuilt.tokens[outside])

@@ -65,6 +65,7 @@ def test_joint_schedule_factors_and_weights():
         (dict(nar_exposure=1.5), "nar_exposure=1.5"),
         (dict(nar_exposure=float("nan")), "nar_exposure=nan"),
         (dict(objective="ar", nar_exposure=0.5), "objective ar has none"),
+        (dict(nar_exposure_mask="lowest"), "nar_exposure_mask='lowest'"),
     ],
 )
 def test_bad_recipe_options_are_refused_with_the_value(kw, words):
@@ -107,6 +108,8 @@ def test_skl_stop_grad_reaches_the_criterion_and_changes_the_update(data_bin, tm
 def test_nar_exposure_reaches_the_criterion_changes_the_update_and_resumes_exactly(data_bin, tmp_path, capsys):
     assert Trainer(config(data_bin, tmp_path / "x", nar_exposure=0.5)).loss_module.exposure == 0.5
     assert Trainer(config(data_bin, tmp_path / "y")).loss_module.exposure == 0.0
+    lc = Trainer(config(data_bin, tmp_path / "z", nar_exposure=0.5, nar_exposure_mask="least-confident"))
+    assert lc.loss_module.exposure_mask == "least-confident"
     # Without dropout, so that the draws of the exposure leave every other random choice the same.
     train(config(data_bin, tmp_path / "plain", max_steps=2, dropout=0.0))
     train(config(data_bin, tmp_path / "exposed", max_steps=4, nar_exposure=1.0, dropout=0.0))
