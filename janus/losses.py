@@ -30,6 +30,7 @@ from janus.decoding.common import canvas_banned_ids
 from janus.model import EncoderOut, JanusModel
 from janus.ops.janus_linear_loss import janus_linear_loss
 from janus.ops.janus_loss import TERMS, LossScales
+from janus.ops.length_beam_init import canvases
 from janus.streams import DecoderRows, build_canvas_rows, build_training_rows
 
 # Logged sums: the masked-token terms, then the length loss.
@@ -140,10 +141,9 @@ def first_pass_tokens(model: JanusModel, enc: EncoderOut, tgt: Tensor) -> tuple[
     and (B, T) fp32 its log-probability there (+inf elsewhere). Runs in the model's current mode (in training,
     with its dropout)."""
     sp = model.cfg.specials
-    n = (tgt != sp.pad).sum(1, keepdim=True)
-    pos = torch.arange(tgt.shape[1], device=tgt.device)[None, :]
-    inner = (pos >= 1) & (pos < n - 1)
-    canvas = torch.where(inner, torch.full_like(tgt, sp.mask), tgt)
+    canvas = canvases((tgt != sp.pad).sum(1), bos=sp.bos, eos=sp.eos, mask=sp.mask, pad=sp.pad)
+    canvas = F.pad(canvas, (0, tgt.shape[1] - canvas.shape[1]), value=sp.pad)  # tgt's width, were it padded wider
+    inner = canvas == sp.mask
     hidden = model.decode(build_canvas_rows(canvas, pad=sp.pad), enc)  # (B, T, D)
     logits = model.project(hidden[inner]).float()  # (K, V)
     logits[:, canvas_banned_ids(sp)] = float("-inf")
