@@ -304,7 +304,8 @@ class DecodeConfig:
     )
     dedup: bool = _doc(
         "nar: collapse each run of one repeated token in the output into one token (the post-processing of "
-        "much non-autoregressive work; mask-predict's own output keeps them)",
+        "much non-autoregressive work; mask-predict's own output keeps them); with rerank, P_AR scores the "
+        "candidates so collapsed",
         default=False,
     )
     draft_iterations: int = _doc(

@@ -14,7 +14,7 @@ from janus.config import DecodeConfig, preset
 from janus.decoding import beam_search, greedy_search, mask_predict, speculative_decode
 from janus.decoding.beam_search import next_token_logprobs
 from janus.decoding.common import repeating, repeating_tail
-from janus.decoding.mask_predict import ar_mean_logprob, length_groups, remask_counts
+from janus.decoding.mask_predict import ar_mean_logprob, collapse_repeats, length_groups, remask_counts
 from janus.model import JanusModel, KVCache
 from janus.ops import length_beam_init
 from janus.streams import build_ar_verify_rows, build_canvas_rows, build_training_rows
@@ -301,6 +301,42 @@ def test_candidate_choice_and_rerank():
             ar = [sequence_logprob(m, row, tuple(c.ids)) / (len(c.ids) + 1) for c in cands]
         assert reranked[b].ids == cands[max(range(k), key=lambda i: (ar[i], -i))].ids
         assert math.isclose(reranked[b].score, max(ar), rel_tol=1e-4)
+
+
+def test_collapse_repeats_keeps_the_first_of_every_run_and_pads_the_rest():
+    tokens = torch.tensor([[BOS, 7, 7, 8, 7, 9, 9, 9, EOS, PAD], [BOS, 5, 5, 5, EOS, PAD, PAD, PAD, PAD, PAD],
+                           [BOS, 4, 6, EOS, PAD, PAD, PAD, PAD, PAD, PAD]])  # fmt: skip
+    want = torch.tensor([[BOS, 7, 8, 7, 9, EOS, PAD, PAD, PAD, PAD], [BOS, 5, EOS, PAD, PAD, PAD, PAD, PAD, PAD, PAD],
+                         [BOS, 4, 6, EOS, PAD, PAD, PAD, PAD, PAD, PAD]])  # fmt: skip
+    assert torch.equal(collapse_repeats(tokens, PAD), want)
+    assert torch.equal(tokens[2], want[2])  # the input is left as it was
+
+
+def test_rerank_with_dedup_scores_the_collapsed_candidates():
+    """With rerank and dedup, P_AR chooses among the candidates as they would be output (runs collapsed)."""
+    m = random_model(11)
+    src = random_sources(11, 6)
+    k, T = 3, 2
+    both = mask_predict(m, src, iterations=T, length_beam=k, rerank=True, dedup=True)
+    with torch.no_grad():
+        enc = m.encode(src)
+        _, lengths = length_beam_init(m.length_scores(enc), k, 3, canvas_limit(src), BOS, EOS, MASK, PAD)
+    lengths = lengths.view(-1, k) - 2
+    differs = 0
+    for b in range(src.shape[0]):
+        row = src[b : b + 1]
+        cands = [
+            mask_predict(m, row, iterations=T, length_beam=1, target_lengths=lengths[b, i : i + 1], dedup=True)[0]
+            for i in range(k)
+        ]
+        raw = [mask_predict(m, row, iterations=T, length_beam=1, target_lengths=lengths[b, i : i + 1])[0]
+               for i in range(k)]  # fmt: skip
+        with torch.no_grad():
+            ar = [sequence_logprob(m, row, tuple(c.ids)) / (len(c.ids) + 1) for c in cands]
+        assert both[b].ids == cands[max(range(k), key=lambda i: (ar[i], -i))].ids
+        assert math.isclose(both[b].score, max(ar), rel_tol=1e-4) and both[b].passes == T + 1
+        differs += any(len(r.ids) != len(c.ids) for r, c in zip(raw, cands))
+    assert differs  # random weights repeat tokens: the collapsed candidates are not the raw ones
 
 
 def test_length_weight_adds_the_length_heads_vote_to_the_choice():

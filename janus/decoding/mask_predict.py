@@ -12,7 +12,8 @@ means 10). For each sentence:
    lowest-scoring tokens (ties: the smaller position), scores reset to 0.
 4. Choose the candidate with the best mean log-probability over its tokens (bos and
    eos excluded), or, with ``rerank``, the best mean log P_AR of its tokens and eos
-   from one teacher-forced AR pass over all candidates. With ``length_weight`` w > 0
+   from one teacher-forced AR pass over all candidates (with ``dedup`` too, over the
+   candidates with their repeats collapsed: P_AR scores what would be output). With ``length_weight`` w > 0
    (an option beyond JANUS.md) the length head votes too: (sum of the tokens'
    log-probabilities + w * log P(length)) / tokens.
 
@@ -206,6 +207,19 @@ def forced_candidates(target_lengths: Tensor, beam: int, lo: Tensor, hi: Tensor)
     return torch.minimum(torch.maximum(target_lengths[:, None] + offsets[None, :], lo[:, None]), hi[:, None])
 
 
+def collapse_repeats(tokens: Tensor, pad: int) -> Tensor:
+    """Canvases with every run of one repeated token collapsed into one and pads moved to the end: (R, L).
+
+    Args:
+        tokens: int64 (R, L) [bos, ..., eos, pad ...].
+    """
+    keep = tokens != pad
+    keep[:, 1:] &= tokens[:, 1:] != tokens[:, :-1]
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept slots first, in their order
+    kept = keep.sum(1, keepdim=True)
+    return tokens.gather(1, order).masked_fill(torch.arange(tokens.shape[1], device=tokens.device) >= kept, pad)
+
+
 def ar_mean_logprob(model: JanusModel, enc: EncoderOut, tokens: Tensor) -> Tensor:
     """Mean log P_AR of each canvas' tokens and eos, one teacher-forced pass: (R,) fp32.
 
@@ -247,11 +261,12 @@ def mask_predict(
         iterations: T decoder passes (T = 1 is a single argmax pass).
         length_beam: l candidates per sentence.
         max_len_a, max_len_b, min_len: token-count limits, as in ``DecodeConfig``.
-        rerank: choose the candidate by mean log P_AR (one more pass).
+        rerank: choose the candidate by mean log P_AR (one more pass; with ``dedup``, of the candidates with
+            their repeats collapsed).
         length_weight: w >= 0; choose the candidate by (sum of its token log-probabilities + w * log P(length))
             / tokens, P the length head's (0: the mean token log-probability). Not with ``rerank``.
-        dedup: collapse runs of one repeated token in the chosen candidate's ids (its score and history
-            stay the canvas's).
+        dedup: collapse runs of one repeated token in the chosen candidate's ids (its history stays the
+            canvas's, and so does its score but with ``rerank``).
         history: return the chosen canvas after every pass.
         target_lengths: int64 (B,) token counts to use instead of the length head; with l > 1
             the candidates are n, n-1, n+1, ... (clamped).
@@ -296,7 +311,7 @@ def mask_predict(
             total = total + length_weight * lp.reshape(-1)
         mean = total / real.sum(1).clamp_min(1)
         if rerank:
-            mean = ar_mean_logprob(model, enc, tokens)
+            mean = ar_mean_logprob(model, enc, collapse_repeats(tokens, sp.pad) if dedup else tokens)
         best = mean.view(B, beam).argmax(1)  # ties: the earlier (more likely) length
         rows = torch.arange(B, device=src.device) * beam + best
         out = []
