@@ -78,12 +78,15 @@ GREEDY = "AR greedy"
 # Mask-predict as JANUS.md specifies it, then with the two options beyond it that pay on every model
 # measured (README, Decoding modes): the length head's vote in the choice of candidate, repeats collapsed.
 NAR_TUNED = "NAR T=10 l=3 lw1 dedup"
+# A joint model's best NAR decode: its P_AR chooses among the candidates with their repeats collapsed (one more pass).
+NAR_RERANKED = "NAR T=10 l=3 rerank dedup"
 DECODES = [
     ("AR beam 5", DecodeConfig(mode="ar", beam_size=5), "ar"),
     (GREEDY, DecodeConfig(mode="ar", beam_size=1), "ar"),
     ("NAR T=10 l=3", DecodeConfig(mode="nar", iterations=10, length_beam=3), "nar"),
     ("NAR T=10 l=3 rerank", DecodeConfig(mode="nar", iterations=10, length_beam=3, rerank=True), "both"),
     (NAR_TUNED, DecodeConfig(mode="nar", iterations=10, length_beam=3, length_weight=1.0, dedup=True), "nar"),
+    (NAR_RERANKED, DecodeConfig(mode="nar", iterations=10, length_beam=3, rerank=True, dedup=True), "both"),
     ("NAR T=4 l=1", DecodeConfig(mode="nar", iterations=4, length_beam=1), "nar"),
     ("spec", DecodeConfig(mode="spec"), "both"),
 ]

@@ -25,7 +25,7 @@ from harness import print_table, pyplot, save_figure, write_json
 
 DECODES = {"AR beam 5": "ar_beam5", "AR greedy": "ar_greedy", "NAR T=10 l=3": "nar_t10_l3",
            "NAR T=10 l=3 rerank": "nar_t10_l3_rerank", "NAR T=10 l=3 lw1 dedup": "nar_t10_l3_lw1_dedup",
-           "NAR T=4 l=1": "nar_t4_l1"}  # fmt: skip
+           "NAR T=10 l=3 rerank dedup": "nar_t10_l3_rerank_dedup", "NAR T=4 l=1": "nar_t4_l1"}  # fmt: skip
 AR_BASELINE, NAR_BASELINE, NAR_MARGIN = "ar", "cmlm", 2.0
 
 

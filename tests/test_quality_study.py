@@ -28,7 +28,8 @@ def test_study_trains_averages_scores_and_resumes(tmp_path, synthetic_model, mon
     assert [(r["variant"], r["decode"]) for r in rows] == [
         ("ar", "AR beam 5"), ("ar", "AR greedy"), ("cmlm", "NAR T=10 l=3"), ("cmlm", "NAR T=10 l=3 lw1 dedup"),
         ("cmlm", "NAR T=4 l=1"), ("janus", "AR beam 5"), ("janus", "AR greedy"), ("janus", "NAR T=10 l=3"),
-        ("janus", "NAR T=10 l=3 rerank"), ("janus", "NAR T=10 l=3 lw1 dedup"), ("janus", "NAR T=4 l=1"),
+        ("janus", "NAR T=10 l=3 rerank"), ("janus", "NAR T=10 l=3 lw1 dedup"), ("janus", "NAR T=10 l=3 rerank dedup"),
+        ("janus", "NAR T=4 l=1"),
         ("janus", "spec"),
     ]  # fmt: skip
     spec = rows[-1]
@@ -44,13 +45,15 @@ def test_study_trains_averages_scores_and_resumes(tmp_path, synthetic_model, mon
     nar = next(r for r in rows if r["decode"] == "NAR T=10 l=3")
     tuned = next(r for r in rows if r["decode"] == "NAR T=10 l=3 lw1 dedup")
     assert tuned["passes"] == 10 and tuned["settings"]["length_weight"] == 1.0 and tuned["settings"]["dedup"] is True
+    reranked = next(r for r in rows if r["decode"] == "NAR T=10 l=3 rerank dedup")
+    assert reranked["passes"] == 11 and reranked["settings"]["rerank"] is True and reranked["settings"]["dedup"] is True
     assert nar["passes"] == 10 and next(r for r in rows if r["decode"] == "NAR T=4 l=1")["passes"] == 4
     for objective in ("ar", "cmlm", "janus"):
         averaged = json.loads((out / objective / "averaged" / "average.json").read_text())
         assert [Path(p).name for p in averaged["averaged"]] == ["checkpoint_00000010", "checkpoint_00000020"]
     saved = json.loads((out / "quality.json").read_text())
-    assert saved["settings"]["steps"] == 20 and len(saved["results"]) == 12
-    assert (out / "quality.md").read_text().count("janus") == 7 + 1  # its rows, and its recipe row
+    assert saved["settings"]["steps"] == 20 and len(saved["results"]) == 13
+    assert (out / "quality.md").read_text().count("janus") == 8 + 1  # its rows, and its recipe row
     # Curves: the cheap decode of each head at updates 10 and 20, cached beside the run.
     assert sorted(saved["curves"]["janus"]) == ["10", "20"]
     assert set(saved["curves"]["janus"]["20"]) == {"AR greedy", "NAR T=4 l=1"}
