@@ -1,5 +1,6 @@
 #!/bin/bash
-# BLEU drift of bf16 / int8 against fp32 on the shipped model, all 1000 test pairs.
+# BLEU drift of bf16 / int8 against fp32 on the shipped model, all 1000 test pairs. (stage2/: the same for the
+# model shipped before, MODEL.md's stage 2; its run had no --rerank --dedup row.)
 cd "$(dirname "$0")/../../.."
 D=${1:-../shared/data/libreoffice-de-en}  # DTYPES="int8" bash run.sh: some precisions only
 O=benchmarks/results/precision_bleu_builtin_cpu
@@ -11,6 +12,9 @@ for dt in ${DTYPES:-float32 bfloat16 int8}; do
     --dtype $dt --modes ar --beam-size 1 --output-json $O/$dt.greedy.json --hyp-prefix $O/hyps/$dt.greedy
   janus evaluate --checkpoint builtin:de-en --src $D/test.de --ref $D/test.en --threads 2 --no-progress \
     --dtype $dt --modes nar --iterations 4 --length-beam 1 --output-json $O/$dt.nar4l1.json --hyp-prefix $O/hyps/$dt.nar4l1
+  janus evaluate --checkpoint builtin:de-en --src $D/test.de --ref $D/test.en --threads 2 --no-progress \
+    --dtype $dt --modes nar --rerank --dedup --output-json $O/$dt.nar10l3_rerank_dedup.json \
+    --hyp-prefix $O/hyps/$dt.rerank_dedup
 done
 
 python $O/summarize.py   # summary.json, table.md

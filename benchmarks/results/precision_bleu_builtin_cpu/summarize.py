@@ -12,6 +12,7 @@ ROWS = {
     "spec": ("beam5_nar10l3_spec", "spec", "default.spec"),
     "AR greedy": ("greedy", "ar", "greedy.ar"),
     "NAR T=4 l=1": ("nar4l1", "nar", "nar4l1.nar"),
+    "NAR T=10 l=3 --rerank --dedup": ("nar10l3_rerank_dedup", "nar", "rerank_dedup.nar"),
 }
 
 summary, lines = {}, []
