@@ -71,12 +71,13 @@ Why ``block`` 4 by default (passes / greedy's on the first two models; wall / gr
 fewer rows and vocabulary projections in every pass where drafts fail early, and caps a pass at
 block + 1 accepted tokens where they do not. With drafts as good as the self-distilled models' the cap
 binds: passes / greedy's on all 1000 LibreOffice test sentences (benchmarks/spec_passes.py, lookup,
-exhausted; every output greedy's), block 4 / 0 (the whole draft): the shipped ``builtin:de-en`` T=1 0.593 /
+exhausted; every output greedy's), block 4 / 0 (the whole draft): ``builtin:de-en``'s stage 2 T=1 0.593 /
 0.571, T=2 0.563 / 0.543, T=3 0.558 / 0.538; its second self-distillation round (P_NAR weight 1.0,
 benchmarks/results/quality_cpu_selfkd2/) T=1 0.556 / 0.525, T=3 0.528 / 0.504 (block 8: 0.507), and with
-block 0 T=2 0.498, T=4 0.510, T=5 0.518. Where passes are the time (a GPU) check the whole
+block 0 T=2 0.498, T=4 0.510, T=5 0.518; the model shipped now (that round trained on) T=1 0.527, T=3 0.502,
+block 0 T=2 0.466. Where passes are the time (a GPU) check the whole
 draft (``DecodeConfig.draft_block`` 0, ``draft_iterations`` 2: decode_speed.py's ``spec-whole``); on a
-CPU each pass then costs more rows than the passes it saves (the shipped model at batch 1, three runs, methods
+CPU each pass then costs more rows than the passes it saves (stage 2 at batch 1, three runs, methods
 taking turns: 1.54-1.80x greedy's time, against 1.12-1.29x with the defaults; benchmarks/results/spec_whole_cpu/).
 
 Draft alignment (``align``). ``"position"`` takes a canvas' token at position q as the draft for q;
@@ -88,8 +89,10 @@ benchmarks/results/spec_align_builtin_cpu/passes_stage1.json and passes.json), p
 
 - ``janus-light`` at 10,500 updates (greedy 16.2 passes; NAR T=10 l=3 20.4 BLEU): exhausted T=1 0.738 /
   0.731, T=2 0.733 / 0.718, T=3 0.734 / 0.715; always T=1 0.701 / 0.699.
-- the same self-distilled (the shipped ``builtin:de-en``; NAR 27.1 BLEU): exhausted T=1 0.640 / 0.593,
+- the same self-distilled (``builtin:de-en``'s stage 2; NAR 27.1 BLEU): exhausted T=1 0.640 / 0.593,
   T=2 0.634 / 0.563, T=3 0.629 / 0.558; always T=1 0.581 / 0.579.
+- its second round, shipped now (NAR 30.0 BLEU): exhausted T=1 0.616 / 0.527
+  (benchmarks/results/spec_builtin_kd2_cpu/passes.json).
 - random weights (decode_speed.py --random-weights' 8 sentences): 26.6 / 27.0 passes (greedy 28.6).
 
 A simulation over fixed canvases of the first model bounds what alignment can give: T=1 canvases 0.708
