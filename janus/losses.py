@@ -31,6 +31,7 @@ from janus.model import EncoderOut, JanusModel
 from janus.ops.janus_linear_loss import janus_linear_loss
 from janus.ops.janus_loss import TERMS, LossScales
 from janus.ops.length_beam_init import canvases
+from janus.ops.remask_lowest import remask_lowest
 from janus.streams import DecoderRows, build_canvas_rows, build_training_rows
 
 # Logged sums: the masked-token terms, then the length loss.
@@ -177,10 +178,9 @@ def expose_observed(
     B, T = tgt.shape
     pick = torch.rand(B, device=tgt.device) < share
     first, scores = first_pass_tokens(model, enc, tgt)
-    if least_confident:
-        rank = scores.sort(dim=1, stable=True).indices.argsort(dim=1)  # 0 = least sure; bos, eos and pad (+inf) last
-        lowest = rank < masked.sum(1, keepdim=True)
-        masked = torch.where(pick[:, None], lowest, masked)
+    if least_confident:  # mask-predict's re-masking of the first pass, as many slots as the masking drew
+        lowest, _ = remask_lowest(first.clone(), scores.clone(), masked.sum(1), sp.mask, sp.pad, sp.bos, sp.eos)
+        masked = torch.where(pick[:, None], lowest == sp.mask, masked)
         rows = training_rows(tgt, masked, objective, pad=sp.pad, mask=sp.mask)
     observed = torch.isfinite(scores) & ~masked & pick[:, None]
     start = T - 1 if Streams.of(objective).ar else 0  # the canvas follows the AR content rows

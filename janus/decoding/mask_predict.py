@@ -310,11 +310,13 @@ def mask_predict(
             lp = torch.where((n < length_lp.shape[1]) & torch.isfinite(lp), lp, floor)
             total = total + length_weight * lp.reshape(-1)
         mean = total / real.sum(1).clamp_min(1)
+        shown = collapse_repeats(tokens, sp.pad) if dedup else tokens  # each candidate as it would be output
         if rerank:
-            mean = ar_mean_logprob(model, enc, collapse_repeats(tokens, sp.pad) if dedup else tokens)
+            mean = ar_mean_logprob(model, enc, shown)
         best = mean.view(B, beam).argmax(1)  # ties: the earlier (more likely) length
         rows = torch.arange(B, device=src.device) * beam + best
         out = []
+        widths = (shown != sp.pad).sum(1).tolist()
         for r in rows.tolist():
             n = int(lengths[r])
             hist = None
@@ -327,8 +329,6 @@ def mask_predict(
                     )
                     for tk, sc, rm in steps
                 ]
-            ids = tokens[r, 1 : n - 1].tolist()
-            if dedup:
-                ids = [t for i, t in enumerate(ids) if i == 0 or t != ids[i - 1]]
+            ids = shown[r, 1 : widths[r] - 1].tolist()
             out.append(Hypothesis(ids=ids, score=float(mean[r]), passes=T + int(rerank), history=hist))
         return out
