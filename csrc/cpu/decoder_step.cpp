@@ -6,7 +6,9 @@
 // (0.9 ms on one thread of this CPU, about 90% of it dispatch, allocation and the framework around each
 // kernel). Here the same layers run as plain loops over preallocated buffers: the products through the
 // skinny_linear tiles (each weight row read once for all rows), attention over the cached keys/values by
-// rows and heads, the post-norm residuals in place.
+// runs of rows that see the same columns (each run's keys transposed once and read for all its rows: a canvas'
+// rows, an AR step's two rows, every row of a sentence's beams in cross-attention) and heads, the post-norm
+// residuals in place.
 //
 // Per layer (JANUS.md section 2's decoder in its inference form; rows (N, R, D), the first C of each
 // hypothesis being content rows):
@@ -78,17 +80,13 @@ Heads<T> heads_of(const at::Tensor& t) {
   return {static_cast<const T*>(t.const_data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// One attention problem: rows (N * R), each of H heads of width dk, its query at q + row * ldq + h * dk, its
-// output at out + row * D + h * dk. Row (n, r) sees columns [spans[row][0], spans[row][1]) of the keys/values of
-// hypothesis n (self-attention) or all S columns of sentence n / g where keep[sentence * S + s] (cross).
+// One attention problem: rows, each of H heads of width dk, its query at q + row * ldq + h * dk, its output at
+// out + row * D + h * dk; which keys/values (k, v) and columns a row sees, its RowRun says.
 template <typename T>
 struct Attention {
-  int64_t N, R, H, dk, D, g, ldq;
+  int64_t H, dk, D, ldq;
   const float* q;
   Heads<T> k, v;
-  const int64_t* spans;  // (N, R, 2), or null: every row sees S columns
-  int64_t S;
-  const bool* keep;  // (N / g, S) or null
   float* out;
 };
 
@@ -97,17 +95,59 @@ JANUS_INLINE float at1(const T* p) {
   return lanes::load(0.0f, p);
 }
 
-// q . k over dk: 16 lanes at a time where dk is a multiple of 16 (the lanes then summed in order), else in order.
-template <typename T>
-JANUS_INLINE float dot(const float* q, const T* k, int64_t dk) {
-  if (dk % lanes::kLanes == 0) {
-    lanes::vf acc{};
-    for (int64_t d = 0; d < dk; d += lanes::kLanes) acc += lanes::load(lanes::vf{}, q + d) * lanes::load(lanes::vf{}, k + d);
-    return static_cast<float>(lanes::hsum(acc));
+// Rows [r0, r1) of the N * R rows that see the same columns [first, width) of the same keys/values: those of
+// hypothesis `src` (self-attention: consecutive rows of one hypothesis with one span, as a canvas' rows or an AR
+// step's content and query rows) or of sentence `src` (cross-attention: every row of its g hypotheses), where
+// keep[s] (null: every column).
+struct RowRun {
+  int64_t r0, r1, src, first, width;
+  const bool* keep;
+};
+
+// At most this many rows per run (a task of the parallel loop, with one head).
+constexpr int64_t kRunRows = 32;
+// Rows whose scores one register block computes.
+constexpr int kBlock = 8;
+
+std::vector<RowRun> self_runs(int64_t N, int64_t R, const int64_t* spans) {
+  std::vector<RowRun> runs;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t r = 0; r < R;) {
+      const int64_t* s = spans + 2 * (n * R + r);
+      int64_t e = r + 1;
+      while (e < R && e - r < kRunRows && spans[2 * (n * R + e)] == s[0] && spans[2 * (n * R + e) + 1] == s[1]) ++e;
+      runs.push_back({n * R + r, n * R + e, n, s[0], s[1], nullptr});
+      r = e;
+    }
   }
-  float s = 0.0f;
-  for (int64_t d = 0; d < dk; ++d) s += q[d] * at1(k + d);
-  return s;
+  return runs;
+}
+
+std::vector<RowRun> cross_runs(int64_t B, int64_t rows_per_sentence, int64_t S, const bool* keep) {
+  std::vector<RowRun> runs;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t r = 0; r < rows_per_sentence; r += kRunRows) {
+      const int64_t r0 = b * rows_per_sentence + r;
+      runs.push_back({r0, r0 + std::min(kRunRows, rows_per_sentence - r), b, 0, S, keep + b * S});
+    }
+  }
+  return runs;
+}
+
+// The scaled scores of G rows against the keys of a run, held transposed: kt (dk, Wp), column j of the run at
+// kt[d * Wp + j], zero past its width. Each score is one chain of multiply-adds over d in order, 16 columns at a
+// time: a row's scores depend on neither the other rows of its block nor the block size.
+template <int G>
+JANUS_INLINE void block_scores(const float* const* q, int64_t dk, const float* kt, int64_t Wp, float scale, float* p) {
+  for (int64_t j0 = 0; j0 < Wp; j0 += lanes::kLanes) {
+    lanes::vf acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = lanes::vf{};
+    for (int64_t d = 0; d < dk; ++d) {
+      const lanes::vf k = lanes::load(lanes::vf{}, kt + d * Wp + j0);
+      for (int g = 0; g < G; ++g) acc[g] += q[g][d] * k;
+    }
+    for (int g = 0; g < G; ++g) lanes::store(p + g * Wp + j0, acc[g] * scale);
+  }
 }
 
 // o[0 .. dk) += w * v[0 .. dk).
@@ -121,105 +161,215 @@ JANUS_INLINE void axpy(float* o, float w, const T* v, int64_t dk) {
   for (; d < dk; ++d) o[d] += w * at1(v + d);
 }
 
-// The scaled scores q . k of columns [s0, s0 + n) (n <= 16) into p[s0 ..): where dk is a multiple of 16, each
-// column's 16 lanes of products summed in one fold tree for all 16 columns (skinny_gemm.h's lane_sums16), in
-// place of a horizontal sum per column; else one column at a time, in order.
-template <typename T>
-JANUS_INLINE void scores16(const Attention<T>& A, const float* q, int64_t src, int64_t h, int64_t s0, int64_t n,
-                           float scale, float* p) {
-  if (A.dk % lanes::kLanes == 0) {
-    lanes::vf acc[lanes::kLanes];
-    for (int i = 0; i < lanes::kLanes; ++i) acc[i] = lanes::vf{};
-    for (int64_t i = 0; i < n; ++i) {
-      const T* k = A.k.at(src, h, s0 + i);
-      for (int64_t d = 0; d < A.dk; d += lanes::kLanes) {
-        acc[i] += lanes::load(lanes::vf{}, q + d) * lanes::load(lanes::vf{}, k + d);
-      }
+// The weighted values of rows [r, r + G) (o = sum over the run's columns j in order of p[j] / total * v[j], columns
+// of weight 0 skipped): accumulators in registers, dk a multiple of 16 (DV vectors), each value vector read once
+// for the G rows. Each row's sums are the same chain as `axpy`'s, whatever G.
+template <typename T, int G, int DV>
+JANUS_INLINE void block_values(const Attention<T>& A, const RowRun& run, int64_t h, int64_t r, const float* p,
+                               int64_t Wp, const float* total) {
+  lanes::vf acc[G][DV];
+  for (int g = 0; g < G; ++g) {
+    for (int u = 0; u < DV; ++u) acc[g][u] = lanes::vf{};
+  }
+  const int64_t W = run.width - run.first;
+  for (int64_t j = 0; j < W; ++j) {
+    const T* v = A.v.at(run.src, h, run.first + j);
+    lanes::vf vv[DV];
+    for (int u = 0; u < DV; ++u) vv[u] = lanes::load(lanes::vf{}, v + u * lanes::kLanes);
+    for (int g = 0; g < G; ++g) {
+      const float w = p[g * Wp + j];
+      if (w == 0.0f) continue;
+      const float x = w / total[g];
+      for (int u = 0; u < DV; ++u) acc[g][u] = acc[g][u] + x * vv[u];
     }
-    float sums[lanes::kLanes];
-    const lanes::vf s16 = skinny::lane_sums16(acc) * scale;
-    std::memcpy(sums, &s16, sizeof s16);
-    std::copy(sums, sums + n, p + s0);
-  } else {
-    for (int64_t i = 0; i < n; ++i) p[s0 + i] = dot(q, A.k.at(src, h, s0 + i), A.dk) * scale;
+  }
+  for (int g = 0; g < G; ++g) {
+    for (int u = 0; u < DV; ++u) lanes::store(A.out + (r + g) * A.D + h * A.dk + u * lanes::kLanes, acc[g][u]);
   }
 }
 
+// Rows [r, r + G) in register blocks of G (DV vectors each), the last block smaller.
+template <typename T, int G, int DV>
+JANUS_INLINE void values_of(const Attention<T>& A, const RowRun& run, int64_t h, int64_t r, int n, const float* p,
+                            int64_t Wp, const float* total) {
+  int g = 0;
+  for (; g + G <= n; g += G) block_values<T, G, DV>(A, run, h, r + g, p + g * Wp, Wp, total + g);
+  for (; g < n; ++g) block_values<T, 1, DV>(A, run, h, r + g, p + g * Wp, Wp, total + g);
+}
+
+// The weighted values of a block's n rows (scores p (n, Wp) after their softmax, totals `total`).
 template <typename T>
-JANUS_INLINE void attend_items(const Attention<T>& A, int64_t i0, int64_t i1) {
+JANUS_INLINE void values(const Attention<T>& A, const RowRun& run, int64_t h, int64_t r, int n, const float* p,
+                         int64_t Wp, const float* total) {
+  switch (A.dk) {
+    case 16: values_of<T, 8, 1>(A, run, h, r, n, p, Wp, total); return;
+    case 32: values_of<T, 8, 2>(A, run, h, r, n, p, Wp, total); return;
+    case 64: values_of<T, 4, 4>(A, run, h, r, n, p, Wp, total); return;
+    case 128: values_of<T, 2, 8>(A, run, h, r, n, p, Wp, total); return;
+    default: break;
+  }
+  for (int g = 0; g < n; ++g) std::fill(A.out + (r + g) * A.D + h * A.dk, A.out + (r + g) * A.D + (h + 1) * A.dk, 0.0f);
+  const int64_t W = run.width - run.first;
+  for (int64_t j = 0; j < W; ++j) {
+    const T* v = A.v.at(run.src, h, run.first + j);
+    for (int g = 0; g < n; ++g) {
+      const float w = p[g * Wp + j];
+      if (w == 0.0f) continue;
+      axpy(A.out + (r + g) * A.D + h * A.dk, w / total[g], v, A.dk);
+    }
+  }
+}
+
+// Head h of the rows of one run. The run's keys are transposed once (into kt) for all its rows; the scores come
+// kBlock rows at a time, each row's softmax on its own, and the weighted values column by column for the block's
+// rows (each value vector read once for them). Scratch: kt (dk * Wp), p ((kBlock + 1) * Wp).
+template <typename T>
+JANUS_INLINE void attend_run(const Attention<T>& A, const RowRun& run, int64_t h, float* kt, float* p) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(A.dk));
   const float ninf = -std::numeric_limits<float>::infinity();
-  // Room for a block of 16 from any column: the exponentials run 16 at a time.
-  std::vector<float> p(static_cast<size_t>(A.S + lanes::kLanes));
-  for (int64_t item = i0; item < i1; ++item) {
-    const int64_t h = item % A.H, row = item / A.H, n = row / A.R, b = n / A.g;
-    const int64_t first = A.spans != nullptr ? A.spans[2 * row] : 0;
-    const int64_t width = A.spans != nullptr ? A.spans[2 * row + 1] : A.S;
-    const float* q = A.q + row * A.ldq + h * A.dk;
-    const bool* keep = A.keep != nullptr ? A.keep + b * A.S : nullptr;
-    const int64_t src = A.spans != nullptr ? n : b;  // self-attention caches are per hypothesis
-    // 1. Scores, the masked columns at -inf, and their maximum.
-    for (int64_t s0 = first; s0 < width; s0 += lanes::kLanes) {
-      scores16(A, q, src, h, s0, std::min<int64_t>(lanes::kLanes, width - s0), scale, p.data());
+  const int64_t dk = A.dk, first = run.first, W = run.width - first;
+  const int64_t Wp = (W + lanes::kLanes - 1) / lanes::kLanes * lanes::kLanes;
+  // The keys transposed, zero past W; `on` 1 at the columns a row may see, 0 at the masked ones and past W.
+  for (int64_t d = 0; d < dk; ++d) {
+    float* row = kt + d * Wp;
+    for (int64_t j = 0; j < W; ++j) row[j] = at1(A.k.at(run.src, h, first + j) + d);
+    std::fill(row + W, row + Wp, 0.0f);
+  }
+  float* on = p + kBlock * Wp;
+  for (int64_t j = 0; j < Wp; ++j) on[j] = j < W && (run.keep == nullptr || run.keep[first + j]) ? 1.0f : 0.0f;
+  for (int64_t r = run.r0; r < run.r1; r += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, run.r1 - r));
+    const float* q[kBlock];
+    for (int g = 0; g < n; ++g) q[g] = A.q + (r + g) * A.ldq + h * dk;
+    switch (n) {
+      case 1: block_scores<1>(q, dk, kt, Wp, scale, p); break;
+      case 2: block_scores<2>(q, dk, kt, Wp, scale, p); break;
+      case 3: block_scores<3>(q, dk, kt, Wp, scale, p); break;
+      case 4: block_scores<4>(q, dk, kt, Wp, scale, p); break;
+      case 5: block_scores<5>(q, dk, kt, Wp, scale, p); break;
+      case 6: block_scores<6>(q, dk, kt, Wp, scale, p); break;
+      case 7: block_scores<7>(q, dk, kt, Wp, scale, p); break;
+      default: block_scores<8>(q, dk, kt, Wp, scale, p); break;
     }
-    float top = ninf;
-    for (int64_t s = first; s < width; ++s) {
-      if (keep != nullptr && !keep[s]) p[s] = ninf;
-      top = std::max(top, p[s]);
+    // Each row's softmax, 16 columns at a time: the masked columns at -inf for the maximum, then exp(score - max)
+    // with the masked ones exactly 0, and their sum (a row with no column to see gets all weights 0).
+    float total[kBlock];
+    for (int g = 0; g < n; ++g) {
+      float* pr = p + g * Wp;
+      lanes::vf top = lanes::splat<lanes::vf>(ninf);
+      for (int64_t j0 = 0; j0 < Wp; j0 += lanes::kLanes) {
+        const lanes::vf x = lanes::load(lanes::vf{}, pr + j0);
+        top = lanes::max_of(top, lanes::load(lanes::vf{}, on + j0) != 0.0f ? x : lanes::splat<lanes::vf>(ninf));
+      }
+      const float m = lanes::hmax(top);
+      lanes::vf sum{};
+      for (int64_t j0 = 0; j0 < Wp; j0 += lanes::kLanes) {
+        const lanes::vf x = lanes::load(lanes::vf{}, pr + j0) - lanes::splat<lanes::vf>(m);
+        const lanes::vf e = m == ninf ? lanes::vf{} : lanes::exp_neg(x) * lanes::load(lanes::vf{}, on + j0);
+        lanes::store(pr + j0, e);
+        sum += e;
+      }
+      total[g] = static_cast<float>(lanes::hsum(sum));
     }
-    // 2. exp(score - max), 16 at a time (past `width` on the block's spare room), masked columns exactly 0.
-    for (int64_t s0 = first; s0 < width; s0 += lanes::kLanes) {
-      const lanes::vf e = lanes::exp_neg(lanes::load(lanes::vf{}, p.data() + s0) - lanes::splat<lanes::vf>(top));
-      lanes::store(p.data() + s0, e);
-    }
-    float total = 0.0f;
-    for (int64_t s = first; s < width; ++s) {
-      if (keep != nullptr && !keep[s]) p[s] = 0.0f;
-      total += p[s];
-    }
-    // 3. The weighted sum of the values.
-    float* o = A.out + row * A.D + h * A.dk;
-    std::fill(o, o + A.dk, 0.0f);
-    for (int64_t s = first; s < width; ++s) {
-      if (p[s] == 0.0f) continue;
-      axpy(o, p[s] / total, A.v.at(src, h, s), A.dk);
-    }
+    // The weighted sum of the values, columns in order for every row.
+    values(A, run, h, r, n, p, Wp, total);
   }
 }
-
-JANUS_CLONES void attend_f32(const Attention<float>& A, int64_t i0, int64_t i1) { attend_items(A, i0, i1); }
-JANUS_CLONES void attend_bf16(const Attention<lanes::bf16_raw>& A, int64_t i0, int64_t i1) { attend_items(A, i0, i1); }
-
 template <typename T>
-void attend(const Attention<T>& A) {
-  const int64_t items = A.N * A.R * A.H;
+JANUS_INLINE void attend_runs(const Attention<T>& A, const std::vector<RowRun>& runs, int64_t i0, int64_t i1) {
+  int64_t Wp = lanes::kLanes;
+  for (int64_t i = i0; i < i1; ++i) {
+    const RowRun& run = runs[i / A.H];
+    Wp = std::max(Wp, (run.width - run.first + lanes::kLanes - 1) / lanes::kLanes * lanes::kLanes);
+  }
+  std::vector<float> kt(static_cast<size_t>(A.dk * Wp)), p(static_cast<size_t>((kBlock + 1) * Wp));
+  for (int64_t i = i0; i < i1; ++i) attend_run(A, runs[i / A.H], i % A.H, kt.data(), p.data());
+}
+
+JANUS_CLONES void attend_f32(const Attention<float>& A, const std::vector<RowRun>& runs, int64_t i0, int64_t i1) {
+  attend_runs(A, runs, i0, i1);
+}
+JANUS_CLONES void attend_bf16(const Attention<lanes::bf16_raw>& A, const std::vector<RowRun>& runs, int64_t i0,
+                              int64_t i1) {
+  attend_runs(A, runs, i0, i1);
+}
+
+// Every head of every run; a task is one head of one run (or a few where they are small).
+template <typename T>
+void attend(const Attention<T>& A, const std::vector<RowRun>& runs) {
+  const int64_t items = static_cast<int64_t>(runs.size()) * A.H;
+  int64_t work = 0;
+  for (const RowRun& run : runs) work += (run.r1 - run.r0) * (run.width - run.first);
   // About 32k multiply-adds of scores and sums per task: a step's few rows stay on the calling thread.
-  const int64_t per_item = std::max<int64_t>(1, 2 * A.S * A.dk);
+  const int64_t per_item = std::max<int64_t>(1, 2 * A.dk * work / std::max<int64_t>(1, static_cast<int64_t>(runs.size())));
   at::parallel_for(0, items, std::max<int64_t>(1, (int64_t{1} << 15) / per_item), [&](int64_t i0, int64_t i1) {
     if constexpr (std::is_same_v<T, float>) {
-      attend_f32(A, i0, i1);
+      attend_f32(A, runs, i0, i1);
     } else {
-      attend_bf16(A, i0, i1);
+      attend_bf16(A, runs, i0, i1);
     }
   });
 }
 
-// x = LN(x + y) row by row (M, D), torch's layer norm: biased variance, eps inside the square root.
+// x = LN(x + y) row by row (M, D), torch's layer norm: biased variance, eps inside the square root. The mean and
+// variance are sums of 16 lanes (added in double) where D is a multiple of 16, else in order.
 template <typename T>
-void add_norm(float* x, const float* y, int64_t M, int64_t D, const T* w, const T* b, float eps) {
+JANUS_INLINE void norm_rows(float* x, const float* y, int64_t M, int64_t D, const T* w, const T* b, float eps) {
+  using lanes::vf;
+  const bool vec = D % lanes::kLanes == 0;
   for (int64_t m = 0; m < M; ++m) {
     float* r = x + m * D;
     const float* u = y + m * D;
-    float mean = 0.0f;
-    for (int64_t d = 0; d < D; ++d) {
-      r[d] += u[d];
-      mean += r[d];
+    float mean = 0.0f, var = 0.0f;
+    if (vec) {
+      vf s{};
+      for (int64_t d = 0; d < D; d += lanes::kLanes) {
+        const vf a = lanes::load(vf{}, r + d) + lanes::load(vf{}, u + d);
+        lanes::store(r + d, a);
+        s += a;
+      }
+      mean = static_cast<float>(lanes::hsum(s)) / static_cast<float>(D);
+      vf q{};
+      for (int64_t d = 0; d < D; d += lanes::kLanes) {
+        const vf c = lanes::load(vf{}, r + d) - mean;
+        q += c * c;
+      }
+      var = static_cast<float>(lanes::hsum(q));
+    } else {
+      for (int64_t d = 0; d < D; ++d) {
+        r[d] += u[d];
+        mean += r[d];
+      }
+      mean /= static_cast<float>(D);
+      for (int64_t d = 0; d < D; ++d) var += (r[d] - mean) * (r[d] - mean);
     }
-    mean /= static_cast<float>(D);
-    float var = 0.0f;
-    for (int64_t d = 0; d < D; ++d) var += (r[d] - mean) * (r[d] - mean);
     const float inv = 1.0f / std::sqrt(var / static_cast<float>(D) + eps);
-    for (int64_t d = 0; d < D; ++d) r[d] = (r[d] - mean) * inv * at1(w + d) + at1(b + d);
+    if (vec) {
+      for (int64_t d = 0; d < D; d += lanes::kLanes) {
+        const vf o = (lanes::load(vf{}, r + d) - mean) * inv * lanes::load(vf{}, w + d) + lanes::load(vf{}, b + d);
+        lanes::store(r + d, o);
+      }
+    } else {
+      for (int64_t d = 0; d < D; ++d) r[d] = (r[d] - mean) * inv * at1(w + d) + at1(b + d);
+    }
+  }
+}
+
+JANUS_CLONES void add_norm_f32(float* x, const float* y, int64_t M, int64_t D, const float* w, const float* b,
+                               float eps) {
+  norm_rows(x, y, M, D, w, b, eps);
+}
+JANUS_CLONES void add_norm_bf16(float* x, const float* y, int64_t M, int64_t D, const lanes::bf16_raw* w,
+                                const lanes::bf16_raw* b, float eps) {
+  norm_rows(x, y, M, D, w, b, eps);
+}
+
+template <typename T>
+void add_norm(float* x, const float* y, int64_t M, int64_t D, const T* w, const T* b, float eps) {
+  if constexpr (std::is_same_v<T, float>) {
+    add_norm_f32(x, y, M, D, w, b, eps);
+  } else {
+    add_norm_bf16(x, y, M, D, w, b, eps);
   }
 }
 
@@ -237,7 +387,7 @@ void product(const float* x, int64_t M, int64_t K, const at::Tensor& w, int64_t 
 // Every layer over the fp32 rows h (M = N * R, D), in place; weights, caches and cross keys/values of type T.
 template <typename T>
 void run_layers(float* h, int64_t N, int64_t R, int64_t C, int64_t D, int64_t H, int64_t F, int64_t B, int64_t S,
-                int64_t cap, const int64_t* spans, const int64_t* columns, const bool* keep, at::TensorList self_k,
+                const int64_t* spans, const int64_t* columns, const bool* keep, at::TensorList self_k,
                 at::TensorList self_v, at::TensorList cross_k, at::TensorList cross_v, at::TensorList weights,
                 float eps) {
   const int64_t M = N * R, dk = D / H, L = static_cast<int64_t>(self_k.size());
@@ -245,6 +395,9 @@ void run_layers(float* h, int64_t N, int64_t R, int64_t C, int64_t D, int64_t H,
   const auto [per, f] = layout(cross);
   std::vector<float> qkv(static_cast<size_t>(M * 3 * D)), att(static_cast<size_t>(M * D)),
       tmp(static_cast<size_t>(M * D)), ffn(static_cast<size_t>(M * F));
+  // The runs of rows sharing their keys/values and columns: the same in every layer.
+  const std::vector<RowRun> own = self_runs(N, R, spans);
+  const std::vector<RowRun> source = cross ? cross_runs(B, (N / B) * R, S, keep) : std::vector<RowRun>{};
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = weights.data() + per * l;
     auto ptr = [&](int64_t i) { return static_cast<const T*>(w[i].const_data_ptr()); };
@@ -268,13 +421,12 @@ void run_layers(float* h, int64_t N, int64_t R, int64_t C, int64_t D, int64_t H,
       }
     }
     const Heads<T> sk{kc, ks[0], ks[1], ks[2]}, sv{vc, vs[0], vs[1], vs[2]};
-    attend<T>({N, R, H, dk, D, 1, 3 * D, qkv.data(), sk, sv, spans, cap, nullptr, att.data()});
+    attend<T>({H, dk, D, 3 * D, qkv.data(), sk, sv, att.data()}, own);
     product<T>(att.data(), M, D, w[2], D, ptr(3), tmp.data());
     add_norm<T>(h, tmp.data(), M, D, ptr(4), ptr(5), eps);
     if (cross) {  // cross-attention over the source
       product<T>(h, M, D, w[6], D, ptr(7), qkv.data());
-      attend<T>({N, R, H, dk, D, N / B, D, qkv.data(), heads_of<T>(cross_k[l]), heads_of<T>(cross_v[l]), nullptr, S,
-                 keep, att.data()});
+      attend<T>({H, dk, D, D, qkv.data(), heads_of<T>(cross_k[l]), heads_of<T>(cross_v[l]), att.data()}, source);
       product<T>(att.data(), M, D, w[8], D, ptr(9), tmp.data());
       add_norm<T>(h, tmp.data(), M, D, ptr(10), ptr(11), eps);
     }
@@ -402,10 +554,10 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
   const bool* keep_p = kp.const_data_ptr<bool>();
   const float e = static_cast<float>(eps);
   if (dt == at::kFloat) {
-    run_layers<float>(h.data_ptr<float>(), N, R, C, D, H, F, B, S, cap, lp, cp, keep_p, self_k, self_v, cross_k,
+    run_layers<float>(h.data_ptr<float>(), N, R, C, D, H, F, B, S, lp, cp, keep_p, self_k, self_v, cross_k,
                       cross_v, weights, e);
   } else {
-    run_layers<lanes::bf16_raw>(h.data_ptr<float>(), N, R, C, D, H, F, B, S, cap, lp, cp, keep_p, self_k, self_v,
+    run_layers<lanes::bf16_raw>(h.data_ptr<float>(), N, R, C, D, H, F, B, S, lp, cp, keep_p, self_k, self_v,
                                 cross_k, cross_v, weights, e);
   }
   at::Tensor out = dt == at::kFloat ? h : h.to(dt);
