@@ -95,12 +95,15 @@ ENCODER_LAYER_WEIGHTS = (
 # for few rows); bfloat16 iwslt 2.9 / 1.8 / 1.4 / 0.94 / 0.61 / 0.70 / 0.50 (oneDNN's bf16 GEMMs with AMX
 # tiles are flat in the rows), bfloat16 small preset 7.3 / 4.2 / 3.4 / 2.3 / 1.8 / 1.7 / 1.2.
 MAX_ROWS = {torch.float32: 64, torch.bfloat16: 16}
-# Widths up to this (the small preset's 128), where the kernel stays ahead past those rows. float32: with its
-# products on weight panels (skinny_linear.pack_panels), the small preset on a 2-core AVX-512 AMD EPYC, 2
-# threads (benchmarks/results/decoder_step_cpu_panels/), the kernel's speedup over the layers at 2 / 10 /
-# 32 / 64 / 160 / 320 / 640 / 1280 / 2560 rows: 5.9 / 3.8 / 2.2 / 2.6 / 1.43 / 1.32 / 1.11 / 1.04-1.06 / 0.97.
+# Widths up to this (the small preset's 128), where the kernel stays ahead past those rows. Its attention by runs
+# of rows sharing their columns (a canvas' rows read its transposed keys once), measured on the model shipped
+# as builtin:de-en, 2-core AVX-512 AMD EPYC, 2 threads, mask-predict passes over 3 canvases of 26 tokens per
+# sentence (the median of 7 interleaved rounds), the kernel's speedup over the layers at 78 / 156 / 624 / 1248 /
+# 1872 / 2496 / 3744 / 7488 rows: float32 1.86 / 1.67 / 1.29 / 1.51 / 1.42 / 1.35 / 1.47 / 1.35; bfloat16 at
+# 78 / 156 / 312 / 468 / 624 / 1248 / 2496 rows 2.00 / 1.50 / 1.17 / 1.06 / 1.09 / 0.84 / 0.88 (oneDNN's bf16
+# GEMMs pull ahead of the kernel's fp32 arithmetic on bf16 weights).
 NARROW = 128
-NARROW_ROWS = {torch.float32: 640, torch.bfloat16: 64}
+NARROW_ROWS = {torch.float32: 8192, torch.bfloat16: 640}
 
 
 def max_rows(dtype: torch.dtype, width: int) -> int:
