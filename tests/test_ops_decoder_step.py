@@ -179,6 +179,24 @@ def test_result_does_not_depend_on_the_thread_count_or_the_other_rows(panels, wi
     assert torch.equal(torch.ops.janus.decoder_step(*alone), one[2:4])
 
 
+@pytest.mark.parametrize("dims", [dict(D=128, H=4, F=512), dict(D=40, H=5, F=36)], ids=["dk 32", "dk 8"])
+def test_a_row_does_not_depend_on_how_many_rows_share_its_columns(dims):
+    """Attention runs over the rows that see the same columns (a canvas' rows; every row of a sentence in
+    cross-attention), in register blocks: a row's bits must not depend on the run or block it falls in. Query
+    rows only (no cache writes), so a row's output depends on its own input alone: the first 13 of 40 rows
+    sharing one span per hypothesis (runs of 32 and 8, blocks of 8) against those 13 alone (blocks of 8 and 5)."""
+    args = problem(11, N=2, B=1, R=40, C=0, W=20, S=9, **dims)
+    args[2] = torch.tensor([[3, 17], [0, 20]])[:, None, :].expand(2, 40, 2).contiguous()
+    full = torch.ops.janus.decoder_step(*cloned(args))
+    few = cloned(args)
+    few[0] = args[0][:, :13].contiguous()
+    few[2] = args[2][:, :13].contiguous()
+    got = torch.ops.janus.decoder_step(*few)
+    assert torch.equal(got, full[:, :13])
+    want = decoder_step_ref(*cloned(args))
+    torch.testing.assert_close(full, want, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_arguments_are_named():
     args = problem(1)
     bad = cloned(args)

@@ -22,7 +22,11 @@ the first C = ``num_content`` rows of each hypothesis content rows:
 With empty ``cross_k`` and ``cross_v`` the layers are the encoder's (``ENCODER_LAYER_WEIGHTS``): steps 1, 2
 and 4 (x = LN2(x + ...) there), every row a content row seeing its sentence's real positions. The model's
 encoder runs through it (``JanusModel.encode``): a 20-token sentence's three layers in one call, where torch
-makes ~60 operator calls.
+makes ~60 operator calls. Attention runs by runs of rows that see the same columns of the same keys/values (a
+canvas' rows, an AR step's content and query rows, in cross-attention every row of a sentence's beams): each
+run's keys are transposed once per head and read for all its rows, the scores in register blocks of 8 rows, the
+weighted values summed in registers; every row's sums run in one order whatever its run, so a row's result
+depends on neither the other rows nor the thread count.
 
 ``decoder_step_ref`` is the specification (torch's linear, attention and layer norm, as the model's own
 layers compute them) and the fallback; ``decoder_step`` dispatches (janus.ops._dispatch) between:
