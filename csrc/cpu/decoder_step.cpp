@@ -275,6 +275,7 @@ JANUS_INLINE void attend_run(const Attention<T>& A, const RowRun& run, int64_t h
     values(A, run, h, r, n, p, Wp, total);
   }
 }
+
 template <typename T>
 JANUS_INLINE void attend_runs(const Attention<T>& A, const std::vector<RowRun>& runs, int64_t i0, int64_t i1) {
   int64_t Wp = lanes::kLanes;
@@ -301,7 +302,7 @@ void attend(const Attention<T>& A, const std::vector<RowRun>& runs) {
   int64_t work = 0;
   for (const RowRun& run : runs) work += (run.r1 - run.r0) * (run.width - run.first);
   // About 32k multiply-adds of scores and sums per task: a step's few rows stay on the calling thread.
-  const int64_t per_item = std::max<int64_t>(1, 2 * A.dk * work / std::max<int64_t>(1, static_cast<int64_t>(runs.size())));
+  const int64_t per_item = std::max<int64_t>(1, 2 * A.dk * work / std::max<int64_t>(1, items / A.H));
   at::parallel_for(0, items, std::max<int64_t>(1, (int64_t{1} << 15) / per_item), [&](int64_t i0, int64_t i1) {
     if constexpr (std::is_same_v<T, float>) {
       attend_f32(A, runs, i0, i1);
