@@ -3,7 +3,7 @@
 Run at commit a5b21b6, where P_AR re-ranked the raw candidates and --dedup collapsed the chosen one's repeats
 afterwards (since 08d6aa2 P_AR scores the collapsed candidates: gap_bootstrap.py). Writes RUN-at-STEP.rerank-raw.json.
 
-    R=janus-repo D=data python score_rerank.py RUN STEP
+    R=janus-repo D=data python score_rerank_raw.py RUN STEP
 """
 
 import dataclasses
