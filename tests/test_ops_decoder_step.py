@@ -150,13 +150,23 @@ def test_matches_the_reference(name, panels):
                 assert untouched[n][:, ~written].all()
 
 
-@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "rows split"])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(N=6, R=4, C=2, D=64, F=96),
+        dict(N=6, R=8, C=4, D=128, F=512),
+        dict(N=6, R=12, C=6, D=128, F=512),
+        dict(N=3, R=24, C=12, D=128, F=512),
+    ],
+    ids=["hypotheses split", "hypotheses split, 48 rows", "hypotheses split, 72 rows", "products split"],
+)
 @pytest.mark.parametrize("panels", [False, True], ids=["row-major", "panels"])
-def test_result_does_not_depend_on_the_thread_count_or_the_other_rows(panels, wide):
+def test_result_does_not_depend_on_the_thread_count_or_the_other_rows(panels, shape):
     """One thread or two, a hypothesis alone or among others: the same bits (decoding's batch
-    invariance rests on it). ``wide``: 48 rows of width 128, whose products split their rows across threads."""
-    shape = dict(R=8, C=4, D=128, F=512) if wide else dict(R=4, C=2, D=64, F=96)
-    args = problem(7, N=6, B=3, H=4, W=20, **shape)
+    invariance rests on it). With two threads a pass runs as two ranges of whole hypotheses (here 3 + 3 over
+    three sentences of two: a range ends inside a sentence), or, three hypotheses of 24 rows, its products'
+    rows split across the threads."""
+    args = problem(7, B=3, H=4, W=20, **shape)
     args = packed(args) if panels else args
     before = torch.get_num_threads()
     try:
@@ -167,16 +177,40 @@ def test_result_does_not_depend_on_the_thread_count_or_the_other_rows(panels, wi
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
-    # sentence 1 (hypotheses 2, 3) on its own
+    # sentence 1 (its g hypotheses) on its own
+    g = shape["N"] // 3
     alone = cloned(args)
     for i in (0, 2, 3):
-        alone[i] = args[i][2:4].contiguous()
-    alone[4] = [t[2:4].clone() for t in args[4]]
-    alone[5] = [t[2:4].clone() for t in args[5]]
+        alone[i] = args[i][g : 2 * g].contiguous()
+    alone[4] = [t[g : 2 * g].clone() for t in args[4]]
+    alone[5] = [t[g : 2 * g].clone() for t in args[5]]
     alone[6] = [t[1:2] for t in args[6]]
     alone[7] = [t[1:2] for t in args[7]]
     alone[8] = args[8][1:2]
-    assert torch.equal(torch.ops.janus.decoder_step(*alone), one[2:4])
+    assert torch.equal(torch.ops.janus.decoder_step(*alone), one[g : 2 * g])
+
+
+def test_a_sentences_beams_split_across_threads_keep_their_bits_and_caches():
+    """A beam step of one sentence (5 hypotheses, 10 rows) runs as 3 + 2 hypotheses on two threads: the
+    same hidden states and cache writes as on one thread, and as the reference to fp32 rounding."""
+    args = packed(problem(5, N=5, B=1, R=2, C=1, D=128, H=4, F=512, W=16))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_args = cloned(args)
+        one = torch.ops.janus.decoder_step(*one_args)
+        torch.set_num_threads(2)
+        two_args = cloned(args)
+        two = torch.ops.janus.decoder_step(*two_args)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    for a, b in zip(one_args[4] + one_args[5], two_args[4] + two_args[5]):
+        assert torch.equal(a, b)
+    want_args = cloned(problem(5, N=5, B=1, R=2, C=1, D=128, H=4, F=512, W=16))
+    torch.testing.assert_close(two, decoder_step_ref(*want_args), rtol=1e-4, atol=1e-4)
+    for a, b in zip(two_args[4] + two_args[5], want_args[4] + want_args[5]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dims", [dict(D=128, H=4, F=512), dict(D=40, H=5, F=36)], ids=["dk 32", "dk 8"])
