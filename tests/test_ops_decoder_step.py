@@ -158,14 +158,14 @@ def test_matches_the_reference(name, panels):
         dict(N=6, R=12, C=6, D=128, F=512),
         dict(N=3, R=24, C=12, D=128, F=512),
     ],
-    ids=["hypotheses split", "hypotheses split, 48 rows", "hypotheses split, 72 rows", "products split"],
+    ids=["hypotheses split", "hypotheses split, 48 rows", "hypotheses split, 72 rows", "rows split"],
 )
 @pytest.mark.parametrize("panels", [False, True], ids=["row-major", "panels"])
 def test_result_does_not_depend_on_the_thread_count_or_the_other_rows(panels, shape):
     """One thread or two, a hypothesis alone or among others: the same bits (decoding's batch
     invariance rests on it). With two threads a pass runs as two ranges of whole hypotheses (here 3 + 3 over
-    three sentences of two: a range ends inside a sentence), or, three hypotheses of 24 rows, its products'
-    rows split across the threads."""
+    three sentences of two: a range ends inside a sentence), or, three hypotheses of 24 rows, as two ranges of
+    36 rows (one hypothesis split between the threads)."""
     args = problem(7, B=3, H=4, W=20, **shape)
     args = packed(args) if panels else args
     before = torch.get_num_threads()
@@ -190,10 +190,16 @@ def test_result_does_not_depend_on_the_thread_count_or_the_other_rows(panels, sh
     assert torch.equal(torch.ops.janus.decoder_step(*alone), one[g : 2 * g])
 
 
-def test_a_sentences_beams_split_across_threads_keep_their_bits_and_caches():
-    """A beam step of one sentence (5 hypotheses, 10 rows) runs as 3 + 2 hypotheses on two threads: the
-    same hidden states and cache writes as on one thread, and as the reference to fp32 rounding."""
-    args = packed(problem(5, N=5, B=1, R=2, C=1, D=128, H=4, F=512, W=16))
+@pytest.mark.parametrize(
+    "shape",
+    [dict(N=5, R=2, C=1), dict(N=1, R=10, C=5), dict(N=1, R=26, C=26), dict(N=1, R=5, C=2)],
+    ids=["a beam of 5: hypotheses 3 + 2", "a verification: rows 5 + 5", "a canvas: rows 13 + 13", "rows 2 + 3"],
+)
+def test_a_pass_split_across_threads_keeps_its_bits_and_cache_writes(shape):
+    """A pass of one sentence on two threads, as ranges of hypotheses or of rows (a row's keys/values written by
+    the other thread, a barrier between): the same hidden states and cache writes as on one thread, and as the
+    reference to fp32 rounding."""
+    args = packed(problem(5, B=1, D=128, H=4, F=512, W=32, **shape))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -207,7 +213,7 @@ def test_a_sentences_beams_split_across_threads_keep_their_bits_and_caches():
     assert torch.equal(one, two)
     for a, b in zip(one_args[4] + one_args[5], two_args[4] + two_args[5]):
         assert torch.equal(a, b)
-    want_args = cloned(problem(5, N=5, B=1, R=2, C=1, D=128, H=4, F=512, W=16))
+    want_args = cloned(problem(5, B=1, D=128, H=4, F=512, W=32, **shape))
     torch.testing.assert_close(two, decoder_step_ref(*want_args), rtol=1e-4, atol=1e-4)
     for a, b in zip(two_args[4] + two_args[5], want_args[4] + want_args[5]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -49,6 +49,10 @@
 #include <limits>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "cpu/vector_lanes.h"
 
 #ifdef JANUS_VECTOR_LANES
@@ -391,74 +395,137 @@ struct Shape {
   int64_t N, R, C, D, H, F, g, S;
 };
 
-// Every layer over the fp32 rows of hypotheses [n0, n1) of the pass, in place (h, spans and columns: the pass'
-// own, whole); weights, caches and cross keys/values of type T. The hypotheses' rows see nothing of the others'
-// (their own cache rows, their sentence's source), so ranges of them can run on their own.
-template <typename T>
-void run_layers(const Shape& P, int64_t n0, int64_t n1, float* h, const int64_t* spans, const int64_t* columns,
-                const bool* keep, at::TensorList self_k, at::TensorList self_v, at::TensorList cross_k,
-                at::TensorList cross_v, at::TensorList weights, float eps) {
-  const int64_t N = n1 - n0, R = P.R, C = P.C, D = P.D, H = P.H, F = P.F;
-  const int64_t M = N * R, dk = D / H, L = static_cast<int64_t>(self_k.size());
-  h += n0 * R * D;
-  spans += n0 * R * 2;
-  columns += n0 * C;
+// A pass' scratch rows: q/k/v, attention outputs, a product's outputs, the feed-forward's hidden rows.
+struct Scratch {
+  std::vector<float> qkv, att, tmp, ffn;
+  Scratch(int64_t M, int64_t D, int64_t F)
+      : qkv(static_cast<size_t>(M * 3 * D)), att(static_cast<size_t>(M * D)), tmp(static_cast<size_t>(M * D)),
+        ffn(static_cast<size_t>(M * F)) {}
+};
+
+// The parts of runs within rows [a, b).
+std::vector<RowRun> within(const std::vector<RowRun>& runs, int64_t a, int64_t b) {
+  std::vector<RowRun> out;
+  for (RowRun run : runs) {
+    run.r0 = std::max(run.r0, a);
+    run.r1 = std::min(run.r1, b);
+    if (run.r0 < run.r1) out.push_back(run);
+  }
+  return out;
+}
+
+// Every layer over rows [a, b) of hypotheses [n0, n1) of the pass, in place: h, spans, columns, the scratch and the
+// runs (own: self-attention, source: cross-attention) start at hypothesis n0's first row; rows are counted from
+// there. Weights, caches and cross keys/values are of type T. A row needs the other rows of its hypothesis only
+// through the keys/values they write into the cache, so after writing its rows' ones each layer calls `sync`
+// (a barrier where other threads write the rest; nothing where [a, b) holds whole hypotheses).
+template <typename T, typename Sync>
+void layer_rows(const Shape& P, int64_t n0, int64_t a, int64_t b, float* h, const int64_t* columns,
+                const std::vector<RowRun>& own, const std::vector<RowRun>& source, Scratch& s,
+                at::TensorList self_k, at::TensorList self_v, at::TensorList cross_k, at::TensorList cross_v,
+                at::TensorList weights, float eps, Sync sync) {
+  const int64_t R = P.R, C = P.C, D = P.D, H = P.H, F = P.F, M = b - a;
+  const int64_t dk = D / H, L = static_cast<int64_t>(self_k.size());
   const bool cross = !cross_k.empty();
   const auto [per, f] = layout(cross);
-  std::vector<float> qkv(static_cast<size_t>(M * 3 * D)), att(static_cast<size_t>(M * D)),
-      tmp(static_cast<size_t>(M * D)), ffn(static_cast<size_t>(M * F));
-  // The runs of rows sharing their keys/values and columns: the same in every layer.
-  const std::vector<RowRun> own = self_runs(N, R, spans);
-  const std::vector<RowRun> source = cross ? cross_runs(n0, n1, P.g, R, P.S, keep) : std::vector<RowRun>{};
+  float *qkv = s.qkv.data(), *att = s.att.data(), *tmp = s.tmp.data() + a * D, *ffn = s.ffn.data() + a * F;
+  float* x = h + a * D;
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = weights.data() + per * l;
     auto ptr = [&](int64_t i) { return static_cast<const T*>(w[i].const_data_ptr()); };
     // Self-attention: project, write the content rows' keys/values, attend to the visible cache columns.
-    product<T>(h, M, D, w[0], 3 * D, ptr(1), qkv.data());
+    product<T>(x, M, D, w[0], 3 * D, ptr(1), qkv + a * 3 * D);
     const auto ks = self_k[l].strides(), vs = self_v[l].strides();
     T* kc = static_cast<T*>(self_k[l].data_ptr()) + n0 * ks[0];
     T* vc = static_cast<T*>(self_v[l].data_ptr()) + n0 * vs[0];
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t j = 0; j < C; ++j) {
-        const float* src = qkv.data() + (n * R + j) * 3 * D;
-        const int64_t col = columns[n * C + j];
-        for (int64_t hd = 0; hd < H; ++hd) {
-          T* kd = kc + n * ks[0] + hd * ks[1] + col * ks[2];
-          T* vd = vc + n * vs[0] + hd * vs[1] + col * vs[2];
-          for (int64_t d = 0; d < dk; ++d) {
-            lanes::store(kd + d, src[D + hd * dk + d]);
-            lanes::store(vd + d, src[2 * D + hd * dk + d]);
-          }
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t n = i / R, j = i % R;
+      if (j >= C) continue;
+      const float* src = qkv + i * 3 * D;
+      const int64_t col = columns[n * C + j];
+      for (int64_t hd = 0; hd < H; ++hd) {
+        T* kd = kc + n * ks[0] + hd * ks[1] + col * ks[2];
+        T* vd = vc + n * vs[0] + hd * vs[1] + col * vs[2];
+        for (int64_t d = 0; d < dk; ++d) {
+          lanes::store(kd + d, src[D + hd * dk + d]);
+          lanes::store(vd + d, src[2 * D + hd * dk + d]);
         }
       }
     }
+    sync();
     const Heads<T> sk{kc, ks[0], ks[1], ks[2]}, sv{vc, vs[0], vs[1], vs[2]};
-    attend<T>({H, dk, D, 3 * D, qkv.data(), sk, sv, att.data()}, own);
-    product<T>(att.data(), M, D, w[2], D, ptr(3), tmp.data());
-    add_norm<T>(h, tmp.data(), M, D, ptr(4), ptr(5), eps);
+    attend<T>({H, dk, D, 3 * D, qkv, sk, sv, att}, own);
+    product<T>(att + a * D, M, D, w[2], D, ptr(3), tmp);
+    add_norm<T>(x, tmp, M, D, ptr(4), ptr(5), eps);
     if (cross) {  // cross-attention over the source
-      product<T>(h, M, D, w[6], D, ptr(7), qkv.data());
-      attend<T>({H, dk, D, D, qkv.data(), heads_of<T>(cross_k[l]), heads_of<T>(cross_v[l]), att.data()}, source);
-      product<T>(att.data(), M, D, w[8], D, ptr(9), tmp.data());
-      add_norm<T>(h, tmp.data(), M, D, ptr(10), ptr(11), eps);
+      product<T>(x, M, D, w[6], D, ptr(7), qkv + a * 3 * D);
+      // the queries at the rows' own offsets with stride D (the q/k/v rows' first D columns are not read again)
+      float* q = qkv + a * 3 * D - a * D;
+      attend<T>({H, dk, D, D, q, heads_of<T>(cross_k[l]), heads_of<T>(cross_v[l]), att}, source);
+      product<T>(att + a * D, M, D, w[8], D, ptr(9), tmp);
+      add_norm<T>(x, tmp, M, D, ptr(10), ptr(11), eps);
     }
     // Feed-forward.
-    product<T>(h, M, D, w[f], F, ptr(f + 1), ffn.data());
-    for (float& u : ffn) u = std::max(u, 0.0f);
-    product<T>(ffn.data(), M, F, w[f + 2], D, ptr(f + 3), tmp.data());
-    add_norm<T>(h, tmp.data(), M, D, ptr(f + 4), ptr(f + 5), eps);
+    product<T>(x, M, D, w[f], F, ptr(f + 1), ffn);
+    for (int64_t i = 0; i < M * F; ++i) ffn[i] = std::max(ffn[i], 0.0f);
+    product<T>(ffn, M, F, w[f + 2], D, ptr(f + 3), tmp);
+    add_norm<T>(x, tmp, M, D, ptr(f + 4), ptr(f + 5), eps);
   }
 }
 
-// How a pass of several hypotheses uses the threads. Each product and attention of a layer splits across them
-// (skinny::panel_gemm, attend): ~24 handovers a pass of ~2 us each, and the products of a few rows are one task or
-// two, so a beam step ran mostly on one thread. Instead, a range of whole hypotheses per thread runs every layer
-// (their rows see nothing of the other hypotheses'). Measured on the 2-core EPYC, `small`-preset decoder passes of
-// N hypotheses x R rows (AR verification rows, 12 cached columns), us a pass, split by products / by hypotheses,
-// 7 interleaved rounds: 5 x 2 (a beam step) 258 / 210, 2 x 10 411 / 332, 5 x 10 870 / 768, 32 x 2 867 / 771,
-// 64 x 2 2090 / 1619, 6 x 26 2502 / 2262, 32 x 10 4612 / 4322, 96 x 26 37826 / 34670; but 3 x 26 1284 / 1474
-// (two hypotheses against one). So: every pass of at most kSplitRows rows, and larger ones whose hypotheses
-// share out within an eighth of evenly.
+// Every layer over the fp32 rows of hypotheses [n0, n1) of the pass, on the calling thread (h, spans and columns:
+// the pass' own, whole). The hypotheses' rows see nothing of the others' (their own cache rows, their sentence's
+// source), so ranges of them can run on their own.
+template <typename T>
+void run_layers(const Shape& P, int64_t n0, int64_t n1, float* h, const int64_t* spans, const int64_t* columns,
+                const bool* keep, at::TensorList self_k, at::TensorList self_v, at::TensorList cross_k,
+                at::TensorList cross_v, at::TensorList weights, float eps) {
+  const int64_t N = n1 - n0, R = P.R, M = N * R;
+  Scratch s(M, P.D, P.F);
+  // The runs of rows sharing their keys/values and columns: the same in every layer.
+  const std::vector<RowRun> own = self_runs(N, R, spans + n0 * R * 2);
+  const bool cross = !cross_k.empty();
+  const std::vector<RowRun> source = cross ? cross_runs(n0, n1, P.g, R, P.S, keep) : std::vector<RowRun>{};
+  layer_rows<T>(P, n0, 0, M, h + n0 * R * P.D, columns + n0 * P.C, own, source, s, self_k, self_v, cross_k, cross_v,
+                weights, eps, [] {});
+}
+
+// Every layer over the rows of the pass, rows [t M / T, (t + 1) M / T) on thread t of T (OpenMP), a barrier per
+// layer after the keys/values are written.
+template <typename T>
+void run_layers_by_rows(const Shape& P, int64_t threads, float* h, const int64_t* spans, const int64_t* columns,
+                        const bool* keep, at::TensorList self_k, at::TensorList self_v, at::TensorList cross_k,
+                        at::TensorList cross_v, at::TensorList weights, float eps) {
+  const int64_t M = P.N * P.R;
+  Scratch s(M, P.D, P.F);
+  const std::vector<RowRun> own = self_runs(P.N, P.R, spans);
+  const bool cross = !cross_k.empty();
+  const std::vector<RowRun> source = cross ? cross_runs(0, P.N, P.g, P.R, P.S, keep) : std::vector<RowRun>{};
+#ifdef _OPENMP
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t a = M * t / nt, b = M * (t + 1) / nt;
+    layer_rows<T>(P, 0, a, b, h, columns, within(own, a, b), within(source, a, b), s, self_k, self_v, cross_k,
+                  cross_v, weights, eps, [] {
+#pragma omp barrier
+                  });
+  }
+#else
+  (void)threads;
+  layer_rows<T>(P, 0, 0, M, h, columns, own, source, s, self_k, self_v, cross_k, cross_v, weights, eps, [] {});
+#endif
+}
+
+// How a pass uses the threads. Split product by product (skinny::panel_gemm) and attention by attention (attend),
+// a pass hands work to the other threads ~24 times, ~2 us each, and the products of a few rows are one task or two,
+// so a beam step or a verification ran mostly on one thread. Instead, where it has several hypotheses, a range of
+// whole hypotheses per thread runs every layer (their rows see nothing of the other hypotheses'). Measured on the
+// 2-core EPYC, `small`-preset decoder passes of N hypotheses x R rows (AR verification rows, 12 cached columns),
+// us a pass, split by products / by hypotheses, 7 interleaved rounds: 5 x 2 (a beam step) 258 / 210, 2 x 10 411 /
+// 332, 5 x 10 870 / 768, 32 x 2 867 / 771, 64 x 2 2090 / 1619, 6 x 26 2502 / 2262, 32 x 10 4612 / 4322, 96 x 26
+// 37826 / 34670; but 3 x 26 1284 / 1474 (two hypotheses against one). So: every pass of at most kSplitRows rows,
+// and larger ones whose hypotheses share out within an eighth of evenly.
 constexpr int64_t kSplitRows = 64;
 
 bool split_by_hypotheses(int64_t N, int64_t R, int64_t threads) {
@@ -468,9 +535,27 @@ bool split_by_hypotheses(int64_t N, int64_t R, int64_t threads) {
   return 8 * N >= 7 * share * threads;
 }
 
+// Otherwise a pass of at least kRowSplitRows rows runs as one range of rows per thread (run_layers_by_rows: a
+// barrier per layer, where each product and attention handed work over). Measured as above, us a pass, split by
+// products / by rows: 1 x 4 159 / 138, 1 x 10 (a speculative verification) 261 / 216 (12 rounds), 1 x 26 626 /
+// 490, 3 x 26 1581 / 1174, 1 x 60 1323 / 1098 (7 rounds); but 1 x 2 (a greedy step) 114 / 126. Passes that split
+// by hypotheses are faster that way: 5 x 2 287 / 299 by rows, 32 x 2 873 / 952, 6 x 26 2338 / 2541.
+constexpr int64_t kRowSplitRows = 4;
+
+bool split_by_rows(int64_t M, int64_t threads) {
+#ifdef _OPENMP
+  return threads > 1 && M >= kRowSplitRows && !at::in_parallel_region();
+#else
+  (void)M;
+  (void)threads;
+  return false;
+#endif
+}
+
 void check_matrix(const at::Tensor& t, int64_t rows, int64_t cols, const char* what, int64_t layer, at::ScalarType dt) {
   TORCH_CHECK_VALUE(t.scalar_type() == dt && t.is_contiguous() && t.device().is_cpu(),
-                    "janus::decoder_step: layer ", layer, " ", what, " must be a contiguous ", dt, " CPU tensor (x's dtype), got ",
+                    "janus::decoder_step: layer ", layer, " ", what, " must be a contiguous ", dt,
+                    " CPU tensor (x's dtype), got ",
                     t.scalar_type(), t.is_contiguous() ? "" : " (not contiguous)");
   // A matrix may come packed in panels (rows / 16, cols, 16) (janus.ops.skinny_linear.pack_panels).
   const int64_t L = lanes::kLanes;
@@ -552,8 +637,8 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
   const int64_t* lp = lim.const_data_ptr<int64_t>();
   const int64_t* cp = cols.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < N * R; ++i) {
-    TORCH_CHECK_VALUE(0 <= lp[2 * i] && lp[2 * i] < lp[2 * i + 1] && lp[2 * i + 1] <= cap, "janus::decoder_step: spans[",
-                      i / R, ", ", i % R, "]=[", lp[2 * i], ", ", lp[2 * i + 1],
+    TORCH_CHECK_VALUE(0 <= lp[2 * i] && lp[2 * i] < lp[2 * i + 1] && lp[2 * i + 1] <= cap,
+                      "janus::decoder_step: spans[", i / R, ", ", i % R, "]=[", lp[2 * i], ", ", lp[2 * i + 1],
                       ") must be a non-empty range of the cache's ", cap, " columns");
   }
   for (int64_t i = 0; i < N * C; ++i) {
@@ -596,6 +681,13 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
   if (split_by_hypotheses(N, R, threads)) {
     // Each thread runs every layer over its share of the hypotheses (the products and attention inside run on it).
     at::parallel_for(0, N, (N + threads - 1) / threads, run);
+  } else if (split_by_rows(N * R, threads)) {
+    if (dt == at::kFloat) {
+      run_layers_by_rows<float>(P, threads, hp, lp, cp, keep_p, self_k, self_v, cross_k, cross_v, weights, e);
+    } else {
+      run_layers_by_rows<lanes::bf16_raw>(P, threads, hp, lp, cp, keep_p, self_k, self_v, cross_k, cross_v, weights,
+                                          e);
+    }
   } else {
     run(0, N);
   }
