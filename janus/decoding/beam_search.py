@@ -224,7 +224,12 @@ def beam_search(
         for step in range(steps):
             nb = len(alive)
             tokens = torch.tensor([[sp.bos, *p] for p in paths], dtype=torch.long, device=dev) if whole else last
-            logits = next_token_logits(model, enc, tokens, step, cache)  # (nb*K, V)
+            if step == 0 and not whole and K > 1:
+                # Only beam 0 of each sentence is live: one row per sentence through the decoder, its logits
+                # standing for all K (the others' scores are -inf); the cache grows to K rows at the first select.
+                logits = next_token_logits(model, enc, tokens[::K], step, cache).repeat_interleave(K, 0)
+            else:
+                logits = next_token_logits(model, enc, tokens, step, cache)  # (nb*K, V)
             stop = repeating_tail(tokens, step, repeat_ngram, repeat_times) if repeat_ngram else None
             # The 2K best extensions of each sentence are among the 2K best tokens of each of its
             # hypotheses (a hypothesis adds one constant score to all its tokens): rank those
@@ -275,7 +280,7 @@ def beam_search(
             last = torch.tensor(new_tok, device=dev)
             sums = new_sums
             if cache is not None:
-                cache.select(order)
+                cache.select([h // K for h in order] if step == 0 and not whole and K > 1 else order)
             if len(keep) != nb:
                 keep_t = torch.tensor(keep, device=dev)
                 enc = enc.select(keep_t)
