@@ -669,6 +669,47 @@ class JanusModel(nn.Module):
             cache.length = rows.visibility.shape[-1]
         return x
 
+    def decode_spans(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        spans: Tensor,
+        columns: Tensor,
+        width: int,
+        max_position: int,
+        enc: EncoderOut,
+        cache: KVCache,
+    ) -> Optional[Tensor]:
+        """``decode`` of rows given as the kernel takes them, without ``DecoderRows``: through
+        ``janus.ops.decoder_step`` when it takes the pass (``fused_step_ok``), else None (the caller then builds
+        the rows and calls ``decode``). Inference only; a speculative pass of a few sentences on a CPU builds
+        these from host ints in one call each, where rows with a visibility matrix cost ~50-170 us more.
+
+        Args:
+            tokens, positions: int64 (N, R); the first C = columns.shape[1] rows are content rows.
+            spans: int64 (N, R, 2): row r of hypothesis n sees cache columns [spans[n, r, 0], spans[n, r, 1]).
+            columns: int64 (N, C), the cache column each content row is written to.
+            width: a host int bounding every column and span; ``cache.length`` becomes ``width``.
+            max_position: the largest of ``positions`` (a host int).
+        Returns:
+            (N, R, D) final hidden states, as ``decode`` returns them for the same rows, or None.
+        """
+        if torch.is_grad_enabled():
+            raise RuntimeError("decode_spans is for inference: call it under torch.no_grad or inference_mode")
+        if max_position >= self.cfg.max_target_positions:
+            raise ValueError(
+                f"target position {max_position} exceeds max_target_positions={self.cfg.max_target_positions}"
+            )
+        N, B = tokens.shape[0], enc.states.shape[0]
+        if N % max(B, 1):
+            raise ValueError(f"{N} decoder hypotheses do not split evenly over {B} encoded sentences")
+        x = self.drop(self.embed(tokens) * self.scale + self.tgt_pos(positions))  # as ``decode`` embeds them
+        if not self.fused_step_ok(x):
+            return None
+        x = self._fused_pass(x, columns.shape[1], spans, columns, enc, cache, width)
+        cache.length = width
+        return x
+
     def decode_ar_step(self, last: Tensor, enc: EncoderOut, cache: KVCache) -> Tensor:
         """One incremental AR step without building rows: ``decode`` of ``build_ar_step_rows(last,
         cache.length, cache.length)`` (a content row y_t at position t = cache.length, a query row at

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from ext_helpers import require_kernel
 from test_decoding import BOS, EOS, MASK, PAD, random_model, random_sources, varied_model
 
 from janus.config import DecodeConfig
@@ -199,12 +200,13 @@ def test_draft_tokens_past_a_rejected_one_stay_in_the_draft(seed, keep, host, mo
         return tokens, scores
 
     verified = []
-    name = "build_ar_verify_rows_host" if host else "build_ar_verify_rows"
+    name = "_host_pass" if host else "build_ar_verify_rows"
     build = getattr(spec_module, name)
 
-    def record(tokens, starts, ends, **kw):
+    def record(*args, **kw):
+        tokens, starts = args[3:5] if host else args[:2]
         verified.append((torch.as_tensor(tokens).clone(), torch.as_tensor(starts).clone()))
-        return build(tokens, starts, ends, **kw)
+        return build(*args, **kw)
 
     monkeypatch.setattr(spec_module, "_HOST_SENTENCES", len(g) if host else 0)
     monkeypatch.setattr(spec_module, "mask_predict_update", nar_draft)
@@ -329,6 +331,46 @@ def test_host_rows_equal_the_tensor_rows():
         assert got.num_content == want.num_content and got.max_position == want.max_position
         for name in ("tokens", "positions", "kinds", "ranks", "visibility", "cache_columns", "visible_span"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_a_host_pass_from_spans_equals_its_rows(monkeypatch):
+    """``_host_pass`` builds the kernel's arguments from host ints (``JanusModel.decode_spans``): the same hidden
+    states and cache writes as ``build_ar_verify_rows_host`` + ``fused_rows`` + ``decode``, with windows of
+    different sizes (pad rows), canvases of different lengths and a sentence without one."""
+    import janus.decoding.speculative as spec_module
+
+    require_kernel("decoder_step", "cpu")
+
+    m = random_model(4).eval()
+    src = random_sources(9, 3)
+    tokens = [[BOS, *range(10, 30)] for _ in range(3)]
+    starts, window = [3, 0, 6], [5, 2, 1]
+    canvases = [[BOS, MASK, 12, MASK, EOS, PAD, PAD], [PAD] * 7, [BOS, 13, MASK, MASK, 14, MASK, EOS]]
+    runs, through_spans = [], []
+    decode_spans = m.decode_spans
+
+    def spy(*a, **k):
+        out = decode_spans(*a, **k)
+        through_spans.append(out is not None)
+        return out
+
+    for fast in (True, False):
+        with torch.inference_mode(), monkeypatch.context() as patch:
+            patch.setattr(m, "decode_spans", spy if fast else lambda *a, **k: None)
+            enc = m.encode(src)
+            cache = KVCache()
+            prefix = build_ar_verify_rows(torch.tensor(tokens), torch.zeros(3, dtype=torch.long),
+                                          torch.tensor(starts), pad=PAD, mask=MASK)  # fmt: skip
+            m.decode(prefix, enc, cache)
+            canvas = torch.tensor(canvases)
+            hidden = spec_module._host_pass(m, enc, cache, tokens, starts, window, canvases, canvas, pad=PAD, mask=MASK)
+            runs.append((hidden.clone(), cache.length, [t.clone() for c in cache.layers for t in (c.self_k, c.self_v)]))
+    (fast_h, fast_len, fast_kv), (rows_h, rows_len, rows_kv) = runs
+    assert through_spans == [True]  # the kernel took the fast pass
+    assert fast_h.shape == (3, 2 * 5 + 7, m.cfg.d_model)
+    assert torch.equal(fast_h, rows_h) and fast_len == rows_len == 6 + 5 + 7
+    for a, b in zip(fast_kv, rows_kv, strict=True):
+        assert torch.equal(a[:, :, :fast_len], b[:, :, :rows_len])
 
 
 def _both_loops(m, src, monkeypatch, sizes=(1, 2, 4), **kw):
