@@ -26,10 +26,12 @@ rounding, or int8's per-batch activation scale, depends on the other rows: their
 
 Timing: a warm-up (two sentences through every method), then, per batch size, ``--rounds`` rounds in
 which every method decodes the timed sentences once (batch 1: the first ``--b1-sentences``, one at a
-time; larger batches: the first ``--timed-sentences``), the methods taking turns (in reverse order every
-other round), so that a slow spell of a shared machine falls on all of them alike; after 3 rounds no new
-round starts once ``--batch-seconds`` were spent. Each run has the encoder included and a device sync;
-p50 and p90 over the runs. Writes ``results.json`` (device, versions, git commit, settings, every row;
+time; larger batches: the first ``--timed-sentences``, in the batches a decode makes of them), the methods
+taking turns batch by batch (``harness.interleaved_pieces``: every method decodes batch j, in reverse order
+every other batch, before batch j + 1), so that a slow spell of a shared machine, which lasts seconds,
+falls on all of them alike; after 3 rounds no new round starts once ``--batch-seconds`` were spent. Each
+batch is timed with the encoder included and a device sync; a run is a round's sum over the batches, p50
+and p90 over the runs. Writes ``results.json`` (device, versions, git commit, settings, every row;
 rewritten after each batch size with ``complete: false`` until the last), ``speedup.png`` (speedup over AR
 beam 5 by batch size) and, with BLEU, ``bleu_vs_speed.png`` (BLEU against ms per sentence, the Pareto
 front of each batch size marked) to ``--out``.
@@ -52,7 +54,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from harness import environment, interleaved, percentile, plot_bleu_vs_speed, print_table, pyplot, write_json
+from harness import environment, interleaved_pieces, percentile, plot_bleu_vs_speed, print_table, pyplot, write_json
 from tqdm import tqdm
 
 from janus.api import Generator, make_decode_batches
@@ -333,15 +335,23 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     for batch in sizes:
         n = counts[batch]
         sources, lengths = work.sources[:n], (forced[:n] if forced else None)
-        outputs: list[list] = [[] for _ in runs_of]
+        outputs: list[list] = [[None] * n for _ in runs_of]
+        # The batches the decode makes of these sentences (by length): every method decodes batch j in turn.
+        batching = dataclasses.replace(runs_of[0][1].options, max_batch_size=batch)
+        pieces = make_decode_batches([len(ids) + 1 for ids in gen.encode(sources)], batching)
 
-        def run(g: Generator, opts: DecodeConfig, hyps: list, sources=sources, lengths=lengths) -> None:
-            hyps[:] = g.generate(sources, opts, target_lengths=lengths)
+        def run(g: Generator, opts: DecodeConfig, hyps: list, j: int, sources=sources, lengths=lengths,
+                pieces=pieces) -> None:  # fmt: skip
+            group = pieces[j]
+            forced_j = None if lengths is None else [lengths[i] for i in group]
+            for i, h in zip(group, g.generate([sources[i] for i in group], opts, target_lengths=forced_j)):
+                hyps[i] = h
 
         runs = [functools.partial(run, g, dataclasses.replace(m.options, max_batch_size=batch), hyps)
                 for (g, m), hyps in zip(runs_of, outputs)]  # fmt: skip
-        print(f"batch {batch}: timing {len(runs)} decodes in turn, {args.rounds} rounds", flush=True)
-        times = interleaved(runs, gen.device, rounds=args.rounds, budget_s=args.batch_seconds)
+        print(f"batch {batch}: timing {len(runs)} decodes in turn, batch by batch ({len(pieces)}), {args.rounds} "
+              f"rounds", flush=True)  # fmt: skip
+        times = interleaved_pieces(runs, len(pieces), gen.device, rounds=args.rounds, budget_s=args.batch_seconds)
         for k, ((g, m), hyps, ms) in enumerate(zip(runs_of, outputs, times)):
             p50, p90 = percentile(ms, 0.5) / 1e3, percentile(ms, 0.9) / 1e3
             tokens = sum(len(h.ids) + 1 for h in hyps)  # + eos

@@ -120,22 +120,42 @@ def interleaved(
     of them instead of favouring whichever ran first. After ``min_rounds`` (3: the median of three
     cannot be set by one slow run), no new round starts once ``budget_s`` seconds were spent.
     """
+    pieces = [lambda _j, fn=fn: fn() for fn in fns]
+    return interleaved_pieces(pieces, 1, device, rounds=rounds, budget_s=budget_s, min_rounds=min_rounds)
+
+
+def interleaved_pieces(
+    fns: Sequence[Callable[[int], Any]], pieces: int, device: torch.device, *, rounds: int,
+    budget_s: float = math.inf, min_rounds: int = 3,
+) -> list[list[float]]:  # fmt: skip
+    """``interleaved`` for runs made of ``pieces`` parts (a set of sentences decoded batch by batch): a run of
+    fn is fn(0) .. fn(pieces - 1), and the fns take turns piece by piece (fn_0(j), fn_1(j), .. then piece
+    j + 1, the order reversed every other piece and round), each piece timed with a device sync around it.
+    A slow spell of a shared machine, which lasts seconds, then falls on every fn alike even where one run
+    takes a second. Returns, per fn, each round's total milliseconds over its pieces.
+    """
     if rounds < min_rounds:
         raise ValueError(f"rounds={rounds}: at least {min_rounds} (a median of fewer can be one slow run)")
     times: list[list[float]] = [[] for _ in fns]
     spent = 0.0
+    turn = 0
     for r in range(rounds):
         if r >= min_rounds and spent >= budget_s:
             break
-        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
-        for i in order:
-            sync(device)
-            t0 = time.perf_counter()
-            fns[i]()
-            sync(device)
-            dt = time.perf_counter() - t0
-            spent += dt
-            times[i].append(dt * 1e3)
+        total = [0.0] * len(fns)
+        for j in range(pieces):
+            order = range(len(fns)) if turn % 2 == 0 else reversed(range(len(fns)))
+            turn += 1
+            for i in order:
+                sync(device)
+                t0 = time.perf_counter()
+                fns[i](j)
+                sync(device)
+                dt = time.perf_counter() - t0
+                spent += dt
+                total[i] += dt * 1e3
+        for i, ms in enumerate(total):
+            times[i].append(ms)
     return times
 
 

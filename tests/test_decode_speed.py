@@ -70,7 +70,7 @@ def test_random_weights_default_workload_forced_lengths(tmp_path, capsys):
 def test_results_are_saved_after_each_batch_size(tmp_path, monkeypatch):
     """A run stopped during its last batch size keeps the rows of the ones before (complete: false)."""
     out = tmp_path / "out"
-    real = decode_speed.interleaved
+    real = decode_speed.interleaved_pieces
     calls = []
 
     def stop_at_the_second(*args, **kwargs):
@@ -79,7 +79,7 @@ def test_results_are_saved_after_each_batch_size(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as a run killed at its time cap
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(decode_speed, "interleaved", stop_at_the_second)
+    monkeypatch.setattr(decode_speed, "interleaved_pieces", stop_at_the_second)
     with pytest.raises(KeyboardInterrupt):
         decode_speed.main(["--preset", "tiny", "--methods", "greedy,beam5", "--sentences", "4", "--b1-sentences", "2",
                            "--random-weights",
@@ -194,3 +194,16 @@ def test_interleaved_rounds_take_turns_and_keep_three_runs():
     assert len(harness.interleaved(fns, torch.device("cpu"), rounds=4)[0]) == 4
     with pytest.raises(ValueError, match="rounds=2"):
         harness.interleaved(fns, torch.device("cpu"), rounds=2)
+
+
+def test_interleaved_pieces_take_turns_piece_by_piece():
+    """Every fn runs piece j before any runs piece j + 1, the order reversed every other piece; a run is a round's
+    sum over its pieces."""
+    import harness
+
+    calls: list[str] = []
+    fns = [lambda j, k=k: calls.append(f"{k}{j}") for k in "ab"]
+    times = harness.interleaved_pieces(fns, 3, torch.device("cpu"), rounds=3)
+    one_round = ["a0", "b0", "b1", "a1", "a2", "b2"]
+    assert calls == one_round + ["b0", "a0", "a1", "b1", "b2", "a2"] + one_round
+    assert [len(t) for t in times] == [3, 3] and all(x >= 0 for t in times for x in t)
