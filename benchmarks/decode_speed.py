@@ -355,9 +355,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         for k, ((g, m), hyps, ms) in enumerate(zip(runs_of, outputs, times)):
             p50, p90 = percentile(ms, 0.5) / 1e3, percentile(ms, 0.9) / 1e3
             tokens = sum(len(h.ids) + 1 for h in hyps)  # + eos
-            opts = dataclasses.replace(m.options, max_batch_size=batch)
-            groups = make_decode_batches([len(ids) + 1 for ids in gen.encode(sources)], opts)
-            sequential = sum(max(hyps[i].passes for i in g) for g in groups)
+            sequential = sum(max(hyps[i].passes for i in g) for g in pieces)  # the batches it decoded
             rows.append(dict(method=m.name, dtype=names[id(g)], batch=batch, sentences=n, runs=len(ms), tokens=tokens,
                              passes=sum(h.passes for h in hyps) / n, ms_step=1e3 * p50 / max(sequential, 1),
                              ms_p50=1e3 * p50 / n, ms_p90=1e3 * p90 / n, sent_s=n / p50, tok_s=tokens / p50,

@@ -642,14 +642,8 @@ class JanusModel(nn.Module):
         ``rows.visibility`` (N, R, W) says which of cache columns [0, W) each row sees;
         ``cache.length`` becomes W.
         """
-        N, B = rows.tokens.shape[0], enc.states.shape[0]
-        if N % max(B, 1):
-            raise ValueError(f"{N} decoder hypotheses do not split evenly over {B} encoded sentences")
-        if rows.max_position >= self.cfg.max_target_positions:
-            raise ValueError(
-                f"target position {rows.max_position} exceeds max_target_positions={self.cfg.max_target_positions}"
-            )
-        x = self.drop(self.embed(rows.tokens) * self.scale + self.tgt_pos(rows.positions))  # (B, R, D)
+        N = rows.tokens.shape[0]
+        x = self._embed_rows(rows.tokens, rows.positions, rows.max_position, enc)  # (N, R, D)
         spans = rows.visible_span
         if spans is not None and (cache is None or rows.cache_columns is not None) and self.fused_step_ok(x):
             if cache is None:  # a pass over its own rows (mask-predict): their keys/values in a scratch cache
@@ -668,6 +662,18 @@ class JanusModel(nn.Module):
         if cache is not None:
             cache.length = rows.visibility.shape[-1]
         return x
+
+    def _embed_rows(self, tokens: Tensor, positions: Tensor, max_position: int, enc: EncoderOut) -> Tensor:
+        """The decoder's input rows (N, R, D) of ``tokens`` at ``positions`` (int64 (N, R); ``max_position`` their
+        largest, a host int), after checking them against the table of positions and ``enc``'s sentences."""
+        N, B = tokens.shape[0], enc.states.shape[0]
+        if N % max(B, 1):
+            raise ValueError(f"{N} decoder hypotheses do not split evenly over {B} encoded sentences")
+        if max_position >= self.cfg.max_target_positions:
+            raise ValueError(
+                f"target position {max_position} exceeds max_target_positions={self.cfg.max_target_positions}"
+            )
+        return self.drop(self.embed(tokens) * self.scale + self.tgt_pos(positions))
 
     def decode_spans(
         self,
@@ -696,14 +702,7 @@ class JanusModel(nn.Module):
         """
         if torch.is_grad_enabled():
             raise RuntimeError("decode_spans is for inference: call it under torch.no_grad or inference_mode")
-        if max_position >= self.cfg.max_target_positions:
-            raise ValueError(
-                f"target position {max_position} exceeds max_target_positions={self.cfg.max_target_positions}"
-            )
-        N, B = tokens.shape[0], enc.states.shape[0]
-        if N % max(B, 1):
-            raise ValueError(f"{N} decoder hypotheses do not split evenly over {B} encoded sentences")
-        x = self.drop(self.embed(tokens) * self.scale + self.tgt_pos(positions))  # as ``decode`` embeds them
+        x = self._embed_rows(tokens, positions, max_position, enc)
         if not self.fused_step_ok(x):
             return None
         x = self._fused_pass(x, columns.shape[1], spans, columns, enc, cache, width)

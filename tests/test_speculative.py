@@ -362,8 +362,7 @@ def test_a_host_pass_from_spans_equals_its_rows(monkeypatch):
             prefix = build_ar_verify_rows(torch.tensor(tokens), torch.zeros(3, dtype=torch.long),
                                           torch.tensor(starts), pad=PAD, mask=MASK)  # fmt: skip
             m.decode(prefix, enc, cache)
-            canvas = torch.tensor(canvases)
-            hidden = spec_module._host_pass(m, enc, cache, tokens, starts, window, canvases, canvas, pad=PAD, mask=MASK)
+            hidden = spec_module._host_pass(m, enc, cache, tokens, starts, window, canvases, pad=PAD, mask=MASK)
             runs.append((hidden.clone(), cache.length, [t.clone() for c in cache.layers for t in (c.self_k, c.self_v)]))
     (fast_h, fast_len, fast_kv), (rows_h, rows_len, rows_kv) = runs
     assert through_spans == [True]  # the kernel took the fast pass

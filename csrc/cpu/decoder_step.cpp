@@ -473,48 +473,37 @@ void layer_rows(const Shape& P, int64_t n0, int64_t a, int64_t b, float* h, cons
   }
 }
 
-// Every layer over the fp32 rows of hypotheses [n0, n1) of the pass, on the calling thread (h, spans and columns:
-// the pass' own, whole). The hypotheses' rows see nothing of the others' (their own cache rows, their sentence's
-// source), so ranges of them can run on their own.
+// Every layer over the fp32 rows of hypotheses [n0, n1) of the pass (h, spans and columns: the pass' own, whole):
+// on the calling thread, or (team > 1, OpenMP) as rows [t M / T, (t + 1) M / T) on thread t of a team of T, a
+// barrier per layer once the keys/values are written. The hypotheses' rows see nothing of the others' (their own
+// cache rows, their sentence's source), so ranges of them can run on their own.
 template <typename T>
-void run_layers(const Shape& P, int64_t n0, int64_t n1, float* h, const int64_t* spans, const int64_t* columns,
-                const bool* keep, at::TensorList self_k, at::TensorList self_v, at::TensorList cross_k,
-                at::TensorList cross_v, at::TensorList weights, float eps) {
+void run_layers(const Shape& P, int64_t n0, int64_t n1, int64_t team, float* h, const int64_t* spans,
+                const int64_t* columns, const bool* keep, at::TensorList self_k, at::TensorList self_v,
+                at::TensorList cross_k, at::TensorList cross_v, at::TensorList weights, float eps) {
   const int64_t N = n1 - n0, R = P.R, M = N * R;
   Scratch s(M, P.D, P.F);
   // The runs of rows sharing their keys/values and columns: the same in every layer.
   const std::vector<RowRun> own = self_runs(N, R, spans + n0 * R * 2);
   const bool cross = !cross_k.empty();
   const std::vector<RowRun> source = cross ? cross_runs(n0, n1, P.g, R, P.S, keep) : std::vector<RowRun>{};
-  layer_rows<T>(P, n0, 0, M, h + n0 * R * P.D, columns + n0 * P.C, own, source, s, self_k, self_v, cross_k, cross_v,
-                weights, eps, [] {});
-}
-
-// Every layer over the rows of the pass, rows [t M / T, (t + 1) M / T) on thread t of T (OpenMP), a barrier per
-// layer after the keys/values are written.
-template <typename T>
-void run_layers_by_rows(const Shape& P, int64_t threads, float* h, const int64_t* spans, const int64_t* columns,
-                        const bool* keep, at::TensorList self_k, at::TensorList self_v, at::TensorList cross_k,
-                        at::TensorList cross_v, at::TensorList weights, float eps) {
-  const int64_t M = P.N * P.R;
-  Scratch s(M, P.D, P.F);
-  const std::vector<RowRun> own = self_runs(P.N, P.R, spans);
-  const bool cross = !cross_k.empty();
-  const std::vector<RowRun> source = cross ? cross_runs(0, P.N, P.g, P.R, P.S, keep) : std::vector<RowRun>{};
+  float* x = h + n0 * R * P.D;
+  const int64_t* cols = columns + n0 * P.C;
 #ifdef _OPENMP
-#pragma omp parallel num_threads(static_cast<int>(threads))
-  {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t a = M * t / nt, b = M * (t + 1) / nt;
-    layer_rows<T>(P, 0, a, b, h, columns, within(own, a, b), within(source, a, b), s, self_k, self_v, cross_k,
-                  cross_v, weights, eps, [] {
+  if (team > 1) {
+#pragma omp parallel num_threads(static_cast<int>(team))
+    {
+      const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+      const int64_t a = M * t / nt, b = M * (t + 1) / nt;
+      layer_rows<T>(P, n0, a, b, x, cols, within(own, a, b), within(source, a, b), s, self_k, self_v, cross_k,
+                    cross_v, weights, eps, [] {
 #pragma omp barrier
-                  });
+                    });
+    }
+    return;
   }
-#else
-  (void)threads;
-  layer_rows<T>(P, 0, 0, M, h, columns, own, source, s, self_k, self_v, cross_k, cross_v, weights, eps, [] {});
 #endif
+  layer_rows<T>(P, n0, 0, M, x, cols, own, source, s, self_k, self_v, cross_k, cross_v, weights, eps, [] {});
 }
 
 // How a pass uses the threads. Split product by product (skinny::panel_gemm) and attention by attention (attend),
@@ -535,7 +524,7 @@ bool split_by_hypotheses(int64_t N, int64_t R, int64_t threads) {
   return 8 * N >= 7 * share * threads;
 }
 
-// Otherwise a pass of at least kRowSplitRows rows runs as one range of rows per thread (run_layers_by_rows: a
+// Otherwise a pass of at least kRowSplitRows rows runs as one range of rows per thread (run_layers' team: a
 // barrier per layer, where each product and attention handed work over). Measured as above, us a pass, split by
 // products / by rows: 1 x 4 159 / 138, 1 x 10 (a speculative verification) 261 / 216 (12 rounds), 1 x 26 626 /
 // 490, 3 x 26 1581 / 1174, 1 x 60 1323 / 1098 (7 rounds); but 1 x 2 (a greedy step) 114 / 126. Passes that split
@@ -670,26 +659,19 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
   const float e = static_cast<float>(eps);
   const Shape P{N, R, C, D, H, F, N / B, S};
   float* hp = h.data_ptr<float>();
-  auto run = [&](int64_t n0, int64_t n1) {
+  auto run = [&](int64_t n0, int64_t n1, int64_t team) {
     if (dt == at::kFloat) {
-      run_layers<float>(P, n0, n1, hp, lp, cp, keep_p, self_k, self_v, cross_k, cross_v, weights, e);
+      run_layers<float>(P, n0, n1, team, hp, lp, cp, keep_p, self_k, self_v, cross_k, cross_v, weights, e);
     } else {
-      run_layers<lanes::bf16_raw>(P, n0, n1, hp, lp, cp, keep_p, self_k, self_v, cross_k, cross_v, weights, e);
+      run_layers<lanes::bf16_raw>(P, n0, n1, team, hp, lp, cp, keep_p, self_k, self_v, cross_k, cross_v, weights, e);
     }
   };
   const int64_t threads = at::get_num_threads();
   if (split_by_hypotheses(N, R, threads)) {
     // Each thread runs every layer over its share of the hypotheses (the products and attention inside run on it).
-    at::parallel_for(0, N, (N + threads - 1) / threads, run);
-  } else if (split_by_rows(N * R, threads)) {
-    if (dt == at::kFloat) {
-      run_layers_by_rows<float>(P, threads, hp, lp, cp, keep_p, self_k, self_v, cross_k, cross_v, weights, e);
-    } else {
-      run_layers_by_rows<lanes::bf16_raw>(P, threads, hp, lp, cp, keep_p, self_k, self_v, cross_k, cross_v, weights,
-                                          e);
-    }
+    at::parallel_for(0, N, (N + threads - 1) / threads, [&](int64_t n0, int64_t n1) { run(n0, n1, 1); });
   } else {
-    run(0, N);
+    run(0, N, split_by_rows(N * R, threads) ? threads : 1);
   }
   at::Tensor out = dt == at::kFloat ? h : h.to(dt);
   return out;

@@ -224,9 +224,10 @@ def beam_search(
         for step in range(steps):
             nb = len(alive)
             tokens = torch.tensor([[sp.bos, *p] for p in paths], dtype=torch.long, device=dev) if whole else last
-            if step == 0 and not whole and K > 1:
-                # Only beam 0 of each sentence is live: one row per sentence through the decoder, its logits
-                # standing for all K (the others' scores are -inf); the cache grows to K rows at the first select.
+            # At the first step only beam 0 of each sentence is live: one row per sentence through the decoder, its
+            # logits standing for all K (the others' scores are -inf); the cache grows to K rows at its select.
+            alone = step == 0 and not whole and K > 1
+            if alone:
                 logits = next_token_logits(model, enc, tokens[::K], step, cache).repeat_interleave(K, 0)
             else:
                 logits = next_token_logits(model, enc, tokens, step, cache)  # (nb*K, V)
@@ -280,7 +281,7 @@ def beam_search(
             last = torch.tensor(new_tok, device=dev)
             sums = new_sums
             if cache is not None:
-                cache.select([h // K for h in order] if step == 0 and not whole and K > 1 else order)
+                cache.select([h // K for h in order] if alone else order)
             if len(keep) != nb:
                 keep_t = torch.tensor(keep, device=dev)
                 enc = enc.select(keep_t)

@@ -543,7 +543,6 @@ def _host_pass(
     starts: list[int],
     window: list[int],
     canvases: list[list[int]],
-    canvas: Optional[Tensor],
     *,
     pad: int,
     mask: int,
@@ -556,7 +555,7 @@ def _host_pass(
 
     Args:
         tokens: per sentence, [bos, accepted prefix, draft ...]; canvases: per sentence, Lc canvas tokens (all
-        pad where it has none); canvas: the same as a tensor (None without canvases).
+        pad where it has none).
     Returns:
         (N, 2 * Ca + Lc, D) hidden states: content rows, canvas rows, query rows.
     """
@@ -579,15 +578,14 @@ def _host_pass(
     R = 2 * Ca + Lc
     packed = torch.tensor(ints, dtype=torch.long, device=dev).view(len(tokens), 4, R)
     spans = torch.stack([packed[:, 2], packed[:, 3]], -1)
-    max_position = max(max(s + n for s, n in zip(starts, window)), Lc - 1)
+    ends = [s + n for s, n in zip(starts, window)]
     cols = torch.tensor(columns, dtype=torch.long, device=dev)
-    hidden = model.decode_spans(packed[:, 0], packed[:, 1], spans, cols, Wa + Lc, max_position, enc, cache)
+    hidden = model.decode_spans(packed[:, 0], packed[:, 1], spans, cols, Wa + Lc, max(max(ends), Lc - 1), enc, cache)
     if hidden is not None:
         return hidden
-    ends = [s + n for s, n in zip(starts, window)]
     rows = build_ar_verify_rows_host(tokens, starts, ends, pad=pad, mask=mask, device=dev)
     if Lc:
-        rows = fused_rows(rows, canvas, pad=pad)
+        rows = fused_rows(rows, torch.tensor(canvases, dtype=torch.long, device=dev), pad=pad)
     return model.decode(rows, enc, cache)
 
 
@@ -655,7 +653,7 @@ def _decode_host(
         canvases = [s.ctok[:Lc] if a else [sp.pad] * Lc for s, a in zip(live, active)]
         canvas = torch.tensor(canvases, dtype=torch.long, device=dev) if Lc else None
         hidden = _host_pass(model, enc, cache, [s.tok for s in live], [s.p - 1 for s in live], window, canvases,
-                            canvas, pad=sp.pad, mask=sp.mask)  # fmt: skip
+                            pad=sp.pad, mask=sp.mask)  # fmt: skip
         # 3. Greedy's choice at every query, as greedy_search chooses; accept up to the first rejected draft token.
         logits = model.project(hidden[:, Ca + Lc :])  # (N, Ca, V)
         if repeat_ngram:  # query q sees tok[0 .. q - 1]: the accepted prefix, then the draft
