@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from janus.memory import allocator_state
+from janus.ops.skinny_linear import cpu_bf16_dot
 
 
 def git_commit() -> str:
@@ -59,6 +60,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_allocator": allocator_state(),
+        "cpu_bf16_dot": cpu_bf16_dot() if device.type == "cpu" else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "janus": janus.__version__,

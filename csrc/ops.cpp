@@ -11,6 +11,10 @@
 
 #include <torch/library.h>
 
+namespace janus {
+bool cpu_bf16_dot();  // cpu/skinny_linear.cpp
+}  // namespace janus
+
 TORCH_LIBRARY(janus, m) {
   // out[b] = [bos?] + flat[offsets[index[b]] : offsets[index[b] + 1]] + [eos?] + [pad ...]
   // flat int32|int64 [T], offsets int32|int64 [N + 1], index int32|int64 [B] -> int64 [B, L].
@@ -48,6 +52,9 @@ TORCH_LIBRARY(janus, m) {
   // x float32|bfloat16 [M, K], weight [N, K] and bias [N] (or None) of x's dtype -> [M, N] of x's dtype.
   m.set_python_module("janus.ops.skinny_linear");
   m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // Whether the CPU kernels' bf16 products run on the bf16 dot-product instruction (AVX512_BF16 here and
+  // JANUS_CPU_BF16_DOT not "0"); no tensors: one kernel for every device.
+  m.def("cpu_bf16_dot() -> bool", &janus::cpu_bf16_dot);
 
   // Every decoder layer of one incremental inference pass over a few rows (CPU, float32): x [N, R, D] (the
   // first num_content rows of each hypothesis are content rows, written to its self-attention caches

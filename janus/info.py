@@ -68,12 +68,15 @@ def _version(name: str) -> str:
 def _devices() -> dict[str, Any]:
     import torch
 
+    from janus.ops.skinny_linear import cpu_bf16_dot
+
     bf16, bf16_detail = cpu_bf16_support()
     out: dict[str, Any] = {
         "cpu_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16": bf16,
         "cpu_bf16_detail": bf16_detail,
+        "cpu_bf16_dot": cpu_bf16_dot(),
         "cuda": [],
         "cuda_why_not": "",
     }
@@ -105,7 +108,7 @@ def collect() -> dict[str, Any]:
     """Everything the report shows, as a JSON-serialisable dict.
 
     Keys: python, platform, versions {package: version or "not installed"},
-    devices {cpu_threads, cpu_capability, cpu_bf16, cpu_bf16_detail, cuda: [{index, name, capability}],
+    devices {cpu_threads, cpu_capability, cpu_bf16, cpu_bf16_detail, cpu_bf16_dot, cuda: [{index, name, capability}],
     cuda_why_not},
     extension {available, detail}, ops {op: [{backend, available, why_not}]},
     ops_error ("" unless an op module failed to import), env (JANUS_* and TRITON_INTERPRET).
@@ -138,6 +141,9 @@ def format_report(info: dict[str, Any]) -> str:
     lines.append(
         f"cpu native bf16: {bf16} ({devices['cpu_bf16_detail']}); --amp auto trains on CPU in "
         f"{'bf16' if devices['cpu_bf16'] else 'fp32'}"
+    )
+    lines.append(
+        f"cpu bf16 inference products: {'bf16 dot products (vdpbf16ps)' if devices['cpu_bf16_dot'] else 'widened FMAs'}"
     )
     if devices["cuda"]:
         lines += [f"cuda:{d['index']}: {d['name']} (sm {d['capability']})" for d in devices["cuda"]]

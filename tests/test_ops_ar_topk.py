@@ -88,6 +88,31 @@ def test_kernel_matches_the_reference(V, k):
 
 
 @pytest.mark.usefixtures("_kernel")
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_the_selection_skips_only_spans_and_blocks_without_a_better_logit(k):
+    """The selection passes over spans of 256 and blocks of 16 logits holding none above the k-th best so far:
+    the best ones planted in the last span, at span and block edges, in a row rising to its end (no span
+    skipped), ties across spans (the smaller id first), a span past the first whose maximum equals the k-th
+    best (not above it: skipped, as an equal logit loses to the smaller id), and a tail past the last block."""
+    V = 256 * 5 + 16 * 3 + 7
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(8, V, generator=g)
+    logits[0, V - 300] = logits[0, V - 1] = 9.0  # the last span and the tail
+    logits[1, 255] = logits[1, 256] = logits[1, 511] = 8.0  # either side of span edges
+    logits[2] = torch.linspace(-5, 5, V)  # rising: every block holds a larger logit
+    logits[3, [17, 300, 600, 900, 1250]] = 7.0  # ties in different spans
+    logits[4, :k] = 6.0
+    logits[4, 512 + 37] = 6.0  # equal to the k-th best, in a later span
+    logits[5, 256 * 5 + 16 * 2 + 3] = 10.0  # in the last block before the tail
+    logits[6, 256 * 5 + 16 * 3 + 2] = 10.0  # in the tail
+    rules = torch.zeros(8, dtype=torch.uint8)
+    scores, ids = kernel(logits, k, [], 2, rules)
+    want_scores, want_ids = ar_topk_ref(logits, k, [], 2, rules)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(scores, want_scores, rtol=0, atol=2e-6)
+
+
+@pytest.mark.usefixtures("_kernel")
 def test_ties_fewer_allowed_than_k_and_the_rules():
     logits = torch.zeros(5, 40)
     logits[0, [7, 23, 39]] = 2.0  # a three-way tie, across 16-column blocks: 7, 23, 39

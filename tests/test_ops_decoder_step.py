@@ -6,6 +6,11 @@ speculative verification) equal to its own layers, with the same search outputs.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from ext_helpers import require_kernel
@@ -24,7 +29,7 @@ from janus.ops.decoder_step import (
     decoder_step_ref,
     max_rows,
 )
-from janus.ops.skinny_linear import pack_panels
+from janus.ops.skinny_linear import pack_panels, unpack_panels
 
 FORCE = "JANUS_BACKEND_DECODER_STEP"
 
@@ -124,6 +129,60 @@ def test_bfloat16_is_closer_to_the_exact_result_than_torchs_bf16_layers(name, pa
     for layer in range(len(args[4])):
         assert_within_baseline(kernel_args[4][layer], exact_args[4][layer], ref_args[4][layer], factor=1.0,
                                atol=1e-2, name=f"{name} cache {layer}")  # fmt: skip
+
+
+# The bf16 products of a pass and of skinny_linear (csrc/cpu/skinny_gemm.h), computed in a child process with
+# JANUS_CPU_BF16_DOT as given (the kernel reads it once per process) and written to a safetensors file.
+_BF16_PRODUCTS = """
+import sys
+import torch
+from safetensors.torch import save_file
+sys.path.insert(0, sys.argv[2])
+from test_ops_decoder_step import CASES, cloned, in_dtype, packed, problem
+from janus import _ext
+from janus.ops.skinny_linear import cpu_bf16_dot, pack_panels
+_ext.load()
+out = {"dot": torch.tensor(cpu_bf16_dot())}
+for name, case in CASES.items():
+    args = cloned(packed(in_dtype(problem(7, **case), torch.bfloat16)))
+    out[name] = torch.ops.janus.decoder_step(*args)
+    for layer, cache in enumerate(args[4]):
+        out[f"{name} cache {layer}"] = cache
+g = torch.Generator().manual_seed(5)
+for N, K in ((8000, 128), (48, 40), (32, 70)):
+    panels = pack_panels((torch.randn(N, K, generator=g) * K ** -0.5).bfloat16())
+    for M in (1, 5, 8, 13, 64):
+        x = torch.randn(M, K, generator=g).bfloat16().float()  # fp32 rows of bf16 values
+        out[f"skinny {N} {K} {M}"] = torch.ops.janus.skinny_linear(x, panels, None)
+save_file(out, sys.argv[1])
+"""
+
+
+def _bf16_products(tmp_path, dot: str) -> dict:
+    from safetensors.torch import load_file
+
+    path = tmp_path / f"dot{dot}.safetensors"
+    env = {**os.environ, "JANUS_CPU_BF16_DOT": dot}
+    subprocess.run([sys.executable, "-c", _BF16_PRODUCTS, str(path), str(Path(__file__).parent)], env=env, check=True)
+    return load_file(str(path))
+
+
+def test_bf16_dot_products_give_the_bits_of_the_widened_fmas(tmp_path):
+    """On a CPU with AVX512_BF16 a bf16 pass multiplies on vdpbf16ps: every output and cache write equals, bit for
+    bit, the widened FMAs' (JANUS_CPU_BF16_DOT=0), as do skinny_linear's fp32 rows of bf16 values by bf16
+    panels (even and odd K, every row tiling), whose sums are the exact products' to fp32 rounding."""
+    if not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        pytest.skip("the CPU has no bf16 dot-product instruction: both runs would widen")
+    dot, widened = _bf16_products(tmp_path, "1"), _bf16_products(tmp_path, "0")
+    assert bool(dot.pop("dot")) and not bool(widened.pop("dot"))  # the two paths ran
+    assert dot.keys() == widened.keys()
+    for name in dot:
+        assert torch.equal(dot[name], widened[name]), name
+    g = torch.Generator().manual_seed(5)
+    panels = pack_panels((torch.randn(8000, 128, generator=g) * 128**-0.5).bfloat16())
+    x = torch.randn(1, 128, generator=g).bfloat16().float()
+    exact = x.double() @ unpack_panels(panels).double().T
+    torch.testing.assert_close(dot["skinny 8000 128 1"].double(), exact, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("panels", [False, True], ids=["row-major", "panels"])

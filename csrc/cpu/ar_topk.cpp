@@ -10,8 +10,9 @@
 // all of them for a few rows. Here each row is read three times while it is in cache:
 //   1. its maximum and whether it holds a NaN or +inf (16 lanes);
 //   2. the sum of exp(z - max) (lanes flushed into double, as best_token.cpp);
-//   3. the selection: 16 lanes at a time compared with the k-th best logit so far, and only the blocks
-//      holding a larger one inserted one by one into the sorted list of k.
+//   3. the selection: spans of 256 logits, then blocks of 16, compared with the k-th best logit so far (their
+//      maximum, in four folds of the lanes), and only the blocks holding a larger one inserted one by one into
+//      the sorted list of k.
 // Score = (z[id] - max) - log(sum), best_token's rounding.
 //
 // Rows holding a NaN or +inf (or only -inf) have no finite log-softmax: every score of such a row is NaN
@@ -43,6 +44,9 @@ using namespace lanes;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kNoEos = 1, kOnlyEos = 2;
+// The selection tests 16 blocks of 16 logits at once (their lanes' maximum against the k-th best so far) before
+// testing them one by one: past the first few hundred columns a row rarely holds a larger one.
+constexpr int64_t kSpan = 16 * kLanes;
 
 // The k best (key, id) so far, best first; keys compare first, then the smaller id wins. Ids arrive in
 // increasing order, so a newcomer never beats an equal key already in the list.
@@ -109,17 +113,26 @@ JANUS_CLONES void topk_of_row(const float* z, int64_t V, int64_t k, const uint8_
   if (rule & kOnlyEos) {  // one candidate: no need to look at the logits
     for (int64_t c = 0; c < V && (best.n < k || c <= eos); ++c) best.offer(key_of(c), c);
   } else {
+    const int64_t V16 = V - V % kLanes;
     v = 0;
-    for (; v + kLanes <= V; v += kLanes) {
+    while (v < V16) {
       const float thr = best.threshold();
-      if (thr > -kInf) {  // a full list: skip the blocks without a larger logit
-        const vf x = load(vf{}, z + v);
-        const vi gt = x > splat<vf>(thr);
-        bool any = false;
-        for (int i = 0; i < kLanes; ++i) any |= gt[i] != 0;
-        if (!any) continue;
+      if (thr > -kInf) {  // a full list: skip the spans, then the blocks, without a larger logit
+        if (v % kSpan == 0 && v + kSpan <= V16) {
+          vf m = load(vf{}, z + v);
+          for (int64_t b = kLanes; b < kSpan; b += kLanes) m = max_of(m, load(vf{}, z + v + b));
+          if (!any_above(m, thr)) {
+            v += kSpan;
+            continue;
+          }
+        }
+        if (!any_above(load(vf{}, z + v), thr)) {
+          v += kLanes;
+          continue;
+        }
       }
       for (int64_t c = v; c < v + kLanes; ++c) best.offer(key_of(c), c);
+      v += kLanes;
     }
     for (; v < V; ++v) best.offer(key_of(v), v);
   }

@@ -1,5 +1,5 @@
 // janus::decoder_step on CPU: every decoder layer of one incremental inference pass over a few rows, in one
-// call (float32, or bfloat16 weights and caches with float32 activations).
+// call (float32, or bfloat16 weights and caches with float32 activations between the products).
 //
 // A step of a small model is overhead, not arithmetic: the `small` preset's decoder step (3 layers of width
 // 128, two rows) is about 0.7 MFLOP, yet torch runs it as ~60 operator calls of 5-15 us each from Python
@@ -31,10 +31,13 @@
 // b2 (D), LN3 weight, LN3 bias; all contiguous, of x's dtype (as the caches and the cross keys/values). The
 // encoder's 12: the first 6, then W1, b1, W2, b2, LN2 weight, LN2 bias.
 //
-// bfloat16: the weights, caches and cross keys/values are read as bf16 and widened in registers; rows,
-// products, attention and norms stay in fp32 (rounded to bf16 where a key/value is written to the cache and
-// at the output). So a bf16 pass reads half the bytes of a float32 one, and is closer to the fp32 result than
-// torch's bf16 layers, which round every intermediate.
+// bfloat16: the weights, caches and cross keys/values are read as bf16; a product multiplies the rows rounded to
+// bf16 (as torch's bf16 layers do) by the bf16 weights, exact products summed in fp32, on the CPU's bf16
+// dot-product instruction where it has one (skinny_gemm.h: twice the fp32 multiply-adds, the same sums bit for
+// bit as the other CPUs' widened FMAs); the rows between products, attention and norms stay in fp32 (rounded to
+// bf16 where a key/value is written to the cache and at the output). So a bf16 pass reads half the bytes of a
+// float32 one, multiplies up to twice as fast, and is closer to the fp32 result than torch's bf16 layers, which
+// round every intermediate.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -8,10 +8,19 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/vector_lanes.h"
+
+// The bf16 dot-product instruction (AVX512_BF16's vdpbf16ps: 32 bf16 products summed into 16 fp32 lanes, twice
+// the multiply-adds of an fp32 FMA), compiled where the compiler has it and used where the CPU does.
+#if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 10))
+#define JANUS_BF16_DOT 1
+#include <immintrin.h>
+#endif
 
 namespace janus {
 namespace skinny {
@@ -282,6 +291,224 @@ JANUS_INLINE void run_panels(const Problem& P, int64_t p0, int64_t p1) {
   run_panels<bf16_raw, float>(P, p0, p1);
 }
 
+// bf16 products in decoder_step: the rows are rounded to bf16 (to nearest, ties to even, as torch's bf16 layers
+// round theirs) and multiplied by the bf16 weights, each product exact in fp32, summed in fp32 in k order. On a
+// CPU with AVX512_BF16 the panel tiles take the rounded rows as pairs (x[k], x[k + 1]) and the weight's panel
+// rows k and k + 1 interleaved into pairs (one permutation of a 64-byte load), and one vdpbf16ps adds both
+// products to each lane, the one of k first, each addition rounded as a fused multiply-add: the same sums, bit
+// for bit, as the other CPUs' tiles, which widen the rounded rows and weights and run two FMAs (measured on the
+// AVX-512 AMD EPYC; the instruction treats subnormal inputs and results as 0, the FMAs do not).
+
+// x rounded to bf16: its fp32 bits with the low 16 cleared (NaN: the quiet NaN).
+JANUS_INLINE vu bf16_rounded(vf x) {
+  vu u;
+  std::memcpy(&u, &x, sizeof u);
+  const vu nan = (vu)(x != x);
+  return (((u + 0x7FFFu + ((u >> 16) & 1u)) & ~nan) | ((vu{} + 0x7FC00000u) & nan)) & 0xFFFF0000u;
+}
+JANUS_INLINE uint32_t bf16_rounded(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return x != x ? 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+}
+
+// out[i] = x[i] rounded to bf16, as fp32 (i < n).
+[[maybe_unused]] JANUS_CLONES void round_to_bf16(const float* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vu r = bf16_rounded(load(x + i));
+    std::memcpy(out + i, &r, sizeof r);
+  }
+  for (; i < n; ++i) {
+    const uint32_t r = bf16_rounded(x[i]);
+    std::memcpy(out + i, &r, sizeof r);
+  }
+}
+
+// out[j] = the bf16 of x[2j] in the high half, of x[2j + 1] in the low half (j < pairs): the pairs of a row
+// as vdpbf16ps takes them (its odd element first).
+[[maybe_unused]] JANUS_CLONES void bf16_pairs(const float* x, int64_t pairs, uint32_t* out) {
+  const vu even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  int64_t j = 0;
+  for (; j + kLanes <= pairs; j += kLanes) {
+    const vu a = bf16_rounded(load(x + 2 * j)), b = bf16_rounded(load(x + 2 * j + kLanes));
+    const vu p = __builtin_shuffle(a, b, even) | (__builtin_shuffle(a, b, even + 1) >> 16);
+    std::memcpy(out + j, &p, sizeof p);
+  }
+  for (; j < pairs; ++j) out[j] = bf16_rounded(x[2 * j]) | (bf16_rounded(x[2 * j + 1]) >> 16);
+}
+
+#ifdef JANUS_BF16_DOT
+#define JANUS_DOT __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#define JANUS_DOT_INLINE JANUS_DOT inline __attribute__((always_inline))
+
+// A panel product whose rows are bf16 pairs (bf16_pairs: K / 2 per row; K even), bf16 panels, fp32 outputs.
+struct PairProblem {
+  int64_t M, N, K;
+  const uint32_t* x;
+  const bf16_raw* w;
+  const bf16_raw* b;
+  float* out;
+};
+
+// panel_tile's outputs and sums (blocks of kPanelBlock k, bias last) by vdpbf16ps, two k a step.
+template <int G, int J>
+JANUS_DOT_INLINE void dot_tile(const PairProblem& P, int64_t r0, int64_t p) {
+  static_assert(G * J + J <= 29, "dot_tile: accumulators, weight pairs and the permutation fit 32 registers");
+  // Lane pair i of a loaded panel rows k, k + 1 (32 bf16: row k's 16, then row k + 1's): (row k + 1, row k) of
+  // output i, so that vdpbf16ps takes row k's product first.
+  alignas(64) static const uint16_t kPairs[32] = {16, 0, 17, 1, 18, 2, 19, 3, 20, 4, 21, 5, 22, 6, 23, 7,
+                                                  24, 8, 25, 9, 26, 10, 27, 11, 28, 12, 29, 13, 30, 14, 31, 15};
+  const __m512i order = _mm512_load_si512(kPairs);
+  const int64_t K = P.K, K2 = K / 2;
+  const bf16_raw* W = P.w + p * K * kLanes;
+  const uint32_t* X = P.x + r0 * K2;
+  __m512 total[G][J];
+  for (int64_t k0 = 0; k0 < K; k0 += kPanelBlock) {
+    const int64_t k1 = std::min(K, k0 + kPanelBlock);
+    __m512 acc[G][J];
+    for (int g = 0; g < G; ++g) {
+      for (int j = 0; j < J; ++j) acc[g][j] = _mm512_setzero_ps();
+    }
+    for (int64_t k = k0; k < k1; k += 2) {
+      __m512bh u[J];
+      for (int j = 0; j < J; ++j) {
+        u[j] = (__m512bh)_mm512_permutexvar_epi16(order, _mm512_loadu_si512(W + (j * K + k) * kLanes));
+      }
+      for (int g = 0; g < G; ++g) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(X[g * K2 + k / 2]));
+        for (int j = 0; j < J; ++j) acc[g][j] = _mm512_dpbf16_ps(acc[g][j], u[j], xv);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int j = 0; j < J; ++j) total[g][j] = k0 == 0 ? acc[g][j] : _mm512_add_ps(total[g][j], acc[g][j]);
+    }
+  }
+  for (int j = 0; j < J; ++j) {
+    const __m512 bias = P.b != nullptr ? (__m512)load(P.b + (p + j) * kLanes) : _mm512_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+      _mm512_storeu_ps(P.out + (r0 + g) * P.N + (p + j) * kLanes, _mm512_add_ps(total[g][j], bias));
+    }
+  }
+}
+
+template <int G, int J>
+JANUS_DOT_INLINE void dot_rows(const PairProblem& P, int64_t r0, int64_t p) {
+  const int64_t left = P.M - r0;
+  if (left >= G) {
+    dot_tile<G, J>(P, r0, p);
+  } else if constexpr (G > 1) {
+    switch (left) {
+      case 1: dot_tile<1, J>(P, r0, p); break;
+      case 2: if constexpr (G > 2) dot_tile<2, J>(P, r0, p); break;
+      case 3: if constexpr (G > 3) dot_tile<3, J>(P, r0, p); break;
+      case 4: if constexpr (G > 4) dot_tile<4, J>(P, r0, p); break;
+      case 5: if constexpr (G > 5) dot_tile<5, J>(P, r0, p); break;
+      default: break;
+    }
+  }
+}
+
+template <int G, int J>
+JANUS_DOT_INLINE void dot_block(const PairProblem& P, int64_t p0, int64_t p1) {
+  int64_t p = p0;
+  for (; p + J <= p1; p += J) {
+    for (int64_t r0 = 0; r0 < P.M; r0 += G) dot_rows<G, J>(P, r0, p);
+  }
+  for (; p < p1; ++p) {
+    for (int64_t r0 = 0; r0 < P.M; r0 += G) dot_rows<G, 1>(P, r0, p);
+  }
+}
+
+// Panels [p0, p1) of a pair product, tiled as run_panels tiles.
+[[maybe_unused]] JANUS_DOT void dot_panels(const PairProblem& P, int64_t p0, int64_t p1) {
+  switch (P.M) {
+    case 1: dot_block<1, 8>(P, p0, p1); break;
+    case 2: dot_block<2, 6>(P, p0, p1); break;
+    case 3: dot_block<3, 6>(P, p0, p1); break;
+    case 4: dot_block<4, 4>(P, p0, p1); break;
+    default:
+      if (P.M % 5 == 0) {
+        dot_block<5, 4>(P, p0, p1);
+      } else {
+        dot_block<6, 4>(P, p0, p1);
+      }
+  }
+}
+#endif  // JANUS_BF16_DOT
+
+// Whether bf16 panel products run on vdpbf16ps: compiled, the CPU has it, and JANUS_CPU_BF16_DOT is not "0"
+// (read once per process; the tests compare both paths).
+inline bool bf16_dot() {
+#ifdef JANUS_BF16_DOT
+  static const bool on = [] {
+    const char* env = std::getenv("JANUS_CPU_BF16_DOT");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
+
+// The rows of a bf16 product as its tiles take them, in `buf`: pairs for vdpbf16ps (bf16_dot, K even), else
+// rounded to bf16 as fp32.
+struct Bf16Rows {
+  const float* rounded = nullptr;
+  const uint32_t* pairs = nullptr;
+};
+inline Bf16Rows bf16_rows(const float* x, int64_t M, int64_t K, bool panels, std::vector<uint32_t>& buf) {
+  if (panels && K % 2 == 0 && bf16_dot()) {
+    buf.resize(static_cast<size_t>(M * K / 2));
+    bf16_pairs(x, M * K / 2, buf.data());
+    return {nullptr, buf.data()};
+  }
+  buf.resize(static_cast<size_t>(M * K));
+  float* r = reinterpret_cast<float*>(buf.data());
+  round_to_bf16(x, M * K, r);
+  return {r, nullptr};
+}
+
+// Whether every x[i] (i < n) is a bf16 value (its low 16 bits zero): fp32 rows widened from bf16, whose product
+// with bf16 weights the pairs path computes bit for bit as the widened FMAs do.
+[[maybe_unused]] JANUS_CLONES bool bf16_valued(const float* x, int64_t n) {
+  vu low = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vu u;
+    std::memcpy(&u, x + i, sizeof u);
+    low |= u & 0xFFFFu;
+  }
+  uint32_t any = 0;
+  for (int l = 0; l < kLanes; ++l) any |= low[l];
+  for (; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, sizeof u);
+    any |= u & 0xFFFFu;
+  }
+  return any == 0;
+}
+
+// Panels [p0, p1) of x (M, K) @ w^T + b, bf16 weights, x given by bf16_rows.
+inline void bf16_panels(const Bf16Rows& x, int64_t M, int64_t K, const bf16_raw* w, int64_t N, const bf16_raw* b,
+                        float* out, int64_t p0, int64_t p1) {
+#ifdef JANUS_BF16_DOT
+  if (x.pairs != nullptr) {
+    dot_panels(PairProblem{M, N, K, x.pairs, w, b, out}, p0, p1);
+    return;
+  }
+#endif
+  panels_bf16_f32(Problem{M, N, K, x.rounded, w, b, out}, p0, p1);
+}
+
+// A thread's scratch for the rows of its bf16 products.
+inline std::vector<uint32_t>& bf16_scratch() {
+  thread_local std::vector<uint32_t> buf;
+  return buf;
+}
+
 // Blocks of whole tiles of weight rows (a multiple of every tiling's 4, 3 and 2 weight rows), about 64 KB of
 // weight each at least, split across threads.
 constexpr int64_t kGrainRows = 24;
@@ -298,9 +525,11 @@ inline int64_t panel_grain(int64_t K, int64_t element_size) {
 
 // out (M, N) = x (M, K) @ w (N, K)^T + b (N,) (b may be null): x and out fp32, w and b T (float or bf16_raw),
 // row-major, contiguous.
+// bf16 weights: the rows rounded to bf16 first (see bf16_rows).
 template <typename T>
 inline void skinny_gemm(const float* x, int64_t M, int64_t K, const T* w, int64_t N, const T* b, float* out) {
   if (M == 0 || N == 0) return;
+  if constexpr (!std::is_same_v<T, float>) x = bf16_rows(x, M, K, false, bf16_scratch()).rounded;
   const Problem P{M, N, K, x, w, b, out};
   auto* run = std::is_same_v<T, float> ? block_f32 : block_bf16_f32;
   at::parallel_for(0, N, block_grain(K, sizeof(T)), [&](int64_t n0, int64_t n1) { run(P, n0, n1); });
@@ -321,22 +550,32 @@ constexpr int64_t kRowSplitWork = int64_t{1} << 20;
 // panels across threads; more than kRowGrain rows split the rows, each task over every panel (the narrow
 // products of a small model have too few panels to split: 128 outputs are 8), and so do fewer rows of a
 // product too narrow for two tasks of panels where they hold kRowSplitWork multiply-adds.
+// bf16 weights: the rows rounded to bf16 (bf16_rows), each task's by its own thread where the rows are split.
 template <typename T>
 inline void panel_gemm(const float* x, int64_t M, int64_t K, const T* w, int64_t N, const T* b, float* out) {
   if (M == 0 || N == 0) return;
-  auto* run = std::is_same_v<T, float> ? panels_f32 : panels_bf16_f32;
+  constexpr bool bf16 = !std::is_same_v<T, float>;
   const int64_t panels = N / kLanes, grain = panel_grain(K, sizeof(T));
   int64_t rows = M > kRowGrain ? kRowGrain : 0;
   if (!rows && panels < 2 * grain && M >= 12 && M * K * N >= kRowSplitWork) rows = (M + 11) / 12 * 6;
   if (rows) {
     at::parallel_for(0, M, rows, [&](int64_t r0, int64_t r1) {
-      const Problem P{r1 - r0, N, K, x + r0 * K, w, b, out + r0 * N};
-      run(P, 0, panels);
+      if constexpr (bf16) {
+        const Bf16Rows xr = bf16_rows(x + r0 * K, r1 - r0, K, true, bf16_scratch());
+        bf16_panels(xr, r1 - r0, K, w, N, b, out + r0 * N, 0, panels);
+      } else {
+        panels_f32(Problem{r1 - r0, N, K, x + r0 * K, w, b, out + r0 * N}, 0, panels);
+      }
     });
     return;
   }
-  const Problem P{M, N, K, x, w, b, out};
-  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) { run(P, p0, p1); });
+  if constexpr (bf16) {
+    const Bf16Rows xr = bf16_rows(x, M, K, true, bf16_scratch());
+    at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) { bf16_panels(xr, M, K, w, N, b, out, p0, p1); });
+  } else {
+    const Problem P{M, N, K, x, w, b, out};
+    at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) { panels_f32(P, p0, p1); });
+  }
 }
 
 }  // namespace

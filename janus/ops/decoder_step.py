@@ -35,9 +35,12 @@ canvases: a barrier per layer once the keys/values are written), where the produ
 layers compute them) and the fallback; ``decoder_step`` dispatches (janus.ops._dispatch) between:
 
 - "cpp": ``torch.ops.janus.decoder_step``, CPU tensors, all float32 or all bfloat16, no autograd. In
-  bfloat16 the kernel reads the weights, caches and source keys/values as bf16 and computes in fp32 (rounding
-  to bf16 only the keys/values it caches and its output): half the bytes of a float32 pass, and closer to the
-  fp32 result than the reference in bf16, which rounds every intermediate;
+  bfloat16 the kernel reads the weights, caches and source keys/values as bf16; its products multiply the rows
+  rounded to bf16 by the weights (exact products, fp32 sums), on the CPU's bf16 dot-product instruction where
+  it has one (AVX512_BF16's vdpbf16ps: twice the fp32 multiply-adds; the same bits as the widened FMAs of the
+  other CPUs, which ``JANUS_CPU_BF16_DOT=0`` forces); the rows between products, attention and norms stay in
+  fp32 (rounded to bf16 only where a key/value is cached and at the output): half the bytes of a float32 pass,
+  and closer to the fp32 result than the reference in bf16, which rounds every intermediate;
 - "reference": ``decoder_step_ref``.
 
 Force one with ``JANUS_BACKEND_DECODER_STEP=cpp|reference``. The model (``janus.model.JanusModel``) runs

@@ -35,8 +35,11 @@ are left untouched; works in place and returns its inputs.
   kernel's panel tiles: at the small preset's (8000, 128) 0.4-0.7x torch's GEMM time from 8 to 512 rows
   (janus/ops/skinny_linear.py). A mask-predict decode of the shipped model (T=10, l=3) took 0.74-0.78x the
   time at batch 1 and 0.71-0.82x at batch 32 (64 test sentences, two runs each against the code before, same
-  outputs). A slot's sums do not depend on the
-  other rows there, so its result is the same in any batch;
+  outputs). Bfloat16 inputs and panels likewise, the rows widened: fp32 logits of the bf16 products (torch's
+  bf16 GEMM rounds them to bf16, ~0.06 apart at magnitude 10), on the CPU's bf16 dot-product instruction where
+  it has one, which at (8000, 128) took 0.29 / 0.66 / 0.98 / 1.14x torch's bf16 GEMM time at 8 / 32 / 128 /
+  512 rows, at (10000, 512) 0.37 / 0.66 / 0.74 / 0.97x (2 threads, the 2-core EPYC). A slot's sums do not
+  depend on the other rows there, so its result is the same in any batch;
 - "reference": ``mask_predict_update_ref``, which forms the logits of the masked slots.
 
 Force one with ``JANUS_BACKEND_MASK_PREDICT_UPDATE=triton|cpp|blocked|reference``.
@@ -113,7 +116,8 @@ def _blocked(
 ) -> tuple[Tensor, Tensor]:
     """The masked slots' products in blocks of about _BLOCK_BYTES of fp32 logits, each block turned into
     (log-probability, id) of its rows' best allowed token by ``reduce`` while in cache. Float32 blocks are
-    multiplied by ``panels`` (``pack_panels(weight)``) when given, through the skinny_linear kernel."""
+    multiplied by ``panels`` (``pack_panels(weight)``) when given, through the skinny_linear kernel (bfloat16 blocks
+    widened to float32 rows first: their logits in fp32, not rounded to bf16)."""
     slots = (tokens == mask).reshape(-1).nonzero().squeeze(1)  # (M,)
     M = slots.numel()
     if M == 0:
@@ -122,7 +126,10 @@ def _blocked(
     V = weight.shape[0]
     step = max(16, _BLOCK_BYTES // (4 * V))
     use_panels = (
-        panels is not None and h.dtype == weight.dtype == panels.dtype == torch.float32 and skinny_kernel_ready()
+        panels is not None
+        and h.dtype == weight.dtype == panels.dtype
+        and h.dtype in (torch.float32, torch.bfloat16)
+        and skinny_kernel_ready()
     )
     if use_panels:
         step = min(step, PANEL_ROWS[torch.float32])
@@ -130,8 +137,8 @@ def _blocked(
     tok = torch.empty(M, dtype=torch.long, device=h.device)
     for r in range(0, M, step):
         # The block's logits in fp32 (a copy for low-precision inputs, else the product itself), reduced.
-        if use_panels:
-            logits = skinny_linear_checked(h[r : r + step], panels, None)[:, :V]  # panels past V are zero
+        if use_panels:  # bf16 rows widened: fp32 logits of the bf16 products (the kernel's bf16 dot products)
+            logits = skinny_linear_checked(h[r : r + step].float(), panels, None)[:, :V]  # panels past V are zero
         else:
             logits = F.linear(h[r : r + step], weight).float()  # (m, V)
         best[r : r + step], tok[r : r + step] = reduce(logits)

@@ -83,7 +83,18 @@ MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
 #     (10000, 512)  torch  2.41    4.77    7.00   11.64   17.06   29.80   56.56  132.10
 #                   panels 0.41    1.63    3.34    6.56   12.69   24.76   62.69  126.06
 #
-# In bfloat16 torch's GEMM (AVX512_BF16) overtakes them from 8-16 rows (the tiles widen bf16 to fp32).
+# In bfloat16 torch's GEMM (AVX512_BF16) overtakes them from 8-16 rows where they widen bf16 to fp32. Float32
+# rows that hold bf16 values (a bf16 model's hidden states, widened for fp32 logits) by bf16 panels run on the
+# CPU's bf16 dot-product instruction where it has one (the same sums; csrc/cpu/skinny_gemm.h): ms, 2 threads,
+# the 2-core EPYC, against the widened tiles and torch's bf16 GEMM (bf16 logits):
+#
+#     rows M                     1       5       8      32     128     512
+#     (8000, 128)   dot      0.019   0.032   0.045   0.182   0.925    3.74
+#                   widened  0.038   0.071   0.133   0.472    2.03    7.01
+#                   torch    0.080   0.108   0.124   0.276   0.947    3.27
+#     (10000, 512)  dot      0.085   0.140   0.218   0.854    3.41    13.1
+#                   widened  0.173   0.372   0.568    1.95    7.58    33.2
+#                   torch    0.299   0.487   0.597    1.30    4.63    13.5
 PANEL_ROWS = {torch.float32: 512, torch.bfloat16: 8}
 # Weights (elements) from which it does (measured above).
 MIN_WEIGHT = 1 << 18
@@ -177,6 +188,16 @@ SKINNY_LINEAR = register_op(
         Backend("reference", skinny_linear_ref),
     ],
 )
+
+
+def cpu_bf16_dot() -> bool:
+    """Whether the CPU kernels' bf16 products (``decoder_step`` of a bf16 model, and float32 rows of bf16 values
+    by bf16 panels here) run on the CPU's bf16 dot-product instruction (AVX512_BF16's vdpbf16ps, twice the fp32
+    multiply-adds, the same sums): the compiled ops loaded, the CPU has it, JANUS_CPU_BF16_DOT is not "0"
+    (read once per process)."""
+    if _ext.load() is None or not hasattr(torch.ops.janus, "cpu_bf16_dot"):
+        return False
+    return bool(torch.ops.janus.cpu_bf16_dot())
 
 
 def kernel_ready() -> bool:
