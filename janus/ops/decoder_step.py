@@ -103,17 +103,24 @@ ENCODER_LAYER_WEIGHTS = (
 # over the layers at 2 / 10 / 16 / 32 / 50 / 64 / 80 rows: float32 small preset 3.8 / 3.0 / 2.1 / 1.6 / 1.0 /
 # 1.2 / 0.85, iwslt 3.0 / 1.9 / 1.4 / 1.4 / 1.1 / 1.05 / 0.88 (its products are skinny_linear's tiles, made
 # for few rows); bfloat16 iwslt 2.9 / 1.8 / 1.4 / 0.94 / 0.61 / 0.70 / 0.50 (oneDNN's bf16 GEMMs with AMX
-# tiles are flat in the rows), bfloat16 small preset 7.3 / 4.2 / 3.4 / 2.3 / 1.8 / 1.7 / 1.2.
-MAX_ROWS = {torch.float32: 64, torch.bfloat16: 16}
+# tiles are flat in the rows), bfloat16 small preset 7.3 / 4.2 / 3.4 / 2.3 / 1.8 / 1.7 / 1.2. Those bf16 figures
+# were the kernel's widened fp32 arithmetic; on a CPU without AMX, whose bf16 products run on the bf16
+# dot-product instruction (skinny_linear.cpu_bf16_dot) against oneDNN's AVX512_BF16 GEMMs, the same benchmark
+# on the 2-core AMD EPYC gave bfloat16 iwslt 2.96 / 3.14 / 2.73 / 2.39 / 2.21 / 2.45 at 2 / 10 / 16 / 32 / 50 /
+# 64 rows, its encoder 2.07 / 1.51 at 20 / 80: there bf16 goes as far as float32.
+_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+MAX_ROWS = {torch.float32: 64, torch.bfloat16: 16 if _AMX else 64}
 # Widths up to this (the small preset's 128), where the kernel stays ahead past those rows. Its attention by runs
 # of rows sharing their columns (a canvas' rows read its transposed keys once), measured on the model shipped
 # as builtin:de-en, 2-core AVX-512 AMD EPYC, 2 threads, mask-predict passes over 3 canvases of 26 tokens per
 # sentence (the median of 7 interleaved rounds), the kernel's speedup over the layers at 78 / 156 / 624 / 1248 /
 # 1872 / 2496 / 3744 / 7488 rows: float32 1.86 / 1.67 / 1.29 / 1.51 / 1.42 / 1.35 / 1.47 / 1.35; bfloat16 at
 # 78 / 156 / 312 / 468 / 624 / 1248 / 2496 rows 2.00 / 1.50 / 1.17 / 1.06 / 1.09 / 0.84 / 0.88 (oneDNN's bf16
-# GEMMs pull ahead of the kernel's fp32 arithmetic on bf16 weights).
+# GEMMs pull ahead of the kernel's fp32 arithmetic on bf16 weights). With the bf16 dot products, the whole
+# batch-32 decode of 64 test sentences (3 interleaved rounds) at 8192 rows against 640 took T=10 l=3 8.03 / 9.44
+# ms a sentence, T=4 l=1 1.78 / 1.92: the limit is float32's where the CPU has no AMX.
 NARROW = 128
-NARROW_ROWS = {torch.float32: 8192, torch.bfloat16: 640}
+NARROW_ROWS = {torch.float32: 8192, torch.bfloat16: 640 if _AMX else 8192}
 
 
 def max_rows(dtype: torch.dtype, width: int) -> int:
