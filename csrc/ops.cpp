@@ -59,8 +59,8 @@ TORCH_LIBRARY(janus, m) {
   // Every decoder layer of one incremental inference pass over a few rows (CPU, float32): x [N, R, D] (the
   // first num_content rows of each hypothesis are content rows, written to its self-attention caches
   // [N, H, W, D/H] at columns int64 [N, num_content]); row r of hypothesis n sees cache columns
-  // [spans[n, r, 0], spans[n, r, 1]) (int64 [N, R, 2]) and the source positions where keep (bool [B, S]) holds, through the
-  // cross-attention keys/values [B, H, S, D/H] of sentence n / (N / B); weights: 18 per layer
+  // [spans[n, r, 0], spans[n, r, 1]) (int64 [N, R, 2]) and the source positions where keep (bool [B, S]) holds,
+  // through the cross-attention keys/values [B, H, S, D/H] of sentence n / (N / B); weights: 18 per layer
   // (janus.ops.decoder_step.LAYER_WEIGHTS). Empty cross lists: the encoder's layers, 12 weights each
   // (ENCODER_LAYER_WEIGHTS), no cross-attention. -> the final hidden states [N, R, D].
   m.set_python_module("janus.ops.decoder_step");

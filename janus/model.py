@@ -38,7 +38,7 @@ from janus.ops.decoder_step import (
 )
 from janus.ops.skinny_linear import MAX_ROWS as SKINNY_ROWS
 from janus.ops.skinny_linear import MIN_WEIGHT as SKINNY_MIN_WEIGHT
-from janus.ops.skinny_linear import PANEL, PANEL_ROWS, pack_panels, skinny_linear_checked
+from janus.ops.skinny_linear import PANEL, pack_panels, panel_rows, skinny_linear_checked
 from janus.ops.skinny_linear import kernel_ready as skinny_kernel_ready
 from janus.streams import DecoderRows
 
@@ -874,16 +874,16 @@ class JanusModel(nn.Module):
 
     def project(self, hidden: Tensor) -> Tensor:
         """Vocabulary logits of the given rows through the shared embedding: (..., D) -> (..., V), in the
-        model's dtype; a bfloat16 model's incremental steps on a CPU (``janus.ops.skinny_linear``'s few rows)
-        get float32 logits."""
+        model's dtype; a bfloat16 model's inference rows on a CPU (``janus.ops.skinny_linear.panel_rows``) get
+        float32 logits."""
         if self.out_proj is not None:
             return _linear(self.out_proj, hidden)
         w = self.embed.weight
-        if hidden.dtype == w.dtype and hidden.numel() <= PANEL_ROWS.get(w.dtype, 0) * hidden.shape[-1]:
-            # Inference rows through the kernel's panel tiles (up to hundreds of float32 rows: a beam step of
-            # a batch, a verification pass), on a packed copy of the embedding. In bf16 (a step's few rows),
-            # float32 logits from the bf16 weights (bf16 logits of magnitude ~10 are rounded to ~0.06, enough
-            # to tie or swap a search's best candidates).
+        if hidden.dtype == w.dtype and hidden.numel() <= panel_rows(w.dtype) * hidden.shape[-1]:
+            # Inference rows through the kernel's panel tiles, on a packed copy of the embedding: every float32
+            # row, so that a row's logits do not depend on the batch. In bf16, float32 logits from the bf16
+            # weights (bf16 logits of magnitude ~10 are rounded to ~0.06, enough to tie or swap a search's best
+            # candidates), on the CPU's bf16 dot products.
             panels = self.output_panels()
             if panels is not None:
                 logits = skinny_linear_checked(hidden.float(), panels, None)
@@ -900,7 +900,7 @@ class JanusModel(nn.Module):
         if (
             self.out_proj is not None
             or w.device.type != "cpu"
-            or w.dtype not in PANEL_ROWS
+            or w.dtype not in (torch.float32, torch.bfloat16)
             or torch.is_grad_enabled()
             or not skinny_kernel_ready()
         ):

@@ -13,10 +13,10 @@ from tolerances import assert_within_baseline
 
 from janus.ops.skinny_linear import (
     PANEL,
-    PANEL_ROWS,
     SKINNY_LINEAR,
     _fits_cpp,
     pack_panels,
+    panel_rows,
     skinny_linear,
     skinny_linear_checked,
     skinny_linear_ref,
@@ -136,8 +136,9 @@ def test_panels_float32_rows_by_bfloat16_weights_give_float32():
 
 
 def test_the_projection_runs_on_panels_that_follow_the_embedding(monkeypatch):
-    """Inference rows' logits (up to PANEL_ROWS of them) come from a packed copy of the embedding (300 ids:
-    19 panels, the last padded), cut to the vocabulary; an in-place update of the embedding reaches it."""
+    """Inference rows' logits come from a packed copy of the embedding (300 ids: 19 panels, the last padded), cut
+    to the vocabulary, however many rows (the kernel runs chunks of 512: each row's logits are the ones it has
+    alone); an in-place update of the embedding reaches it."""
     from janus.config import preset
     from janus.model import JanusModel
 
@@ -158,14 +159,38 @@ def test_the_projection_runs_on_panels_that_follow_the_embedding(monkeypatch):
     with torch.no_grad():
         assert model.project(torch.randn(40, model.cfg.d_model)).shape == (40, 300)  # a beam step of a batch
         assert len(seen) == 3
-        many = PANEL_ROWS[torch.float32] + 1
-        assert model.project(torch.randn(many, model.cfg.d_model)).shape == (many, 300)  # torch's GEMM
-    assert len(seen) == 3
+        many = torch.randn(1100, model.cfg.d_model)
+        logits = model.project(many)
+        assert logits.shape == (1100, 300) and len(seen) == 4
+        for r in (0, 511, 512, 1023, 1024, 1099):  # either side of the chunks' edges
+            assert torch.equal(logits[r], model.project(many[r : r + 1])[0])
+    assert len(seen) == 10
     model.train()
     with torch.no_grad():
         model.project(h)  # the model in training mode still projects on panels without autograd
-    assert len(seen) == 4
-    assert model.project(h).requires_grad and len(seen) == 4  # with autograd: torch's, differentiable
+    assert len(seen) == 11
+    assert model.project(h).requires_grad and len(seen) == 11  # with autograd: torch's, differentiable
+
+
+def test_a_bfloat16_models_logits_are_float32_whatever_the_batch():
+    """Where the CPU's bf16 dot products run them (and it has no AMX), every inference row of a bf16 model is
+    projected to fp32 logits on the bf16 panels: the exact products' sums to fp32 rounding, each row's the ones it
+    has alone, across the kernel's chunks of 512 rows."""
+    from janus.config import preset
+    from janus.model import JanusModel
+
+    if panel_rows(torch.bfloat16) < 1100:
+        pytest.skip("bf16 rows past 8 go to torch's bf16 GEMM here (no bf16 dot products, or AMX)")
+    torch.manual_seed(2)
+    model = JanusModel(preset("tiny", vocab_size=300)).eval().to(torch.bfloat16)
+    many = torch.randn(1100, model.cfg.d_model).bfloat16()
+    with torch.no_grad():
+        logits = model.project(many)
+        assert logits.dtype == torch.float32 and logits.shape == (1100, 300)
+        for r in (0, 511, 512, 1099):
+            assert torch.equal(logits[r], model.project(many[r : r + 1])[0])
+    exact = many.double() @ model.embed.weight.detach().double().T
+    torch.testing.assert_close(logits.double(), exact, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 10, 13])

@@ -293,8 +293,8 @@ std::tuple<at::Tensor, at::Tensor> loss_terms_cpu(const at::Tensor& logits, at::
   const int64_t r = counts[0], mb = counts[1], mc = counts[2];
   TORCH_CHECK_VALUE(r >= 0 && mb >= 0 && mc >= 0 && r + mb + mc == rows,
                     "janus::loss_terms: counts ", counts, " must be >= 0 and add up to the ", rows, " logit rows");
-  TORCH_CHECK_VALUE(mb == 0 || mc == 0 || mb == mc, "janus::loss_terms: the two masked streams must have as many rows, got ",
-                    mb, " and ", mc);
+  TORCH_CHECK_VALUE(mb == 0 || mc == 0 || mb == mc,
+                    "janus::loss_terms: the two masked streams must have as many rows, got ", mb, " and ", mc);
   TORCH_CHECK_VALUE(V > 0, "janus::loss_terms: logits have no columns");
   TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == rows && targets.scalar_type() == at::kLong,
                     "janus::loss_terms: targets must be int64 (", rows, ",), got ", targets.scalar_type(), " ",

@@ -183,7 +183,9 @@ JANUS_INLINE void run_rows(const Problem& P, int64_t n0, int64_t n1) {
 }
 
 [[maybe_unused]] JANUS_CLONES void block_f32(const Problem& P, int64_t n0, int64_t n1) { run_rows<float>(P, n0, n1); }
-[[maybe_unused]] JANUS_CLONES void block_bf16(const Problem& P, int64_t n0, int64_t n1) { run_rows<bf16_raw>(P, n0, n1); }
+[[maybe_unused]] JANUS_CLONES void block_bf16(const Problem& P, int64_t n0, int64_t n1) {
+  run_rows<bf16_raw>(P, n0, n1);
+}
 // bf16 weights and bias, fp32 outputs (decoder_step keeps its activations in fp32).
 [[maybe_unused]] JANUS_CLONES void block_bf16_f32(const Problem& P, int64_t n0, int64_t n1) {
   run_rows<bf16_raw, float>(P, n0, n1);
@@ -195,12 +197,12 @@ JANUS_INLINE void run_rows(const Problem& P, int64_t n0, int64_t n1) {
 constexpr int64_t kPanelBlock = 128;
 
 // Panels: a weight (N, K) packed as (N / 16, K, 16), panel p holding outputs [16p, 16p + 16) K-major
-// (janus.ops.skinny_linear.pack_panels). A panel tile broadcasts one input element at a time against a
-// vector of 16 outputs, so an output's sum is a chain of fused multiply-adds in k order (in blocks of
-// kPanelBlock), stored as it is: no lane sums. Where K is small (the 128-wide layers of the `small` preset: 8 vectors of K per weight
-// row) the row-major tiles above spend as much on their lane-sum trees as on the products; measured in
-// janus.ops.skinny_linear's docstring. The sum does not depend on the tile either: a row's result depends
-// on neither the other rows nor the thread count.
+// (janus.ops.skinny_linear.pack_panels). A panel tile broadcasts one input element at a time against a vector of 16
+// outputs, so an output's sum is a chain of fused multiply-adds in k order (in blocks of kPanelBlock), stored as it is:
+// no lane sums. Where K is small (the 128-wide layers of the `small` preset: 8 vectors of K per weight row) the
+// row-major tiles above spend as much on their lane-sum trees as on the products; measured in
+// janus.ops.skinny_linear's docstring. The sum does not depend on the tile either: a row's result depends on neither the other rows nor the
+// thread count.
 template <typename T, int G, int J, typename O = T>
 JANUS_INLINE void panel_tile(const Problem& P, int64_t r0, int64_t p) {
   static_assert(G * J + J <= 30, "panel_tile: accumulators and weight vectors fit AVX-512's 32 registers");
@@ -283,7 +285,9 @@ JANUS_INLINE void run_panels(const Problem& P, int64_t p0, int64_t p1) {
   }
 }
 
-[[maybe_unused]] JANUS_CLONES void panels_f32(const Problem& P, int64_t p0, int64_t p1) { run_panels<float>(P, p0, p1); }
+[[maybe_unused]] JANUS_CLONES void panels_f32(const Problem& P, int64_t p0, int64_t p1) {
+  run_panels<float>(P, p0, p1);
+}
 [[maybe_unused]] JANUS_CLONES void panels_bf16(const Problem& P, int64_t p0, int64_t p1) {
   run_panels<bf16_raw>(P, p0, p1);
 }

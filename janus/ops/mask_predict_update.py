@@ -31,7 +31,7 @@ are left untouched; works in place and returns its inputs.
   block reduced by ``torch.ops.janus.best_token`` (csrc/cpu/best_token.cpp: two passes over a row,
   where torch's log-sum-exp, fill and max take five). Scores as blocked's, to rounding;
 - both CPU backends, given ``panels`` (the model's packed output projection, ``JanusModel.output_panels``)
-  and float32 inputs, multiply each block of up to ``PANEL_ROWS`` masked rows on the skinny_linear
+  and float32 inputs, multiply each block of masked rows on the skinny_linear
   kernel's panel tiles: at the small preset's (8000, 128) 0.4-0.7x torch's GEMM time from 8 to 512 rows
   (janus/ops/skinny_linear.py). A mask-predict decode of the shipped model (T=10, l=3) took 0.74-0.78x the
   time at batch 1 and 0.71-0.82x at batch 32 (64 test sentences, two runs each against the code before, same
@@ -56,8 +56,8 @@ from torch import Tensor
 
 from janus import _ext
 from janus.ops._dispatch import Backend, Verdict, all_on_cpu, all_on_cuda, compiled, register_op, triton_available
-from janus.ops.skinny_linear import PANEL_ROWS, skinny_linear_checked
 from janus.ops.skinny_linear import kernel_ready as skinny_kernel_ready
+from janus.ops.skinny_linear import skinny_linear_checked
 
 # fp32 logits per block of "blocked" (8 MB: 262 masked rows at V = 8000, 65 at V = 32000), small enough
 # to stay in a CPU's cache between the product and the reductions, large enough for an efficient product.
@@ -131,8 +131,6 @@ def _blocked(
         and h.dtype in (torch.float32, torch.bfloat16)
         and skinny_kernel_ready()
     )
-    if use_panels:
-        step = min(step, PANEL_ROWS[torch.float32])
     best = torch.empty(M, dtype=torch.float32, device=h.device)
     tok = torch.empty(M, dtype=torch.long, device=h.device)
     for r in range(0, M, step):

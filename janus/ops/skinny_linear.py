@@ -62,6 +62,7 @@ Force one with ``JANUS_BACKEND_SKINNY_LINEAR=cpp|reference``.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -73,9 +74,10 @@ from janus.ops._dispatch import Backend, Verdict, all_on_cpu, compiled, register
 
 # Rows up to which the kernel beats torch's GEMM, by dtype (measured above).
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
-# Rows up to which the panel tiles beat torch's GEMM against a packed weight, by dtype. In float32 they run
-# at ~185 GFLOP/s on the 2-core EPYC from 8 rows to 1024 (the FMA units' peak), torch's GEMM at 60-150 (ms,
-# 2 threads, the vocabulary products of the small and iwslt presets, (8000, 128) and (10000, 512)):
+# The panel tiles against torch's GEMM on a packed weight (``panel_rows``). In float32 they run at ~185 GFLOP/s
+# on the 2-core EPYC from 8 rows to 1024 (the FMA units' peak), torch's GEMM at 60-150 (ms, 2 threads, the
+# vocabulary products of the small and iwslt presets, (8000, 128) and (10000, 512)); past 512 rows the kernel
+# runs chunks of 512 (2048 rows at once had taken as long as torch's GEMM):
 #
 #     rows M                 8      32      64     128     262     512    1024    2048
 #     (8000, 128)   torch  0.27    0.74    1.31    2.25    4.27    7.23   13.86   42.47
@@ -95,7 +97,21 @@ MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
 #     (10000, 512)  dot      0.085   0.140   0.218   0.854    3.41    13.1
 #                   widened  0.173   0.372   0.568    1.95    7.58    33.2
 #                   torch    0.299   0.487   0.597    1.30    4.63    13.5
-PANEL_ROWS = {torch.float32: 512, torch.bfloat16: 8}
+_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def panel_rows(dtype: torch.dtype) -> int:
+    """Rows up to which ``JanusModel.project`` multiplies inference rows of ``dtype`` on the packed embedding (0:
+    never): every float32 row (their logits then never depend on how many rows share a call); bfloat16 rows
+    widened to fp32 logits, every row where the CPU's bf16 dot products run them and it has no AMX (whose bf16
+    GEMMs are faster past a few rows), else 8."""
+    if dtype == torch.float32:
+        return 1 << 62
+    if dtype == torch.bfloat16:
+        return 1 << 62 if cpu_bf16_dot() and not _AMX else 8
+    return 0
+
+
 # Weights (elements) from which it does (measured above).
 MIN_WEIGHT = 1 << 18
 
@@ -190,11 +206,12 @@ SKINNY_LINEAR = register_op(
 )
 
 
+@functools.cache
 def cpu_bf16_dot() -> bool:
     """Whether the CPU kernels' bf16 products (``decoder_step`` of a bf16 model, and float32 rows of bf16 values
     by bf16 panels here) run on the CPU's bf16 dot-product instruction (AVX512_BF16's vdpbf16ps, twice the fp32
     multiply-adds, the same sums): the compiled ops loaded, the CPU has it, JANUS_CPU_BF16_DOT is not "0"
-    (read once per process)."""
+    (read once per process, as the kernel reads it)."""
     if _ext.load() is None or not hasattr(torch.ops.janus, "cpu_bf16_dot"):
         return False
     return bool(torch.ops.janus.cpu_bf16_dot())
