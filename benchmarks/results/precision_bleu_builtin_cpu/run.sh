@@ -1,6 +1,7 @@
 #!/bin/bash
 # BLEU drift of bf16 / int8 against fp32 on the shipped model, all 1000 test pairs. (stage2/: the same for the
 # model shipped before, MODEL.md's stage 2; its run had no --rerank --dedup row.)
+set -eu  # a missing janus or sacrebleu stops here, before any result file is rewritten
 cd "$(dirname "$0")/../../.."
 D=${1:-../shared/data/libreoffice-de-en}  # DTYPES="int8" bash run.sh: some precisions only
 O=benchmarks/results/precision_bleu_builtin_cpu
@@ -20,3 +21,5 @@ done
 python $O/summarize.py   # summary.json, table.md
 sacrebleu $D/test.en -i $O/hyps/float32.default.nar $O/hyps/int8.default.nar -m bleu --paired-bs -f text \
   > $O/paired_bootstrap_nar_t10l3_int8.txt
+sacrebleu $D/test.en -i $O/hyps/float32.rerank_dedup.nar $O/hyps/bfloat16.rerank_dedup.nar -m bleu --paired-bs \
+  -f text > $O/paired_bootstrap_rerank_dedup_bf16.txt
