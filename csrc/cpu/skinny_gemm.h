@@ -201,8 +201,8 @@ constexpr int64_t kPanelBlock = 128;
 // outputs, so an output's sum is a chain of fused multiply-adds in k order (in blocks of kPanelBlock), stored as it is:
 // no lane sums. Where K is small (the 128-wide layers of the `small` preset: 8 vectors of K per weight row) the
 // row-major tiles above spend as much on their lane-sum trees as on the products; measured in
-// janus.ops.skinny_linear's docstring. The sum does not depend on the tile either: a row's result depends on neither the other rows nor the
-// thread count.
+// janus.ops.skinny_linear's docstring. The sum does not depend on the tile either: a row's result depends on
+// neither the other rows nor the thread count.
 template <typename T, int G, int J, typename O = T>
 JANUS_INLINE void panel_tile(const Problem& P, int64_t r0, int64_t p) {
   static_assert(G * J + J <= 30, "panel_tile: accumulators and weight vectors fit AVX-512's 32 registers");
