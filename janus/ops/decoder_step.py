@@ -58,7 +58,7 @@ from torch import Tensor
 
 from janus import _ext
 from janus.ops._dispatch import Backend, Verdict, all_on_cpu, compiled, register_op
-from janus.ops.skinny_linear import unpack_panels
+from janus.ops.skinny_linear import CPU_AMX, unpack_panels
 
 # The 18 tensors of one layer in ``weights``, in this order.
 LAYER_WEIGHTS = (
@@ -108,8 +108,7 @@ ENCODER_LAYER_WEIGHTS = (
 # dot-product instruction (skinny_linear.cpu_bf16_dot) against oneDNN's AVX512_BF16 GEMMs, the same benchmark
 # on the 2-core AMD EPYC gave bfloat16 iwslt 2.96 / 3.14 / 2.73 / 2.39 / 2.21 / 2.45 at 2 / 10 / 16 / 32 / 50 /
 # 64 rows, its encoder 2.07 / 1.51 at 20 / 80: there bf16 goes as far as float32.
-_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-MAX_ROWS = {torch.float32: 64, torch.bfloat16: 16 if _AMX else 64}
+MAX_ROWS = {torch.float32: 64, torch.bfloat16: 16 if CPU_AMX else 64}
 # Widths up to this (the small preset's 128), where the kernel stays ahead past those rows. Its attention by runs
 # of rows sharing their columns (a canvas' rows read its transposed keys once), measured on the model shipped
 # as builtin:de-en, 2-core AVX-512 AMD EPYC, 2 threads, mask-predict passes over 3 canvases of 26 tokens per
@@ -120,7 +119,7 @@ MAX_ROWS = {torch.float32: 64, torch.bfloat16: 16 if _AMX else 64}
 # batch-32 decode of 64 test sentences (3 interleaved rounds) at 8192 rows against 640 took T=10 l=3 8.03 / 9.44
 # ms a sentence, T=4 l=1 1.78 / 1.92: the limit is float32's where the CPU has no AMX.
 NARROW = 128
-NARROW_ROWS = {torch.float32: 8192, torch.bfloat16: 640 if _AMX else 8192}
+NARROW_ROWS = {torch.float32: 8192, torch.bfloat16: 640 if CPU_AMX else 8192}
 
 
 def max_rows(dtype: torch.dtype, width: int) -> int:

@@ -76,8 +76,8 @@ from janus.ops._dispatch import Backend, Verdict, all_on_cpu, compiled, register
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
 # The panel tiles against torch's GEMM on a packed weight (``panel_rows``). In float32 they run at ~185 GFLOP/s
 # on the 2-core EPYC from 8 rows to 1024 (the FMA units' peak), torch's GEMM at 60-150 (ms, 2 threads, the
-# vocabulary products of the small and iwslt presets, (8000, 128) and (10000, 512)); past 512 rows the kernel
-# runs chunks of 512 (2048 rows at once had taken as long as torch's GEMM):
+# vocabulary products of the small and iwslt presets, (8000, 128) and (10000, 512)); past 512 rows the two are
+# level (the kernel runs chunks of 512 rows; at 2048 the output's first touch is most of either's time):
 #
 #     rows M                 8      32      64     128     262     512    1024    2048
 #     (8000, 128)   torch  0.27    0.74    1.31    2.25    4.27    7.23   13.86   42.47
@@ -97,7 +97,8 @@ MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8}
 #     (10000, 512)  dot      0.085   0.140   0.218   0.854    3.41    13.1
 #                   widened  0.173   0.372   0.568    1.95    7.58    33.2
 #                   torch    0.299   0.487   0.597    1.30    4.63    13.5
-_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+# Whether the CPU has AMX tiles, on which oneDNN's bf16 GEMMs (torch's bf16 layers) outrun the kernels past a few rows.
+CPU_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def panel_rows(dtype: torch.dtype) -> int:
@@ -108,7 +109,7 @@ def panel_rows(dtype: torch.dtype) -> int:
     if dtype == torch.float32:
         return 1 << 62
     if dtype == torch.bfloat16:
-        return 1 << 62 if cpu_bf16_dot() and not _AMX else 8
+        return 1 << 62 if cpu_bf16_dot() and not CPU_AMX else 8
     return 0
 
 
