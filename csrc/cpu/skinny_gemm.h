@@ -303,20 +303,7 @@ JANUS_INLINE void run_panels(const Problem& P, int64_t p0, int64_t p1) {
 // for bit, as the other CPUs' tiles, which widen the rounded rows and weights and run two FMAs (measured on the
 // AVX-512 AMD EPYC; the instruction treats subnormal inputs and results as 0, the FMAs do not).
 
-// x rounded to bf16: its fp32 bits with the low 16 cleared (NaN: the quiet NaN).
-JANUS_INLINE vu bf16_rounded(vf x) {
-  vu u;
-  std::memcpy(&u, &x, sizeof u);
-  const vu nan = (vu)(x != x);
-  return (((u + 0x7FFFu + ((u >> 16) & 1u)) & ~nan) | ((vu{} + 0x7FC00000u) & nan)) & 0xFFFF0000u;
-}
-JANUS_INLINE uint32_t bf16_rounded(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return x != x ? 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-}
-
-// out[i] = x[i] rounded to bf16, as fp32 (i < n).
+// out[i] = x[i] rounded to bf16 (lanes::bf16_rounded, as the kernels' bf16 stores round), as fp32 (i < n).
 [[maybe_unused]] JANUS_CLONES void round_to_bf16(const float* x, int64_t n, float* out) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {

@@ -91,6 +91,8 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
     std::vector<uint32_t> pairs(dot ? static_cast<size_t>(M * K / 2) : 0);
     if (dot) bf16_pairs(P.x, M * K / 2, pairs.data());
     auto* run = mixed ? panels_bf16_f32 : dt == at::kFloat ? panels_f32 : panels_bf16;
+    const auto* wb = static_cast<const bf16_raw*>(P.w);
+    const auto* bb = static_cast<const bf16_raw*>(P.b);
     const int64_t grain = panel_grain(K, w.element_size()), row_bytes = N * out.element_size();
     // Many rows (a batch's re-ranking pass: every float32 row comes here, JanusModel.project) run in chunks of
     // kPanelChunk, each over every panel, so that a chunk's inputs stay in cache while the panels stream by; a
@@ -104,8 +106,6 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
       C.out = static_cast<char*>(P.out) + r0 * row_bytes;
       if (dot) {
         const Bf16Rows rows{nullptr, pairs.data() + r0 * K / 2};
-        const auto* wb = static_cast<const bf16_raw*>(P.w);
-        const auto* bb = static_cast<const bf16_raw*>(P.b);
         auto* o = static_cast<float*>(C.out);
         at::parallel_for(0, N / lanes::kLanes, grain,
                          [&](int64_t p0, int64_t p1) { bf16_panels(rows, m, K, wb, N, bb, o, p0, p1); });

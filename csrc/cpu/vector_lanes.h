@@ -51,20 +51,24 @@ JANUS_INLINE vf load(vf, const bf16_raw* p) {
   return x;
 }
 
-JANUS_INLINE void store(float* p, float x) { *p = x; }
-JANUS_INLINE void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
-// Round to nearest even, NaN kept NaN (as c10::BFloat16).
-JANUS_INLINE void store(bf16_raw* p, float x) {
+// x rounded to bf16, to nearest even, NaN kept NaN (as c10::BFloat16): its fp32 bits with the low 16 cleared.
+JANUS_INLINE uint32_t bf16_rounded(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof u);
-  *p = std::isnan(x) ? bf16_raw{0x7FC0} : static_cast<bf16_raw>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return std::isnan(x) ? 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
 }
-JANUS_INLINE void store(bf16_raw* p, vf x) {
+JANUS_INLINE vu bf16_rounded(vf x) {
   vu u;
   std::memcpy(&u, &x, sizeof u);
   const vu nan = (vu)(x != x);
-  const vu rounded = ((u + 0x7FFFu + ((u >> 16) & 1u)) & ~nan) | ((vu{} + 0x7FC00000u) & nan);
-  const vh h = __builtin_convertvector(rounded >> 16, vh);
+  return (((u + 0x7FFFu + ((u >> 16) & 1u)) & ~nan) | ((vu{} + 0x7FC00000u) & nan)) & 0xFFFF0000u;
+}
+
+JANUS_INLINE void store(float* p, float x) { *p = x; }
+JANUS_INLINE void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
+JANUS_INLINE void store(bf16_raw* p, float x) { *p = static_cast<bf16_raw>(bf16_rounded(x) >> 16); }
+JANUS_INLINE void store(bf16_raw* p, vf x) {
+  const vh h = __builtin_convertvector(bf16_rounded(x) >> 16, vh);
   std::memcpy(p, &h, sizeof h);
 }
 
