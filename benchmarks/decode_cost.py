@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from decode_speed import BUILTIN, methods
-from harness import environment, interleaved_pieces, print_table, write_json
+from harness import environment, interleaved_pieces, percentile, print_table, write_json
 
 from janus.api import Generator, make_decode_batches
 from janus.samples import libreoffice_sample
@@ -141,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         n = len(sources)
         for m, ms, fn in zip(chosen, wall, traced):
             passes = sum(h.passes for h in outputs[m]) / n
-            w, k = statistics.median(ms) / n, statistics.median(fn.kernel_ms) / n
+            w, k = percentile(ms, 0.5) / n, percentile(fn.kernel_ms, 0.5) / n  # medians, as decode_speed's p50
             rows.append(dict(method=m, batch=batch, sentences=n, passes=passes, wall_ms=w, kernel_ms=k,
                              host_ms=w - k, kernel_share=k / w, kernel_us_pass=1e3 * k / passes,
                              host_us_pass=1e3 * (w - k) / passes))  # fmt: skip
