@@ -62,12 +62,14 @@ TORCH_LIBRARY(janus, m) {
   // [spans[n, r, 0], spans[n, r, 1]) (int64 [N, R, 2]) and the source positions where keep (bool [B, S]) holds,
   // through the cross-attention keys/values [B, H, S, D/H] of sentence n / (N / B); weights: 18 per layer
   // (janus.ops.decoder_step.LAYER_WEIGHTS). Empty cross lists: the encoder's layers, 12 weights each
-  // (ENCODER_LAYER_WEIGHTS), no cross-attention. -> the final hidden states [N, R, D].
+  // (ENCODER_LAYER_WEIGHTS), no cross-attention. outputs (bool [N, R], optional): the rows whose final states are
+  // read; the last layer runs the others' keys/values alone and returns them as zeros. -> the final hidden states
+  // [N, R, D].
   m.set_python_module("janus.ops.decoder_step");
   m.def(
       "decoder_step(Tensor x, int num_content, Tensor spans, Tensor columns, Tensor(a!)[] self_k, "
       "Tensor(b!)[] self_v, Tensor[] cross_k, Tensor[] cross_v, Tensor keep, Tensor[] weights, int n_heads, "
-      "float eps) -> Tensor");
+      "float eps, Tensor? outputs=None) -> Tensor");
 
   // Per row of logits float32 [R, V]: the id of the largest logit among the ids not in `banned` (ties: the
   // smaller) and its log-probability under the softmax of the whole row -> scores float32 [R], ids int64 [R].

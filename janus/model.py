@@ -353,6 +353,8 @@ _PRODUCTS = frozenset(i for i, name in enumerate(LAYER_WEIGHTS) if name.endswith
 _ENCODER_PRODUCTS = frozenset(
     i for i, name in enumerate(ENCODER_LAYER_WEIGHTS) if name.endswith(".weight") and "norm" not in name
 )
+# The rows of an AR step (``JanusModel.decode_ar_step``: a content row, then a query row) whose states are read.
+_QUERY_ROW = torch.tensor([False, True])
 
 
 def _layer_params(layers: nn.ModuleList, attention: str, names: Sequence[str]) -> list[Tensor]:
@@ -631,7 +633,9 @@ class JanusModel(nn.Module):
         return classes
 
     # -- decoder -------------------------------------------------------------------------------
-    def decode(self, rows: DecoderRows, enc: EncoderOut, cache: Optional[KVCache] = None) -> Tensor:
+    def decode(
+        self, rows: DecoderRows, enc: EncoderOut, cache: Optional[KVCache] = None, *, outputs: Optional[Tensor] = None
+    ) -> Tensor:
         """Run decoder rows through every layer; returns the final hidden states (N, R, D).
 
         ``rows`` may hold g hypotheses per sentence of ``enc`` (N = g * B, hypotheses of one
@@ -641,6 +645,9 @@ class JanusModel(nn.Module):
         ``rows.cache_columns`` (N, C), or appended at ``cache.length`` when that is None, and
         ``rows.visibility`` (N, R, W) says which of cache columns [0, W) each row sees;
         ``cache.length`` becomes W.
+
+        ``outputs`` (bool (N, R), inference only) names the rows whose states the caller reads; the others'
+        are then unspecified (zeros where ``janus.ops.decoder_step`` takes the pass and skips their last layer).
         """
         N = rows.tokens.shape[0]
         x = self._embed_rows(rows.tokens, rows.positions, rows.max_position, enc)  # (N, R, D)
@@ -649,9 +656,9 @@ class JanusModel(nn.Module):
             if cache is None:  # a pass over its own rows (mask-predict): their keys/values in a scratch cache
                 C = rows.num_content
                 columns = torch.arange(C, device=x.device).expand(N, C)
-                return self._fused_pass(x, C, spans, columns, enc, KVCache(), C)
+                return self._fused_pass(x, C, spans, columns, enc, KVCache(), C, outputs)
             width = rows.visibility.shape[-1]
-            x = self._fused_pass(x, rows.num_content, spans, rows.cache_columns, enc, cache, width)
+            x = self._fused_pass(x, rows.num_content, spans, rows.cache_columns, enc, cache, width, outputs)
             cache.length = width
             return x
         self_mask = rows.visibility[:, None]  # (B, 1, R, C)
@@ -685,6 +692,7 @@ class JanusModel(nn.Module):
         max_position: int,
         enc: EncoderOut,
         cache: KVCache,
+        outputs: Optional[Tensor] = None,
     ) -> Optional[Tensor]:
         """``decode`` of rows given as the kernel takes them, without ``DecoderRows``: through
         ``janus.ops.decoder_step`` when it takes the pass (``fused_step_ok``), else None (the caller then builds
@@ -697,6 +705,7 @@ class JanusModel(nn.Module):
             columns: int64 (N, C), the cache column each content row is written to.
             width: a host int bounding every column and span; ``cache.length`` becomes ``width``.
             max_position: the largest of ``positions`` (a host int).
+            outputs: bool (N, R), the rows read (as ``decode``'s).
         Returns:
             (N, R, D) final hidden states, as ``decode`` returns them for the same rows, or None.
         """
@@ -705,7 +714,7 @@ class JanusModel(nn.Module):
         x = self._embed_rows(tokens, positions, max_position, enc)
         if not self.fused_step_ok(x):
             return None
-        x = self._fused_pass(x, columns.shape[1], spans, columns, enc, cache, width)
+        x = self._fused_pass(x, columns.shape[1], spans, columns, enc, cache, width, outputs)
         cache.length = width
         return x
 
@@ -733,7 +742,7 @@ class JanusModel(nn.Module):
         if self.fused_step_ok(x):
             spans = torch.tensor([0, t + 1], device=x.device).expand(N, 2, 2)  # both rows see columns 0 .. t
             columns = torch.full((N, 1), t, dtype=torch.long, device=x.device)  # the content row's
-            x = self._fused_pass(x, 1, spans, columns, enc, cache, t + 1)
+            x = self._fused_pass(x, 1, spans, columns, enc, cache, t + 1, _QUERY_ROW.expand(N, 2))
         else:
             x = self._run_decoder(x, 1, None, enc, enc.attention_mask(), cache, t, None)
         cache.length = t + 1
@@ -812,11 +821,19 @@ class JanusModel(nn.Module):
         return out
 
     def _fused_pass(
-        self, x: Tensor, num_content: int, spans: Tensor, columns: Tensor, enc: EncoderOut, cache: KVCache, width: int
+        self,
+        x: Tensor,
+        num_content: int,
+        spans: Tensor,
+        columns: Tensor,
+        enc: EncoderOut,
+        cache: KVCache,
+        width: int,
+        outputs: Optional[Tensor] = None,
     ) -> Tensor:
         """x (N, R, D) through every decoder layer in one ``decoder_step`` call: content rows written to cache
         ``columns`` (N, C), row r of hypothesis n seeing cache columns [spans[n, r, 0], spans[n, r, 1]);
-        ``width`` (a host int) bounds every column and span."""
+        ``width`` (a host int) bounds every column and span; ``outputs`` (bool (N, R)): the rows read."""
         N = x.shape[0]
         H, dk = self.cfg.n_heads, self.cfg.d_model // self.cfg.n_heads
         cache.prepare(len(self.decoder), N, H, dk, x)
@@ -836,6 +853,7 @@ class JanusModel(nn.Module):
             self.fused_weights(),
             H,
             self._norm_eps,
+            outputs,
         )
 
     def _cross_kv(self, enc: EncoderOut) -> list[tuple[Tensor, Tensor]]:

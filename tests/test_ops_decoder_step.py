@@ -299,6 +299,51 @@ def test_a_row_does_not_depend_on_how_many_rows_share_its_columns(dims):
     torch.testing.assert_close(full, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(N=1, R=2, C=1),
+        dict(N=10, R=2, C=1, B=2),
+        dict(N=3, R=10, C=5, B=3),
+        dict(N=1, R=10, C=5),
+        dict(N=3, R=9, C=9, B=3),
+        dict(N=1, R=26, C=26),
+    ],
+    ids=["greedy", "beams", "verifications", "a verification: rows split", "canvases", "a canvas: rows split"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_outputs_leaves_the_rows_read_as_they_were_and_zeroes_the_others(shape, dtype, threads):
+    """``outputs`` skips the last layer of the rows not read (but for their keys/values): the rows read come out
+    the same bits as without it, the others zero (as the reference returns them), every cache write the same;
+    on one thread or two (ranges of hypotheses, or of rows: each thread moving its own rows), with a
+    hypothesis none of whose rows are read, and with every row read."""
+    args = packed(in_dtype(problem(9, D=128, H=4, F=512, W=32, **shape), dtype))
+    N, R = shape["N"], shape["R"]
+    read = torch.rand(N, R, generator=torch.Generator().manual_seed(4)) < 0.5
+    read[0, -1], read[0, 0] = True, False  # an AR pass reads its last (query) row, not its first (content) row
+    if N > 1:
+        read[-1] = False
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        full_args, some_args, all_args = cloned(args), cloned(args), cloned(args)
+        full = torch.ops.janus.decoder_step(*full_args)
+        some = torch.ops.janus.decoder_step(*some_args, read)
+        every = torch.ops.janus.decoder_step(*all_args, torch.ones_like(read))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(some[read], full[read])
+    assert not some[~read].any()
+    assert torch.equal(every, full)
+    for a, b in zip(full_args[4] + full_args[5], some_args[4] + some_args[5]):
+        assert torch.equal(a, b)
+    if dtype == torch.float32:
+        want = decoder_step_ref(*cloned(args), outputs=read)
+        assert not want[~read].any()
+        torch.testing.assert_close(some, want, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_arguments_are_named():
     args = problem(1)
     bad = cloned(args)
@@ -344,6 +389,10 @@ def test_bad_arguments_are_named():
     bad[6] = [t.repeat(2, 1, 1, 1) for t in args[6]]
     with pytest.raises(ValueError, match=r"layer 0 cross_k must be Float \(1, 4, columns, 8\)"):
         torch.ops.janus.decoder_step(*bad)
+    with pytest.raises(ValueError, match=r"outputs must be bool \(2, 2\) on the CPU, got Long \[2, 2\]"):
+        torch.ops.janus.decoder_step(*cloned(args), torch.ones(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"outputs must be bool \(2, 2\) on the CPU, got Bool \[2, 3\]"):
+        torch.ops.janus.decoder_step(*cloned(args), torch.ones(2, 3, dtype=torch.bool))
 
 
 def test_dispatch_sends_what_the_kernel_cannot_take_to_the_reference():
@@ -710,3 +759,19 @@ def test_the_encoder_kernel_is_not_used_where_it_does_not_apply(monkeypatch):
         monkeypatch.setenv(FORCE, "reference")
         torch.testing.assert_close(m.encode(left).states, left_states)
     assert len(calls) == 2
+
+
+def test_the_benchmark_times_the_rows_read_after_checking_their_bits(tmp_path):
+    """benchmarks/decoder_step.py: an AR pass and canvases, each through the kernel with every row, with the rows
+    the model reads (``outputs``; same bits there, checked before timing) and through the layers."""
+    out = tmp_path / "step.json"
+    cmd = [sys.executable, "benchmarks/decoder_step.py", "--preset", "small", "--dtype", "float32", "--hypotheses",
+           "1", "--rows", "10", "--canvases", "3", "--sources", "", "--rounds", "3", "--calls", "1", "--threads", "1",
+           "--json", str(out)]  # fmt: skip
+    subprocess.run(cmd, cwd=Path(__file__).parents[1], check=True, capture_output=True)
+    import json
+
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["pass"], r["rows"]) for r in rows] == [("decoder", 10), ("canvas", 66)]
+    for r in rows:
+        assert r["kernel_us"] > 0 and r["kernel_read_us"] > 0 and r["layers_us"] > 0 and r["max_abs_diff"] <= 1e-4

@@ -26,6 +26,12 @@
 // another order than torch's kernels: results agree to fp32 rounding, not bit for bit. Each output is
 // computed by one thread in one order, so results depend on neither the thread count nor the other rows.
 //
+// `outputs` (optional, bool (N, R)): the rows whose final states the caller reads. In the last layer the other rows
+// only write their keys/values (step 1): attention, norms, cross-attention and feed-forward run on the rows read,
+// which come out the same bits as without `outputs`; the others come out zero. A mask-predict pass reads its masked
+// rows, an AR pass its query rows: a greedy step's content row, half of a verification's rows, and on average
+// 45% of a T=10 canvas' rows skip 12 of the last layer's 14 D^2 multiply-adds a row.
+//
 // Weights: 18 tensors per layer, in this order: Wqkv (3D, D), bqkv (3D), Wo (D, D), bo, LN1 weight, LN1 bias,
 // cross Wq (D, D), cross bq, cross Wo (D, D), cross bo, LN2 weight, LN2 bias, W1 (F, D), b1 (F), W2 (D, F),
 // b2 (D), LN3 weight, LN3 bias; all contiguous, of x's dtype (as the caches and the cross keys/values). The
@@ -50,6 +56,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #ifdef _OPENMP
@@ -417,22 +424,82 @@ std::vector<RowRun> within(const std::vector<RowRun>& runs, int64_t a, int64_t b
   return out;
 }
 
+// The last layer's rows whose output is read (`need`), moved to the front of a thread's range [a, b) in order, with
+// the attention runs renumbered to match: only their keys/values are needed of the other rows, and those are in the
+// cache by then. A row's sums do not depend on where it sits, so its output is the same bits as without `need`.
+struct Compacted {
+  bool active = false;
+  std::vector<int64_t> rows;  // the rows kept, ascending (counted as the pass' rows are)
+  std::vector<RowRun> own, source;
+};
+
+std::vector<RowRun> renumbered(const std::vector<RowRun>& runs, const std::vector<int64_t>& before, int64_t a) {
+  std::vector<RowRun> out;
+  for (RowRun run : runs) {
+    run.r0 = a + before[run.r0 - a];
+    run.r1 = a + before[run.r1 - a];
+    if (run.r0 < run.r1) out.push_back(run);
+  }
+  return out;
+}
+
+// Rows [a, b) of the states x (relative to a) and of the queries (the first D of each 3D row of qkv, absolute):
+// kept rows moved to a, a + 1, ... (each to a place at or before its own, so in ascending order nothing unread
+// is overwritten).
+Compacted compact(const bool* need, int64_t a, int64_t b, float* x, float* qkv, int64_t D,
+                  const std::vector<RowRun>& own, const std::vector<RowRun>& source) {
+  Compacted c;
+  std::vector<int64_t> before(static_cast<size_t>(b - a + 1), 0);  // kept rows among [a, a + i)
+  for (int64_t i = a; i < b; ++i) {
+    before[i - a + 1] = before[i - a] + (need[i] ? 1 : 0);
+    if (need[i]) c.rows.push_back(i);
+  }
+  if (static_cast<int64_t>(c.rows.size()) == b - a) return c;
+  c.active = true;
+  for (int64_t k = 0; k < static_cast<int64_t>(c.rows.size()); ++k) {
+    const int64_t i = c.rows[k];
+    if (i == a + k) continue;
+    std::memcpy(x + k * D, x + (i - a) * D, sizeof(float) * D);
+    std::memcpy(qkv + (a + k) * 3 * D, qkv + i * 3 * D, sizeof(float) * D);
+  }
+  c.own = renumbered(own, before, a);
+  c.source = renumbered(source, before, a);
+  return c;
+}
+
+// compact's inverse for the states: each kept row back in its place (descending: each moves to a place at or after
+// its own), the others zero.
+void expand(const Compacted& c, int64_t a, int64_t b, float* x, int64_t D) {
+  int64_t k = static_cast<int64_t>(c.rows.size()) - 1;
+  for (int64_t i = b - 1; i >= a; --i) {
+    float* dst = x + (i - a) * D;
+    if (k >= 0 && c.rows[k] == i) {
+      if (i != a + k) std::memcpy(dst, x + k * D, sizeof(float) * D);
+      --k;
+    } else {
+      std::fill(dst, dst + D, 0.0f);
+    }
+  }
+}
+
 // Every layer over rows [a, b) of hypotheses [n0, n1) of the pass, in place: h, spans, columns, the scratch and the
 // runs (own: self-attention, source: cross-attention) start at hypothesis n0's first row; rows are counted from
 // there. Weights, caches and cross keys/values are of type T. A row needs the other rows of its hypothesis only
 // through the keys/values they write into the cache, so after writing its rows' ones each layer calls `sync`
 // (a barrier where other threads write the rest; nothing where [a, b) holds whole hypotheses).
 template <typename T, typename Sync>
-void layer_rows(const Shape& P, int64_t n0, int64_t a, int64_t b, float* h, const int64_t* columns,
+void layer_rows(const Shape& P, int64_t n0, int64_t a, int64_t b, float* h, const int64_t* columns, const bool* need,
                 const std::vector<RowRun>& own, const std::vector<RowRun>& source, Scratch& s,
                 at::TensorList self_k, at::TensorList self_v, at::TensorList cross_k, at::TensorList cross_v,
                 at::TensorList weights, float eps, Sync sync) {
-  const int64_t R = P.R, C = P.C, D = P.D, H = P.H, F = P.F, M = b - a;
+  const int64_t R = P.R, C = P.C, D = P.D, H = P.H, F = P.F;
   const int64_t dk = D / H, L = static_cast<int64_t>(self_k.size());
   const bool cross = !cross_k.empty();
   const auto [per, f] = layout(cross);
   float *qkv = s.qkv.data(), *att = s.att.data(), *tmp = s.tmp.data() + a * D, *ffn = s.ffn.data() + a * F;
   float* x = h + a * D;
+  int64_t M = b - a;  // the rows the layer's work after the keys/values runs on (fewer in the last, with `need`)
+  Compacted kept;
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = weights.data() + per * l;
     auto ptr = [&](int64_t i) { return static_cast<const T*>(w[i].const_data_ptr()); };
@@ -456,15 +523,21 @@ void layer_rows(const Shape& P, int64_t n0, int64_t a, int64_t b, float* h, cons
       }
     }
     sync();
+    if (l == L - 1 && need != nullptr) {
+      kept = compact(need, a, b, x, qkv, D, own, source);
+      M = static_cast<int64_t>(kept.rows.size());
+    }
+    const std::vector<RowRun>& own_l = kept.active ? kept.own : own;
+    const std::vector<RowRun>& source_l = kept.active ? kept.source : source;
     const Heads<T> sk{kc, ks[0], ks[1], ks[2]}, sv{vc, vs[0], vs[1], vs[2]};
-    attend<T>({H, dk, D, 3 * D, qkv, sk, sv, att}, own);
+    attend<T>({H, dk, D, 3 * D, qkv, sk, sv, att}, own_l);
     product<T>(att + a * D, M, D, w[2], D, ptr(3), tmp);
     add_norm<T>(x, tmp, M, D, ptr(4), ptr(5), eps);
     if (cross) {  // cross-attention over the source
       product<T>(x, M, D, w[6], D, ptr(7), qkv + a * 3 * D);
       // the queries at the rows' own offsets with stride D (the q/k/v rows' first D columns are not read again)
       float* q = qkv + a * 3 * D - a * D;
-      attend<T>({H, dk, D, D, q, heads_of<T>(cross_k[l]), heads_of<T>(cross_v[l]), att}, source);
+      attend<T>({H, dk, D, D, q, heads_of<T>(cross_k[l]), heads_of<T>(cross_v[l]), att}, source_l);
       product<T>(att + a * D, M, D, w[8], D, ptr(9), tmp);
       add_norm<T>(x, tmp, M, D, ptr(10), ptr(11), eps);
     }
@@ -474,6 +547,7 @@ void layer_rows(const Shape& P, int64_t n0, int64_t a, int64_t b, float* h, cons
     product<T>(ffn, M, F, w[f + 2], D, ptr(f + 3), tmp);
     add_norm<T>(x, tmp, M, D, ptr(f + 4), ptr(f + 5), eps);
   }
+  if (kept.active) expand(kept, a, b, x, D);
 }
 
 // Every layer over the fp32 rows of hypotheses [n0, n1) of the pass (h, spans and columns: the pass' own, whole):
@@ -482,8 +556,9 @@ void layer_rows(const Shape& P, int64_t n0, int64_t a, int64_t b, float* h, cons
 // cache rows, their sentence's source), so ranges of them can run on their own.
 template <typename T>
 void run_layers(const Shape& P, int64_t n0, int64_t n1, int64_t team, float* h, const int64_t* spans,
-                const int64_t* columns, const bool* keep, at::TensorList self_k, at::TensorList self_v,
-                at::TensorList cross_k, at::TensorList cross_v, at::TensorList weights, float eps) {
+                const int64_t* columns, const bool* keep, const bool* need, at::TensorList self_k,
+                at::TensorList self_v, at::TensorList cross_k, at::TensorList cross_v, at::TensorList weights,
+                float eps) {
   const int64_t N = n1 - n0, R = P.R, M = N * R;
   Scratch s(M, P.D, P.F);
   // The runs of rows sharing their keys/values and columns: the same in every layer.
@@ -492,21 +567,23 @@ void run_layers(const Shape& P, int64_t n0, int64_t n1, int64_t team, float* h, 
   const std::vector<RowRun> source = cross ? cross_runs(n0, n1, P.g, R, P.S, keep) : std::vector<RowRun>{};
   float* x = h + n0 * R * P.D;
   const int64_t* cols = columns + n0 * P.C;
+  const bool* wanted = need != nullptr ? need + n0 * R : nullptr;
 #ifdef _OPENMP
   if (team > 1) {
 #pragma omp parallel num_threads(static_cast<int>(team))
     {
       const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
       const int64_t a = M * t / nt, b = M * (t + 1) / nt;
-      layer_rows<T>(P, n0, a, b, x, cols, within(own, a, b), within(source, a, b), s, self_k, self_v, cross_k,
-                    cross_v, weights, eps, [] {
+      layer_rows<T>(P, n0, a, b, x, cols, wanted, within(own, a, b), within(source, a, b), s, self_k, self_v,
+                    cross_k, cross_v, weights, eps, [] {
 #pragma omp barrier
                     });
     }
     return;
   }
 #endif
-  layer_rows<T>(P, n0, 0, M, x, cols, own, source, s, self_k, self_v, cross_k, cross_v, weights, eps, [] {});
+  layer_rows<T>(P, n0, 0, M, x, cols, wanted, own, source, s, self_k, self_v, cross_k, cross_v, weights, eps,
+                [] {});
 }
 
 // How a pass uses the threads. Split product by product (skinny::panel_gemm) and attention by attention (attend),
@@ -573,7 +650,8 @@ void check_heads(const at::Tensor& t, int64_t n, int64_t H, int64_t dk, const ch
 at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::Tensor& spans,
                             const at::Tensor& columns, at::TensorList self_k, at::TensorList self_v,
                             at::TensorList cross_k, at::TensorList cross_v, const at::Tensor& keep,
-                            at::TensorList weights, int64_t n_heads, double eps) {
+                            at::TensorList weights, int64_t n_heads, double eps,
+                            const std::optional<at::Tensor>& outputs) {
   // 1. Arguments.
   const auto dt = x.scalar_type();
   TORCH_CHECK_VALUE(x.dim() == 3 && (dt == at::kFloat || dt == at::kBFloat16) && x.device().is_cpu(),
@@ -609,7 +687,13 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
                         columns.size(1) == C && columns.device().is_cpu(),
                     "janus::decoder_step: columns must be int64 (", N, ", ", C, "), got ", columns.scalar_type(),
                     " ", columns.sizes());
+  const bool some = outputs.has_value() && outputs->defined();
+  TORCH_CHECK_VALUE(!some || (outputs->scalar_type() == at::kBool && outputs->dim() == 2 && outputs->size(0) == N &&
+                              outputs->size(1) == R && outputs->device().is_cpu()),
+                    "janus::decoder_step: outputs must be bool (", N, ", ", R, ") on the CPU, got ",
+                    some ? outputs->scalar_type() : at::kBool, " ", some ? outputs->sizes() : x.sizes());
   const at::Tensor lim = spans.contiguous(), cols = columns.contiguous(), kp = keep.contiguous();
+  const at::Tensor out_rows = some ? outputs->contiguous() : at::Tensor();
   int64_t cap = -1;
   for (int64_t l = 0; l < L; ++l) {
     check_heads(self_k[l], N, H, dk, "self_k", l, dt);
@@ -659,14 +743,16 @@ at::Tensor decoder_step_cpu(const at::Tensor& x, int64_t num_content, const at::
   // 2. The layers, in fp32 rows over buffers allocated once per call.
   at::Tensor h = dt == at::kFloat ? x.contiguous().clone() : x.to(at::kFloat).contiguous();
   const bool* keep_p = kp.const_data_ptr<bool>();
+  const bool* need_p = some ? out_rows.const_data_ptr<bool>() : nullptr;
   const float e = static_cast<float>(eps);
   const Shape P{N, R, C, D, H, F, N / B, S};
   float* hp = h.data_ptr<float>();
   auto run = [&](int64_t n0, int64_t n1, int64_t team) {
     if (dt == at::kFloat) {
-      run_layers<float>(P, n0, n1, team, hp, lp, cp, keep_p, self_k, self_v, cross_k, cross_v, weights, e);
+      run_layers<float>(P, n0, n1, team, hp, lp, cp, keep_p, need_p, self_k, self_v, cross_k, cross_v, weights, e);
     } else {
-      run_layers<lanes::bf16_raw>(P, n0, n1, team, hp, lp, cp, keep_p, self_k, self_v, cross_k, cross_v, weights, e);
+      run_layers<lanes::bf16_raw>(P, n0, n1, team, hp, lp, cp, keep_p, need_p, self_k, self_v, cross_k, cross_v,
+                                  weights, e);
     }
   };
   const int64_t threads = at::get_num_threads();

@@ -163,7 +163,7 @@ def refine(
                 )  # fmt: skip
                 sub_enc = EncoderOut(sub_enc.states[:live], sub_enc.padding[:live], sub_enc.lengths[:live],
                                      [(k[:live], v[:live]) for k, v in sub_enc.cross])  # fmt: skip
-            hidden = model.decode(rows, sub_enc)  # (cut, L, D)
+            hidden = model.decode(rows, sub_enc, outputs=tk[:cut] == sp.mask)  # (cut, L, D), read at the <mask> slots
             mask_predict_update(hidden, model.embed.weight, tk[:cut], sc[:cut], sp.mask, banned, panels=panels)
             if history is not None:
                 _put(before[0], gr.rows_of, tk)

@@ -408,7 +408,11 @@ def speculative_decode(
                 Lc = int(n[active].max())
                 canvas = torch.where(active[:, None], ctok[:, :Lc], sp.pad)
                 rows = fused_rows(rows, canvas, pad=sp.pad)
-            hidden = model.decode(rows, enc, cache)
+            # the rows read: the queries (all Ca: a shorter window's extra ones are ignored) and the <mask> slots
+            read = [torch.zeros(tok.shape[0], Ca, dtype=torch.bool, device=dev)]
+            read += [canvas == sp.mask] if Lc else []
+            outputs = torch.cat([*read, torch.ones_like(read[0])], 1)
+            hidden = model.decode(rows, enc, cache, outputs=outputs)
             passes += 1
             # 3. Accept the AR's tokens up to and including the first rejected draft token.
             logits = model.project(hidden[:, Ca + Lc :])  # (N, Ca, V)
@@ -557,7 +561,8 @@ def _host_pass(
         tokens: per sentence, [bos, accepted prefix, draft ...]; canvases: per sentence, Lc canvas tokens (all
         pad where it has none).
     Returns:
-        (N, 2 * Ca + Lc, D) hidden states: content rows, canvas rows, query rows.
+        (N, 2 * Ca + Lc, D) hidden states: content rows, canvas rows, query rows; only the window's queries
+        and the canvas' <mask> slots are read (and computed in full: ``decode``'s ``outputs``).
     """
     dev = enc.states.device
     Ca, Lc = max(window), len(canvases[0]) if canvases else 0
@@ -573,20 +578,25 @@ def _host_pass(
         first = [0] * Ca + [Wa if x != pad else 0 for x in cv] + [0] * Ca
         ar_last = list(range(s + 1, s + n + 1)) + [1] * fill
         last = ar_last + [Wa + real if x != pad else 1 for x in cv] + ar_last
-        ints.append(row_tok + row_pos + first + last)
+        # the rows read: the window's queries and the canvas' <mask> slots
+        read = [0] * Ca + [int(x == mask) for x in cv] + [1] * n + [0] * fill
+        ints.append(row_tok + row_pos + first + last + read)
         columns.append(list(range(s, s + Ca)) + list(range(Wa, Wa + Lc)))
     R = 2 * Ca + Lc
-    packed = torch.tensor(ints, dtype=torch.long, device=dev).view(len(tokens), 4, R)
+    packed = torch.tensor(ints, dtype=torch.long, device=dev).view(len(tokens), 5, R)
     spans = torch.stack([packed[:, 2], packed[:, 3]], -1)
     ends = [s + n for s, n in zip(starts, window)]
     cols = torch.tensor(columns, dtype=torch.long, device=dev)
-    hidden = model.decode_spans(packed[:, 0], packed[:, 1], spans, cols, Wa + Lc, max(max(ends), Lc - 1), enc, cache)
+    outputs = packed[:, 4] == 1
+    hidden = model.decode_spans(
+        packed[:, 0], packed[:, 1], spans, cols, Wa + Lc, max(max(ends), Lc - 1), enc, cache, outputs
+    )
     if hidden is not None:
         return hidden
     rows = build_ar_verify_rows_host(tokens, starts, ends, pad=pad, mask=mask, device=dev)
     if Lc:
         rows = fused_rows(rows, torch.tensor(canvases, dtype=torch.long, device=dev), pad=pad)
-    return model.decode(rows, enc, cache)
+    return model.decode(rows, enc, cache, outputs=outputs)
 
 
 def _decode_host(

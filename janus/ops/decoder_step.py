@@ -19,6 +19,11 @@ the first C = ``num_content`` rows of each hypothesis content rows:
    g = N / B hypotheses per sentence) where ``keep`` (B, S) holds; x = LN2(x + ...);
 4. x = LN3(x + relu(x W1^T + b1) W2^T + b2).
 
+``outputs`` (bool (N, R), optional) names the rows whose final states the caller reads: a mask-predict pass its
+masked rows, an AR pass its query rows. The kernel runs the last layer's steps 2-4 on those alone (the other rows
+still write their keys/values) and returns the others as zeros, as the reference does; the rows read are the same
+bits either way (a row's sums do not depend on the other rows).
+
 With empty ``cross_k`` and ``cross_v`` the layers are the encoder's (``ENCODER_LAYER_WEIGHTS``): steps 1, 2
 and 4 (x = LN2(x + ...) there), every row a content row seeing its sentence's real positions. The model's
 encoder runs through it (``JanusModel.encode``): a 20-token sentence's three layers in one call, where torch
@@ -51,6 +56,7 @@ its inference passes of at most ``max_rows(dtype, width)`` rows through the "cpp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +148,7 @@ def decoder_step_ref(
     weights: Sequence[Tensor],
     n_heads: int,
     eps: float,
+    outputs: Optional[Tensor] = None,
 ) -> Tensor:
     """Reference (see the module docstring).
 
@@ -158,6 +165,8 @@ def decoder_step_ref(
             encoder's); a weight matrix may come packed in panels (``janus.ops.skinny_linear.pack_panels``; its
             row count a multiple of 16).
         n_heads, eps: attention heads and the layer norms' epsilon.
+        outputs: bool (N, R), the rows whose final states are read (None: all); the others come back zero (the
+            kernel skips their last layer beyond its keys/values).
     Returns:
         (N, R, D) final hidden states.
     """
@@ -193,7 +202,7 @@ def decoder_step_ref(
             x = F.layer_norm(x + F.linear(merge(o), w[8], w[9]), (D,), w[10], w[11], eps)
         y = F.linear(F.relu(F.linear(x, w[f], w[f + 1])), w[f + 2], w[f + 3])
         x = F.layer_norm(x + y, (D,), w[f + 4], w[f + 5], eps)
-    return x
+    return x if outputs is None else x.masked_fill(~outputs[..., None], 0.0)
 
 
 def _decoder_step_fake(x: Tensor, *args) -> Tensor:
@@ -206,8 +215,10 @@ def _register_fake() -> None:
 
 
 def _fits_cpp(x: Tensor, num_content: int, spans: Tensor, columns: Tensor, self_k, self_v, cross_k, cross_v,
-              keep: Tensor, weights, n_heads: int, eps: float) -> Verdict:  # fmt: skip
+              keep: Tensor, weights, n_heads: int, eps: float,
+              outputs: Optional[Tensor] = None) -> Verdict:  # fmt: skip
     tensors = [x, spans, columns, keep, *self_k, *self_v, *cross_k, *cross_v, *weights]
+    tensors += [outputs] if outputs is not None else []
     ok, why = all_on_cpu(*tensors)
     if not ok:
         return ok, why
@@ -253,10 +264,13 @@ def decoder_step(
     weights: Sequence[Tensor],
     n_heads: int,
     eps: float,
+    outputs: Optional[Tensor] = None,
 ) -> Tensor:
     """The decoder layers of one inference pass on the fastest available backend (see the module docstring).
 
     Same contract as ``decoder_step_ref``; the "cpp" kernel sums in another order than torch's kernels, so
     results agree to fp32 rounding, not bit for bit.
     """
-    return DECODER_STEP(x, num_content, spans, columns, self_k, self_v, cross_k, cross_v, keep, weights, n_heads, eps)
+    return DECODER_STEP(
+        x, num_content, spans, columns, self_k, self_v, cross_k, cross_v, keep, weights, n_heads, eps, outputs
+    )
