@@ -17,7 +17,7 @@ from ext_helpers import require_kernel
 from tolerances import assert_within_baseline
 
 from janus.config import preset
-from janus.decoding import beam_search, greedy_search, speculative_decode
+from janus.decoding import beam_search, greedy_search, mask_predict, speculative_decode
 from janus.model import JanusModel, KVCache, quantize_dynamic_int8
 from janus.ops.decoder_step import (
     DECODER_STEP,
@@ -512,6 +512,40 @@ def test_searches_through_the_kernel_equal_the_layers(monkeypatch, seed):
         for a, b in zip(fused, layers, strict=True):
             assert a.score == pytest.approx(b.score, rel=1e-5, abs=1e-5)
     assert [h.ids for h in runs["cpp"][2]] == [h.ids for h in runs["cpp"][0]]  # spec is still greedy
+
+
+@pytest.mark.parametrize("batch", [1, 3, 40], ids=["one sentence", "three", "40: spec's tensor loop"])
+def test_searches_read_only_the_rows_they_use_and_keep_every_bit(monkeypatch, batch):
+    """Every search passes ``outputs`` (the rows it reads) to the kernel, which then skips the last layer of the
+    other rows: the outputs, scores and pass counts are exactly those of the same passes without ``outputs``."""
+    import janus.model
+
+    m = tiny_model(3)
+    src = sources(9, batch)
+    real = janus.model.decoder_step_checked
+    read = []
+
+    def spied(*args):
+        if len(args) > 12 and args[12] is not None:
+            read.append(args[12].clone())
+        return real(*args)
+
+    def decode_all():
+        return [
+            greedy_search(m, src, max_len_a=1.0, max_len_b=8),
+            beam_search(m, src, beam=4, max_len_a=1.0, max_len_b=8),
+            speculative_decode(m, src, max_len_a=1.0, max_len_b=8),
+            speculative_decode(m, src, max_len_a=1.0, max_len_b=8, block=0, draft_iterations=2),
+            mask_predict(m, src, iterations=4, length_beam=3),
+        ]
+
+    monkeypatch.setattr(janus.model, "decoder_step_checked", spied)
+    some = decode_all()
+    assert read and not all(bool(r.all()) for r in read)  # passes whose last layer skipped rows
+    monkeypatch.setattr(janus.model, "decoder_step_checked", lambda *args: real(*args[:12]))
+    every = decode_all()
+    for a, b in zip(some, every, strict=True):
+        assert [(h.ids, h.score, h.passes) for h in a] == [(h.ids, h.score, h.passes) for h in b]
 
 
 def test_what_the_kernel_does_not_take_runs_through_the_layers(monkeypatch):
